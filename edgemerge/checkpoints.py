@@ -1,0 +1,255 @@
+"""Reading task checkpoints: safetensors files, sharded safetensors folders, torch state dicts.
+
+Every source exposes the same small interface (``keys``, ``info``, ``read``) and reads one tensor
+-- or one slice of it -- at a time, so a merge never holds a whole model. Torch pickles are loaded
+with ``weights_only=True`` only: a checkpoint whose pickle would build arbitrary objects is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError, FormatError
+from .runtime.dtypes import DTYPES, FLOAT_DTYPES, dtype_name
+from .runtime.safetensors import read_header
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class Checkpoint:
+    """A read-only tensor source. Subclasses fill ``_info`` and implement ``_read``."""
+
+    path: str
+    _info: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._info[key]
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Flat elements ``[start, stop)`` of tensor ``key`` (the whole tensor, reshaped, by default)."""
+        info = self._info[key]
+        whole = start == 0 and stop is None
+        stop = info.numel if stop is None else stop
+        arr = self._read(key, start, stop)
+        return arr.reshape(info.shape) if whole else arr
+
+    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    def close(self) -> None:
+        pass
+
+
+def file_sha256(path: str, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, or for a folder of the sorted 'name<TAB>sha256' lines of its files."""
+    if os.path.isdir(path):
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if os.path.isfile(full):
+                h.update(f"{name}\t{file_sha256(full)}\n".encode())
+        return h.hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One .safetensors file; tensors are read with positional reads (page cache, not RSS)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header = read_header(path)
+        self._info = {n: TensorInfo(e.dtype, e.shape) for n, e in self.header.tensors.items()}
+        self._f = open(path, "rb")
+
+    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        e = self.header.tensors[key]
+        dt = DTYPES[e.dtype]
+        out = np.empty(stop - start, dtype=dt)
+        view = memoryview(out.view(np.uint8))
+        done, offset = 0, self.header.data_start + e.start + start * dt.itemsize
+        while done < out.nbytes:
+            got = os.preadv(self._f.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise FormatError(f"{self.path}: tensor {key!r} truncated while reading")
+            done += got
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ShardedCheckpoint(Checkpoint):
+    """A Hugging Face style folder: ``*.safetensors.index.json`` with a ``weight_map``."""
+
+    def __init__(self, index_path: str):
+        self.path = os.path.dirname(index_path) or "."
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path}: not a readable safetensors index with a 'weight_map' ({exc})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard files")
+        self._shards: dict[str, SafetensorsCheckpoint] = {}
+        self._where: dict[str, SafetensorsCheckpoint] = {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise CheckpointError(f"{index_path}: shard name {shard!r} for {key!r} must be a plain file name")
+            if shard not in self._shards:
+                self._shards[shard] = SafetensorsCheckpoint(os.path.join(self.path, shard))
+            if key not in self._shards[shard].header.tensors:
+                raise CheckpointError(f"{index_path}: {key!r} is mapped to {shard} but that shard lacks it")
+            self._where[key] = self._shards[shard]
+        self._info = {k: s.info(k) for k, s in self._where.items()}
+
+    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._where[key]._read(key, start, stop)
+
+    def close(self) -> None:
+        for s in self._shards.values():
+            s.close()
+
+
+class TorchCheckpoint(Checkpoint):
+    """A torch state dict, loaded with ``weights_only=True`` (memory-mapped where the file allows)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{path}: reading torch checkpoints needs torch: pip install 'edgemerge[torch]'") from None
+        try:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            if type(exc).__name__ == "UnpicklingError":
+                raise CheckpointError(
+                    f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
+                    "(weights_only=True). If you trust it, convert it to safetensors yourself."
+                ) from None
+            raise CheckpointError(f"{path}: cannot read torch checkpoint ({exc})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]  # Lightning-style wrapper
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
+        self._arrays = {str(k): _torch_to_numpy(v) for k, v in obj.items()}
+        self._info = {k: TensorInfo(dtype_name(a.dtype), tuple(a.shape)) for k, a in self._arrays.items()}
+
+    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        return self._arrays[key].reshape(-1)[start:stop]
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(DTYPES["BF16"])
+    return t.numpy()
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint by what it is: .safetensors, a sharded folder/index, or a torch pickle."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        index = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
+        if index:
+            return ShardedCheckpoint(os.path.join(path, index[0]))
+        single = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if len(single) == 1:
+            return SafetensorsCheckpoint(os.path.join(path, single[0]))
+        raise CheckpointError(f"{path}: folder has no *.safetensors.index.json and not exactly one .safetensors file")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(".safetensors.index.json"):
+        return ShardedCheckpoint(path)
+    if path.endswith(".safetensors"):
+        return SafetensorsCheckpoint(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return TorchCheckpoint(path)
+    raise CheckpointError(f"{path}: unknown checkpoint type; use .safetensors, a sharded folder, or {', '.join(TORCH_SUFFIXES)}")
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What the merge will do with every key, decided from the headers alone."""
+
+    merged: list[str]                       # float params of θ0: τ, masks
+    carried: list[str]                      # integer/bool buffers: copied from θ0, never merged
+    private: dict[str, list[str]] = field(default_factory=dict)  # task -> keys stored whole
+
+
+def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patterns: Iterable[str] = ()) -> Plan:
+    """Check every task against θ0 and report *every* problem at once (CheckpointError)."""
+    patterns = list(private_patterns)
+    is_private = lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)  # noqa: E731
+    shared = [k for k in base.keys() if not is_private(k)]
+    problems: list[str] = []
+    private: dict[str, list[str]] = {}
+    for task, ckpt in tasks.items():
+        keys = set(ckpt.keys())
+        private[task] = sorted(k for k in keys if is_private(k))
+        for k in sorted(set(shared) - keys):
+            problems.append(f"{ckpt.path}: task {task!r} lacks {k!r}")
+        for k in sorted(keys - set(base.keys())):
+            if not is_private(k):
+                problems.append(f"{ckpt.path}: task {task!r} has {k!r}, which the base lacks (mark task-private tensors with --private PATTERN)")
+        for k in sorted(keys & set(shared)):
+            want, got = base.info(k), ckpt.info(k)
+            if got.shape != want.shape:
+                problems.append(f"{ckpt.path}: {k!r} has shape {list(got.shape)}, base has {list(want.shape)} (a head? mark it --private)")
+            elif got.dtype != want.dtype and want.dtype in FLOAT_DTYPES:
+                problems.append(f"{ckpt.path}: {k!r} is {got.dtype}, base is {want.dtype}")
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(k, p) for c in [base, *tasks.values()] for k in c.keys()):
+            raise ConfigError(f"--private pattern {p!r} matches no tensor in the base or any task")
+    if problems:
+        raise CheckpointError(f"{len(problems)} problem(s) with the task checkpoints:\n  " + "\n  ".join(problems))
+    merged = sorted(k for k in shared if base.info(k).dtype in FLOAT_DTYPES)
+    carried = sorted(k for k in shared if base.info(k).dtype not in FLOAT_DTYPES)
+    return Plan(merged, carried, private)
+
+
+def nonfinite_problem(path: str, key: str, arr: np.ndarray) -> str | None:
+    """A message if ``arr`` holds NaN or Inf."""
+    if arr.dtype.kind == "f" or arr.dtype == DTYPES.get("BF16"):
+        bad = ~np.isfinite(arr.astype(np.float32, copy=False))
+        if bad.any():
+            return f"{path}: {key!r} has {int(bad.sum())} NaN/Inf value(s)"
+    return None

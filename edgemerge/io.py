@@ -1,0 +1,151 @@
+"""Writing safetensors files: deterministic bytes, streamed, atomic, with per-tensor sha256.
+
+Tensors are laid out in a fixed order -- by dtype size, largest first, then by name -- so every
+tensor starts at a multiple of its itemsize (the header is padded with spaces to a multiple of 8)
+and the bytes depend only on the tensors and metadata, never on dict order. A tensor may be given
+lazily (``Lazy``): it is produced only when its turn comes and dropped right after, so peak memory
+is one tensor. The file appears under its final name only once complete (temp file + fsync +
+os.replace); on any error the temp file is removed and an existing file is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+
+import numpy as np
+
+from .errors import EdgemergeError, FormatError
+from .runtime.dtypes import DTYPES, dtype_name
+
+CHECKSUM_KEY = "edgemerge.sha256"
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A tensor whose bytes are produced on demand by ``produce()``."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+
+
+TensorLike = Union[np.ndarray, Lazy]
+
+
+def _spec(name: str, t: TensorLike) -> tuple[str, tuple[int, ...]]:
+    if isinstance(t, Lazy):
+        return t.dtype, tuple(t.shape)
+    return dtype_name(t.dtype), tuple(t.shape)
+
+
+def _materialize(name: str, t: TensorLike, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    arr = t.produce() if isinstance(t, Lazy) else t
+    arr = np.asarray(arr)
+    if arr.dtype != DTYPES[dtype] or tuple(arr.shape) != shape:
+        raise FormatError(f"tensor {name!r}: produced {arr.dtype} {arr.shape}, declared {dtype} {shape}")
+    return np.ascontiguousarray(arr)
+
+
+def layout_order(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+    """Names in file order: larger itemsize first (keeps every tensor aligned), then by name."""
+    return sorted(specs, key=lambda n: (-DTYPES[specs[n][0]].itemsize, n))
+
+
+def _header_bytes(specs, order, metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, TensorLike],
+    metadata: Mapping[str, str] | None = None,
+    checksums: bool = True,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, str]:
+    """Write ``tensors`` to ``path`` atomically; return the per-tensor sha256 hex digests.
+
+    With ``checksums`` the metadata gains ``edgemerge.sha256``: a JSON object name -> sha256 of
+    the tensor's bytes. Digests have a fixed length, so the header is written with placeholders,
+    the data streamed while hashing, and the header rewritten in place with the same length.
+
+    >>> import tempfile, numpy as np
+    >>> d = tempfile.mkdtemp()
+    >>> sorted(write_safetensors(d + "/x.safetensors", {"a": np.zeros(2, np.float32)}))
+    ['a']
+    """
+    path = os.fspath(path)
+    specs = {name: _spec(name, t) for name, t in tensors.items()}
+    order = layout_order(specs)
+    meta = dict(metadata or {})
+    if CHECKSUM_KEY in meta:
+        raise FormatError(f"metadata key {CHECKSUM_KEY!r} is reserved for the writer")
+    digests = {name: "0" * 64 for name in order}
+    if checksums:
+        meta[CHECKSUM_KEY] = json.dumps(digests, sort_keys=True, separators=(",", ":"))
+    head = _header_bytes(specs, order, meta)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            for name in order:
+                arr = _materialize(name, tensors[name], *specs[name])
+                data = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""
+                if checksums:
+                    digests[name] = hashlib.sha256(data).hexdigest()
+                f.write(data)
+                if progress is not None:
+                    progress(name, arr.nbytes)
+                del arr, data
+            if checksums:
+                meta[CHECKSUM_KEY] = json.dumps(digests, sort_keys=True, separators=(",", ":"))
+                final = _header_bytes(specs, order, meta)
+                assert len(final) == len(head), "digest placeholders must keep the header length"
+                f.seek(0)
+                f.write(final)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _unlink_quietly(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, EdgemergeError):
+            raise EdgemergeError(f"{path}: write failed ({exc.strerror or exc}); nothing was written") from exc
+        raise
+    _fsync_dir(directory)
+    return digests
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

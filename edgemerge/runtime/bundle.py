@@ -1,0 +1,279 @@
+"""Open an edgemerge bundle (docs/format.md) as memory-mapped numpy views, validating everything.
+
+>>> b = open_bundle("tasks.safetensors")            # doctest: +SKIP
+>>> b.tasks, b.task_weights("sst2")["fc.weight"]    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError, TaskError, unknown_name
+from .bits import BIT_ORDER, packed_nbytes, unpack_bits
+from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
+from .kernel import apply_mask_reference
+from .safetensors import Header, map_file, read_header, tensor_view
+
+FORMAT_NAME = "edgemerge.bundle"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "edgemerge.manifest"
+CHECKSUM_KEY = "edgemerge.sha256"
+MASK_POLICIES = ("tall", "none")
+ROLES = ("merged", "carried")
+_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+def check_task_name(name: str) -> str:
+    """Task names become tensor-name parts and file names: letters, digits, ``_ . + -`` only."""
+    if not isinstance(name, str) or not _TASK_RE.match(name):
+        raise FormatError(
+            f"task name {name!r} is not allowed: use 1-128 letters, digits, '_', '.', '+' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def base_name(param: str) -> str:
+    return f"base/{param}"
+
+
+def vector_name(param: str) -> str:
+    return f"vector/{param}"
+
+
+def mask_name(task: str, param: str) -> str:
+    return f"mask/{task}/{param}"
+
+
+def private_name(task: str, key: str) -> str:
+    return f"task/{task}/{key}"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of θ0: merged (has τ and masks) or carried (integer buffers, stored once)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _expect(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise FormatError(f"{path}: {msg}")
+
+
+def _parse_params(path: str, raw: Any) -> list[Param]:
+    _expect(isinstance(raw, list), path, "manifest 'params' must be a list")
+    params, seen = [], set()
+    for i, p in enumerate(raw):
+        ok = isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("shape"), list)
+        _expect(ok and all(type(d) is int and d >= 0 for d in p["shape"]), path, f"manifest params[{i}] is malformed")
+        _expect(p.get("role") in ROLES, path, f"param {p['name']!r}: role must be one of {ROLES}")
+        _expect(p["name"] not in seen, path, f"param {p['name']!r} listed twice in the manifest")
+        seen.add(p["name"])
+        params.append(Param(p["name"], tuple(p["shape"]), str(p.get("dtype")), p["role"]))
+    return params
+
+
+def _check_tensor(header: Header, name: str, dtype: str, shape: tuple[int, ...], seen: set[str]) -> None:
+    e = header.tensors.get(name)
+    _expect(e is not None, header.path, f"tensor {name!r} named by the manifest is missing")
+    _expect(e.dtype == dtype and e.shape == shape, header.path,
+            f"tensor {name!r} is {e.dtype} {list(e.shape)}, the manifest says {dtype} {list(shape)}")
+    seen.add(name)
+
+
+class Bundle:
+    """A validated, memory-mapped bundle. Views are read-only and valid until ``close()``."""
+
+    def __init__(self, path: str, header: Header, manifest: dict[str, Any]):
+        self.path = path
+        self.header = header
+        self.manifest = manifest
+        self.tasks: tuple[str, ...] = tuple(t["name"] for t in manifest["tasks"])
+        self.params: list[Param] = _parse_params(path, manifest["params"])
+        self.vector_dtype: str = manifest["vector_dtype"]
+        self.mask_policy: str = manifest["mask"]["policy"]
+        self.private_keys: dict[str, list[str]] = {t: list(manifest["private"].get(t, [])) for t in self.tasks}
+        self.checksums: dict[str, str] = self._parse_checksums()
+        self._validate_tensors()
+        self._mm = map_file(path)
+
+    # -- validation -------------------------------------------------------------------------
+    def _parse_checksums(self) -> dict[str, str]:
+        raw = self.header.metadata.get(CHECKSUM_KEY)
+        if raw is None:
+            return {}
+        try:
+            sums = json.loads(raw)
+        except json.JSONDecodeError:
+            raise FormatError(f"{self.path}: {CHECKSUM_KEY} metadata is not JSON") from None
+        ok = isinstance(sums, dict) and all(
+            isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()
+        )
+        _expect(ok and set(sums) == set(self.header.tensors), self.path,
+                f"{CHECKSUM_KEY} must give one sha256 per tensor")
+        return sums
+
+    def _validate_tensors(self) -> None:
+        h, seen = self.header, set()
+        _expect(self.vector_dtype in VECTOR_DTYPES, self.path, f"vector_dtype must be one of {VECTOR_DTYPES}")
+        _expect(self.mask_policy in MASK_POLICIES, self.path, f"mask policy must be one of {MASK_POLICIES}")
+        for p in self.params:
+            _check_tensor(h, base_name(p.name), p.dtype, p.shape, seen)
+            if p.role == "carried":
+                continue
+            _expect(p.dtype in FLOAT_DTYPES, self.path, f"merged param {p.name!r} has non-float dtype {p.dtype}")
+            _check_tensor(h, vector_name(p.name), self.vector_dtype, p.shape, seen)
+            if self.mask_policy == "tall":
+                for t in self.tasks:
+                    _check_tensor(h, mask_name(t, p.name), "U8", (packed_nbytes(p.numel),), seen)
+        for t, keys in self.private_keys.items():
+            for k in keys:
+                e = h.tensors.get(private_name(t, k))
+                _expect(e is not None, self.path, f"private tensor {private_name(t, k)!r} is missing")
+                seen.add(e.name)
+        extra = sorted(set(h.tensors) - seen)
+        _expect(not extra, self.path, f"tensors not described by the manifest: {', '.join(extra[:5])}")
+
+    # -- access -----------------------------------------------------------------------------
+    def _view(self, name: str) -> np.ndarray:
+        if self._mm is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        return tensor_view(self._mm, self.header, name)
+
+    def check_task(self, task: str) -> str:
+        if task not in self.tasks:
+            raise TaskError(f"{self.path}: {unknown_name('task', task, self.tasks)}")
+        return task
+
+    def base(self, param: str) -> np.ndarray:
+        return self._view(base_name(param))
+
+    def vector(self, param: str) -> np.ndarray:
+        return self._view(vector_name(param))
+
+    def packed_mask(self, task: str, param: str) -> np.ndarray | None:
+        """Packed mask bytes, or None when the bundle has no masks (every task uses all of τ)."""
+        self.check_task(task)
+        return self._view(mask_name(task, param)) if self.mask_policy == "tall" else None
+
+    def mask(self, task: str, param: str) -> np.ndarray:
+        p = self.param(param)
+        packed = self.packed_mask(task, param)
+        if packed is None:
+            return np.ones(p.shape, dtype=bool)
+        return unpack_bits(packed, p.numel, mask_name(task, param)).reshape(p.shape)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise FormatError(f"{self.path}: no parameter {name!r}")
+
+    def private(self, task: str) -> dict[str, np.ndarray]:
+        self.check_task(task)
+        return {k: self._view(private_name(task, k)) for k in self.private_keys[task]}
+
+    def task_weight(self, task: str, param: Param) -> np.ndarray:
+        """θ_t for one parameter (a fresh array for merged params, a view for carried ones)."""
+        base = self.base(param.name)
+        if param.role == "carried":
+            return base
+        packed = self.packed_mask(task, param.name)
+        if packed is None:
+            packed = np.full(packed_nbytes(param.numel), 0xFF, dtype=np.uint8)
+        return apply_mask_reference(base, self.vector(param.name), packed)
+
+    def task_weights(self, task: str) -> dict[str, np.ndarray]:
+        """The full state dict of task ``task``: rebuilt params, carried buffers, private tensors."""
+        self.check_task(task)
+        out = {p.name: self.task_weight(task, p) for p in self.params}
+        out.update(self.private(task))
+        return out
+
+    @property
+    def base_id(self) -> str:
+        """Identity of θ0: sha256 over the base tensors' names and digests (docs/format.md)."""
+        h = hashlib.sha256()
+        for p in sorted(self.params, key=lambda p: p.name):
+            digest = self.checksums.get(base_name(p.name)) or _sha256(self.base(p.name))
+            h.update(f"{p.name}\t{digest}\n".encode())
+        return h.hexdigest()
+
+    def verify(self) -> None:
+        """Re-hash every tensor; FormatError naming each damaged tensor."""
+        _expect(bool(self.checksums), self.path, "bundle has no checksums to verify against")
+        bad = [n for n in sorted(self.header.tensors) if _sha256(self._view(n)) != self.checksums[n]]
+        _expect(not bad, self.path, f"checksum mismatch (damaged data) in tensor(s): {', '.join(bad)}")
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # views still alive; the mapping goes when they do
+                pass
+            self._mm = None
+
+    def __enter__(self) -> "Bundle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sha256(arr: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))).hexdigest()
+
+
+def parse_manifest(path: str, header: Header) -> dict[str, Any]:
+    """Check the manifest's own structure (the tensors are checked by ``Bundle``)."""
+    raw = header.metadata.get(MANIFEST_KEY)
+    _expect(raw is not None, path, f"not an edgemerge bundle (no {MANIFEST_KEY!r} metadata)")
+    try:
+        m = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: manifest is not valid JSON ({exc})") from None
+    _expect(isinstance(m, dict) and m.get("format") == FORMAT_NAME, path, f"manifest 'format' must be {FORMAT_NAME!r}")
+    version = m.get("format_version")
+    _expect(type(version) is int, path, "manifest 'format_version' must be an integer")
+    _expect(version <= FORMAT_VERSION, path,
+            f"bundle format v{version} is newer than this edgemerge reads (v{FORMAT_VERSION}); upgrade edgemerge")
+    for key, kind in (("tasks", list), ("params", list), ("private", dict), ("mask", dict), ("method", dict)):
+        _expect(isinstance(m.get(key), kind), path, f"manifest {key!r} must be a {kind.__name__}")
+    _expect(len(m["tasks"]) > 0, path, "manifest lists no tasks")
+    names = []
+    for t in m["tasks"]:
+        _expect(isinstance(t, dict) and isinstance(t.get("name"), str), path, "manifest task entries need a 'name'")
+        try:
+            names.append(check_task_name(t["name"]))
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from None
+    _expect(len(set(names)) == len(names), path, "manifest lists a task twice")
+    _expect(set(m["private"]) <= set(names), path, "manifest 'private' names a task that is not listed")
+    _expect(m["mask"].get("bit_order") == BIT_ORDER or m["mask"].get("policy") == "none", path,
+            f"mask bit_order must be {BIT_ORDER!r}")
+    return m
+
+
+def open_bundle(path: str | os.PathLike, verify: bool = False) -> Bundle:
+    """Open and validate a bundle; with ``verify`` also re-hash all data against the checksums."""
+    path = os.fspath(path)
+    header = read_header(path)
+    bundle = Bundle(path, header, parse_manifest(path, header))
+    if verify:
+        bundle.verify()
+    return bundle
