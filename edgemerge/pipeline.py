@@ -56,7 +56,7 @@ class MergeConfig:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     private: tuple[str, ...] = ()
     vector_dtype: str = "F32"
-    chunk_elems: int = 1 << 22
+    chunk_elems: int = 1 << 20
 
     def validate(self) -> tuple[Method, dict[str, Any]]:
         if not self.tasks:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fast import kernel
+
 DEFAULT_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
@@ -52,6 +54,12 @@ class TallStats:
 
     def update(self, task: int, tau_t: np.ndarray, tau_mtl: np.ndarray) -> np.ndarray:
         """Add one chunk; returns its buckets."""
+        fused = kernel("tall_update")
+        if fused is not None:
+            b = np.empty(tau_t.shape, dtype=np.uint8)
+            self.tau_sq[task] += fused(tau_t, tau_mtl, np.array(self._lam32, np.float32), b,
+                                       self.off_sq[task], self.on_sq[task], self.count[task])
+            return b
         b, a, d = self.buckets(tau_t, tau_mtl)
         self._add(task, b, a, d, +1)
         return b

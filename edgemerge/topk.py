@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fast import kernel
+
 _HI_BINS = 1 << 15   # sign bit is 0 for |x|
 _LO_BINS = 1 << 16
 
@@ -43,6 +45,16 @@ class KthMagnitude:
         self.rank = np.zeros(n_tasks, dtype=np.int64)
 
     def add(self, stage: int, task: int, tau: np.ndarray) -> None:
+        if stage == 2 and self.bin[task] < 0:
+            return  # this task keeps everything: nothing to refine
+        fused = kernel("hist_hi" if stage == 1 else "hist_lo")
+        if fused is not None:
+            flat = np.ascontiguousarray(tau, dtype=np.float32).reshape(-1)
+            if stage == 1:
+                fused(flat, self.hi[task])
+            else:
+                fused(flat, np.uint32(self.bin[task]), self.lo[task])
+            return
         bits = np.abs(tau.astype(np.float32, copy=False)).reshape(-1).view(np.uint32)
         if stage == 1:
             self.hi[task] += np.bincount(bits >> 16, minlength=_HI_BINS)

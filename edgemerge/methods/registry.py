@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, unknown_name
+from ..fast import kernel
 from .parts import AGGREGATE, SPARSIFY, Chunk, elect_sign
 
 TOPK_SCOPES = ("global", "tensor")
@@ -52,17 +53,33 @@ class Method:
 
     def merge_chunk(self, taus: np.ndarray, chunk: Chunk, params: dict[str, Any]) -> ChunkResult:
         """τ_MTL (float32) of one chunk from the float32 stack ``taus[N, n]``."""
-        sparse = SPARSIFY[self.sparsify](taus, chunk, params)
         agg = AGGREGATE[self.aggregate]
         scale = np.float32(params["scale"])
-        empty = np.zeros(0, dtype=np.int64)
+        fused = kernel("ties_merge") if self.elect else None
+        if fused is not None and self.sparsify == "magnitude":  # the kernel trims too
+            return self._merge_fused(fused, taus, None, chunk, scale)
+        sparse = SPARSIFY[self.sparsify](taus, chunk, params)
         if not self.elect:
-            return ChunkResult(agg(sparse, None) * scale, empty, np.zeros(0, np.float32))
+            return ChunkResult(agg(sparse, None) * scale, np.zeros(0, np.int64), np.zeros(0, np.float32))
+        if fused is not None:
+            return self._merge_fused(fused, taus, sparse, chunk, scale)
         sign = elect_sign(sparse)
         values = agg(sparse, sign > 0)
         ties = np.flatnonzero((sign == 0) & (sparse != 0).any(axis=0))
         tie_pos = agg(sparse[:, ties], np.ones(len(ties), dtype=bool)) * scale if len(ties) else np.zeros(0, np.float32)
         return ChunkResult(values * scale, ties, tie_pos, int((sign > 0).sum()), int((sign < 0).sum()))
+
+    def _merge_fused(self, fused, taus, sparse, chunk: Chunk, scale: np.float32) -> ChunkResult:
+        """The same trim/elect/aggregate in one compiled pass (``edgemerge.fast``)."""
+        if self.sparsify == "magnitude":  # fuse the trim as well
+            src, thr = taus, np.asarray(chunk.thresholds, dtype=np.float32)
+        else:
+            src, thr = sparse, np.zeros(len(taus), dtype=np.float32)
+        n = src.shape[1]
+        out, flag, pos = np.empty(n, np.float32), np.zeros(n, np.bool_), np.zeros(n, np.float32)
+        n_pos, n_neg = fused(np.ascontiguousarray(src), thr, self.aggregate == "mean", out, flag, pos)
+        ties = np.flatnonzero(flag)
+        return ChunkResult(out * scale, ties, pos[ties] * scale, int(n_pos), int(n_neg))
 
     def resolve(self, params: dict[str, Any] | None) -> dict[str, Any]:
         """Defaults filled in and every value checked; ConfigError names the bad parameter."""

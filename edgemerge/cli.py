@@ -1,0 +1,198 @@
+"""Command line: thin adapters (parse -> validate -> one library call -> render with rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, EdgemergeError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextmanager
+def progress_bar(quiet: bool) -> Iterator[Any]:
+    """A callback (stage, done, total) drawing one rich bar per stage; a no-op with --quiet."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=False) as prog:
+        bars: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = prog.add_task(stage, total=total)
+            prog.update(bars[stage], completed=done)
+
+        yield update
+
+
+class Main(click.Group):
+    """Turn EdgemergeError into one red line and exit code 2; no traceback for user mistakes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgemergeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=Main)
+@click.version_option(__version__, prog_name="edgemerge")
+def main() -> None:
+    """Merge N task checkpoints into one bundle (θ0 + τ_MTL + 1-bit masks) and switch tasks on devices."""
+
+
+def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what} {item!r} must look like KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
+    tasks: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--task {item!r} must look like NAME=PATH")
+        if name in tasks:
+            raise ConfigError(f"task {name!r} given twice")
+        tasks[name] = path
+    return tasks
+
+
+@main.command()
+@click.argument("base", type=click.Path())
+@click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=PATH", help="A task checkpoint (repeat).")
+@click.option("--method", default="ties", show_default=True, help="Merge method (see `edgemerge methods`).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Method parameter, e.g. density=0.2 (repeat).")
+@click.option("--masks", type=click.Choice(["tall", "none"]), default="tall", show_default=True, help="Per-task TALL masks, or one merged model.")
+@click.option("--lambdas", default="0.2,0.3,0.4,0.5,0.6", show_default=True, help="TALL λ grid, comma separated.")
+@click.option("--private", multiple=True, metavar="PATTERN", help="Keys stored whole per task, e.g. 'head.*' (repeat).")
+@click.option("--vector-dtype", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True, help="Storage dtype of τ_MTL.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle file to write (.safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def merge(base, tasks, method, params, masks, lambdas, private, vector_dtype, output, as_json, quiet) -> None:
+    """Merge task checkpoints of BASE into one bundle."""
+    from .pipeline import MergeConfig, merge as run_merge
+
+    try:
+        grid = tuple(float(x) for x in lambdas.split(","))
+    except ValueError:
+        raise ConfigError(f"--lambdas {lambdas!r} must be comma-separated numbers") from None
+    cfg = MergeConfig(base=base, tasks=_parse_tasks(tasks), method=method, params=_parse_kv(params, "--param"),
+                      masks=masks, lambdas=grid, private=tuple(private), vector_dtype=vector_dtype)
+    with progress_bar(quiet or as_json) as prog:
+        report = run_merge(cfg, output, progress=prog)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps(asdict(report), indent=2))
+        return
+    table = Table(title=f"{report.method} → {report.path}")
+    for col in ("task", "λ_t", "mask density", "‖θ̂_t − θ_t‖", "relative"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for t in report.tasks:
+        lam = "-" if t.lam is None else f"{t.lam:g}"
+        table.add_row(t.name, lam, f"{t.density:.3f}", f"{t.error:.4g}", f"{t.relative_error:.3f}")
+    console.print(table)
+    console.print(f"{report.n_params:,} merged parameters, {len(report.tasks)} tasks: inputs {_human(report.input_bytes)} "
+                  f"→ bundle {_human(report.bundle_bytes)} in {report.seconds:.1f} s")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(bundle, as_json) -> None:
+    """Tasks, λ_t, densities, sizes per section, storage vs N separate checkpoints."""
+    from .inspect import summarize
+    from .runtime import open_bundle
+
+    with open_bundle(bundle) as b:
+        s = summarize(b)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    console.print(f"[bold]{s['path']}[/]  format v{s['format_version']}, method {s['method'].get('name')}, "
+                  f"masks {s['mask']['policy']}, τ_MTL {s['vector_dtype']}, {s['n_params']:,} merged params")
+    t = Table("task", "λ_t", "density", "recon error")
+    for task in s["tasks"]:
+        lam = "-" if task["lambda"] is None else f"{task['lambda']:g}"
+        err = "-" if task["recon_error"] is None else f"{task['recon_error']:.4g}"
+        t.add_row(task["name"], lam, f"{task['density']:.3f}", err)
+    console.print(t)
+    sizes = Table("section", "bytes")
+    for k, v in s["sections"].items():
+        sizes.add_row(k, _human(v))
+    sizes.add_row("[bold]bundle", f"[bold]{_human(s['bundle_bytes'])}")
+    sizes.add_row("N separate (source dtype)", f"{_human(s['separate_bytes_source_dtype'])}  (bundle = {s['ratio_vs_source_dtype']:.1%})")
+    sizes.add_row("N separate (fp32)", f"{_human(s['separate_bytes_fp32'])}  (bundle = {s['ratio_vs_fp32']:.1%})")
+    console.print(sizes)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--task", required=True, help="Task to rebuild.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="safetensors file to write θ_t to.")
+def extract(bundle, task, output) -> None:
+    """Write θ_t of one task as a plain safetensors state dict."""
+    from .io import write_safetensors
+    from .runtime import open_bundle
+
+    with open_bundle(bundle) as b:
+        b.check_task(task)
+        weights = b.task_weights(task)
+        write_safetensors(output, weights, {"edgemerge.task": task, "edgemerge.bundle_base_id": b.base_id}, checksums=False)
+    console.print(f"wrote {task} ({len(weights)} tensors) → {output}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+def verify(bundle) -> None:
+    """Check structure and every tensor's sha256."""
+    from .runtime import open_bundle
+
+    with open_bundle(bundle, verify=True) as b:
+        console.print(f"[green]ok[/] {bundle}: {len(b.header.tensors)} tensors, {len(b.tasks)} tasks, checksums match")
+
+
+@main.command()
+def methods() -> None:
+    """List merge methods with their defaults and papers."""
+    from .methods import METHODS
+
+    t = Table("method", "what", "defaults", "paper")
+    for m in METHODS.values():
+        t.add_row(m.name, m.title, ", ".join(f"{k}={v}" for k, v in m.defaults.items()), m.paper)
+    console.print(t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
