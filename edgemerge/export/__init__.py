@@ -1,0 +1,1 @@
+"""Exporters: ONNX (switchable and plain graphs). TensorRT and flat images build on these."""

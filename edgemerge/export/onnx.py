@@ -1,0 +1,222 @@
+"""Export a torch model + a bundle to ONNX: a *plain* graph and a *switchable* one.
+
+- plain: weights are initializers named exactly like the state-dict keys (θ0, or one task baked
+  in). What TensorRT refit and the "one ONNX file per task" baseline need.
+- switchable: the same graph with every bundle-managed weight (merged params, carried buffers,
+  the task-private tensors) turned from an initializer into a graph input of the same name, so
+  ``edgemerge.runtime.TaskSession`` can feed rebuilt weights without touching the session.
+
+Names: the TorchScript exporter with constant folding off keeps parameter names as initializer
+names. We never guess: after export every managed name is looked up in the graph; a weight the
+graph does not use is reported, and an exporter-renamed weight (``onnx::…``) is an error.
+
+The model comes from a factory the user names as ``package.module:function``; it is called as
+``factory(task)`` -- or ``factory(task, shapes)`` when it takes two arguments, ``shapes`` mapping
+every weight to be loaded to its shape (to size a head) -- and returns the ``nn.Module``
+(architecture only) or ``(module, example_inputs)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError, FormatError
+from ..runtime.bundle import Bundle, open_bundle
+from ..runtime.session import BASE_ID_KEY, WEIGHTS_KEY
+
+TASK_KEY = "edgemerge.task"
+
+
+@dataclass
+class OnnxExport:
+    plain: str
+    switchable: str | None
+    weights: list[str]                       # managed names that are graph inputs (switchable)
+    unused: list[str] = field(default_factory=list)   # bundle tensors the graph does not use
+    data_inputs: list[str] = field(default_factory=list)
+
+
+def load_factory(spec: str) -> Callable:
+    """Import ``package.module:function``; ConfigError says what is wrong."""
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise ConfigError(f"model factory {spec!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ConfigError(f"model factory {spec!r}: cannot import {mod!r} ({exc})") from None
+    factory = getattr(module, fn, None)
+    if not callable(factory):
+        raise ConfigError(f"model factory {spec!r}: {mod} has no callable {fn!r}")
+    return factory
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise BackendError("ONNX export needs torch: pip install 'edgemerge[torch,onnx]'") from None
+    return torch
+
+
+def build_model(factory: Callable, bundle: Bundle, task: str | None, example_inputs=None):
+    """(module with weights loaded, example inputs). ``task=None``: θ0 + the first task's private tensors."""
+    torch = _torch()
+    name = task or bundle.tasks[0]
+    if task is None:
+        weights = {p.name: np.asarray(bundle.base(p.name)) for p in bundle.params}
+        weights.update(bundle.private(name))
+    else:
+        weights = bundle.task_weights(task)
+    takes_shapes = len(inspect.signature(factory).parameters) >= 2
+    made = factory(name, {k: tuple(v.shape) for k, v in weights.items()}) if takes_shapes else factory(name)
+    model, example = (made if isinstance(made, tuple) else (made, example_inputs))
+    if example is None:
+        raise ConfigError("no example inputs: return (module, example_inputs) from the factory or pass example_inputs")
+    example = example if isinstance(example, tuple) else (example,)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise FormatError(f"the model has weights the bundle lacks: {', '.join(result.missing_keys[:10])}")
+    if result.unexpected_keys:
+        raise FormatError(f"the bundle has tensors the model lacks: {', '.join(result.unexpected_keys[:10])}")
+    return model.eval(), example
+
+
+def _atomic_save(model, path: str) -> None:
+    import onnx
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _export_plain(model, example, path: str, input_names, output_names, dynamic_axes, opset: int):
+    torch = _torch()
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = os.path.join(d, "m.onnx")
+        with torch.no_grad():
+            torch.onnx.export(model, example, tmp, input_names=list(input_names), output_names=list(output_names),
+                              dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=False, dynamo=False)
+        return onnx.load(tmp)
+
+
+def _set_meta(model, entries: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in entries.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+
+
+def export_onnx(
+    bundle: Bundle | str,
+    factory: Callable | str,
+    output_dir: str,
+    *,
+    example_inputs: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] = ("output",),
+    dynamic_axes: dict | None = None,
+    opset: int = 17,
+    task: str | None = None,
+    switchable: bool = True,
+    name: str = "model",
+) -> OnnxExport:
+    """Write ``<name>.plain.onnx`` (+ ``<name>.switchable.onnx``) into ``output_dir``.
+
+    ``task``: bake θ_task into the plain graph (the per-task baseline); default θ0.
+    """
+    import onnx
+
+    bundle = open_bundle(bundle) if isinstance(bundle, str) else bundle
+    factory = load_factory(factory) if isinstance(factory, str) else factory
+    if task is not None:
+        bundle.check_task(task)
+    model, example = build_model(factory, bundle, task, example_inputs)
+    input_names = list(input_names or [f"input{i}" for i in range(len(example))])
+    if dynamic_axes is None:
+        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    proto = _export_plain(model, example, "", input_names, output_names, dynamic_axes, opset)
+    managed = [p.name for p in bundle.params] + bundle.private_keys[task or bundle.tasks[0]]
+    inits = {i.name: i for i in proto.graph.initializer}
+    unused = [n for n in managed if n not in inits]
+    _check_renamed(bundle, unused, inits, task)
+    os.makedirs(output_dir, exist_ok=True)
+    meta = {BASE_ID_KEY: bundle.base_id, TASK_KEY: task or "", WEIGHTS_KEY: json.dumps([n for n in managed if n in inits])}
+    _set_meta(proto, meta)
+    plain_path = os.path.join(output_dir, f"{name}.plain.onnx" if task is None else f"{name}.{task}.onnx")
+    _atomic_save(proto, plain_path)
+    result = OnnxExport(plain_path, None, [n for n in managed if n in inits], unused, input_names)
+    if switchable:
+        result.switchable = os.path.join(output_dir, f"{name}.switchable.onnx")
+        _atomic_save(make_switchable(proto, result.weights, _varying_private(bundle)), result.switchable)
+    return result
+
+
+def _varying_private(bundle: Bundle) -> set[str]:
+    """Private keys whose shape differs between tasks (their graph inputs get symbolic dims)."""
+    shapes: dict[str, list] = {}
+    for t in bundle.tasks:
+        for k in bundle.private_keys[t]:
+            shapes.setdefault(k, []).append(bundle.header.tensors[f"task/{t}/{k}"].shape)
+    return {k for k, s in shapes.items() if len(set(s)) > 1}
+
+
+def _check_renamed(bundle: Bundle, unused: list[str], inits: dict, task) -> None:
+    """A managed weight missing from the graph while an ``onnx::`` initializer of its shape exists."""
+    from ..runtime.onnx_graph import ONNX_TO_ST
+
+    shapes = {}
+    for n in unused:
+        p = next((p for p in bundle.params if p.name == n), None)
+        if p is not None:
+            shapes[n] = (p.dtype, list(p.shape))
+    generated = {(ONNX_TO_ST.get(i.data_type), list(i.dims)): name for name, i in inits.items() if name.startswith("onnx::")}
+    renamed = [f"{n} -> {generated[(d, s)]}" for n, (d, s) in shapes.items() if (d, s) in generated]
+    if renamed:
+        raise FormatError("the exporter renamed weights, so a task switch could not find them: " + ", ".join(renamed[:10]))
+
+
+def make_switchable(proto, weights: list[str], varying: set[str]):
+    """Copy of ``proto`` with the initializers in ``weights`` turned into graph inputs."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = model.graph
+    wanted = set(weights)
+    moved = [i for i in g.initializer if i.name in wanted]
+    keep = [i for i in g.initializer if i.name not in wanted]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for init in moved:
+        dims = [f"{init.name}_dim{k}" if init.name in varying else d for k, d in enumerate(init.dims)]
+        g.input.append(helper.make_tensor_value_info(init.name, init.data_type, dims))
+    if varying:  # outputs may change shape with the task's head
+        for out in g.output:
+            for k, dim in enumerate(out.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value"):
+                    dim.ClearField("dim_value")
+                    dim.dim_param = f"{out.name}_dim{k}"
+        del g.value_info[:]  # stale static shapes would contradict the new symbolic ones
+    return model

@@ -1,0 +1,20 @@
+"""Model factories the ONNX tests name as ``models:NAME`` (tests/ is on sys.path under pytest)."""
+
+import torch
+
+
+class Tiny(torch.nn.Module):
+    """Two hidden layers and a task head whose size comes from the weights being loaded."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.Tanh())
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.enc(x)))
+
+
+def tiny(task, shapes):
+    return Tiny(shapes["head.weight"][0]), (torch.zeros(2, 8),)

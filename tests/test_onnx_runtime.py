@@ -1,0 +1,166 @@
+"""ONNX export + TaskSession: ONNX Runtime outputs vs the torch forward of θ_t, for every task."""
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from edgemerge.errors import FormatError, TaskError  # noqa: E402
+from edgemerge.export.onnx import export_onnx  # noqa: E402
+from edgemerge.io import write_safetensors  # noqa: E402
+from edgemerge.pipeline import MergeConfig, merge  # noqa: E402
+from edgemerge.runtime import open_bundle  # noqa: E402
+from edgemerge.runtime.session import TaskSession  # noqa: E402
+
+import models  # noqa: E402
+
+
+def make_tiny_suite(directory, heads=(2, 3, 4), seed=0):
+    torch.manual_seed(seed)
+    base = models.Tiny(heads[0])
+    base_sd = {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}
+    write_safetensors(directory / "base.safetensors", {k: v.numpy() for k, v in base_sd.items()}, checksums=False)
+    tasks = {}
+    for t, n in enumerate(heads):
+        m = models.Tiny(n)
+        m.load_state_dict(base_sd, strict=False)
+        with torch.no_grad():
+            for p in m.enc.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        path = directory / f"t{t}.safetensors"
+        write_safetensors(path, {k: v.numpy() for k, v in m.state_dict().items()}, checksums=False)
+        tasks[f"t{t}"] = str(path)
+    out = directory / "bundle.safetensors"
+    merge(MergeConfig(str(directory / "base.safetensors"), tasks, "ties", private=("head.*",)), out)
+    return open_bundle(out)
+
+
+def torch_forward(bundle, task, x):
+    w = bundle.task_weights(task)
+    m = models.Tiny(w["head.weight"].shape[0])
+    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in w.items()})
+    with torch.no_grad():
+        return m(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    bundle = make_tiny_suite(d)
+    exp = export_onnx(bundle, models.tiny, str(d), input_names=["x"], output_names=["logits"])
+    return bundle, exp, d
+
+
+def test_switchable_graph_names_weights_like_the_state_dict(exported):
+    bundle, exp, _ = exported
+    g = onnx.load(exp.switchable).graph
+    inputs = [i.name for i in g.input]
+    assert inputs[0] == "x"
+    assert set(inputs[1:]) == {"enc.0.weight", "enc.0.bias", "enc.2.weight", "enc.2.bias", "norm.weight", "norm.bias",
+                               "head.weight", "head.bias"}
+    assert not [i.name for i in g.initializer if i.name in inputs]
+    assert exp.unused == []
+    meta = {p.key: p.value for p in onnx.load(exp.plain).metadata_props}
+    assert meta["edgemerge.base_id"] == bundle.base_id and set(json.loads(meta["edgemerge.weights"])) == set(inputs[1:])
+
+
+def test_every_task_matches_torch(exported):
+    bundle, exp, _ = exported
+    s = TaskSession(bundle, exp.switchable)
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    for task in ["t2", "t0", "t1", "t0"]:  # switching back and forth never accumulates drift
+        s.switch(task)
+        (y,) = s.run({"x": x})
+        ref = torch_forward(bundle, task, x)
+        assert y.shape == ref.shape
+        assert np.abs(y - ref).max() <= 1e-4, task
+
+
+def test_sessions_mode_matches_torch(tmp_path):
+    bundle = make_tiny_suite(tmp_path, heads=(3, 3, 3))
+    exp = export_onnx(bundle, models.tiny, str(tmp_path), input_names=["x"], output_names=["logits"])
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    fast = TaskSession(bundle, exp.switchable, mode="inputs")
+    per = TaskSession(bundle, exp.plain, mode="sessions")
+    for task in bundle.tasks:
+        ref = torch_forward(bundle, task, x)
+        assert np.abs(per.run(x, task=task)[0] - ref).max() <= 1e-4
+        assert np.abs(fast.run(x, task=task)[0] - ref).max() <= 1e-4
+
+
+def test_plain_export_with_a_task_baked_in(exported, tmp_path):
+    bundle, _, _ = exported
+    exp = export_onnx(bundle, models.tiny, str(tmp_path), task="t1", switchable=False, input_names=["x"])
+    import onnxruntime as ort
+
+    x = np.ones((3, 8), np.float32)
+    y = ort.InferenceSession(exp.plain).run(None, {"x": x})[0]
+    assert np.abs(y - torch_forward(bundle, "t1", x)).max() <= 1e-4
+
+
+def test_unknown_task_lists_valid_ones(exported):
+    bundle, exp, _ = exported
+    s = TaskSession(bundle, exp.switchable)
+    with pytest.raises(TaskError, match="unknown task 'nope'; valid: t0, t1, t2"):
+        s.switch("nope")
+
+
+def test_bundle_from_another_base_is_refused_before_any_work(exported, tmp_path):
+    _, exp, _ = exported
+    other = make_tiny_suite(tmp_path, seed=5)
+    with pytest.raises(FormatError, match="exported from another base model"):
+        TaskSession(other, exp.switchable)
+
+
+def test_graph_mismatch_lists_every_problem(exported, tmp_path):
+    bundle, _, _ = exported  # heads 2, 3, 4 classes
+    fixed = make_tiny_suite(tmp_path, heads=(3, 3, 3))  # same θ0, every head 3 classes
+    exp = export_onnx(fixed, models.tiny, str(tmp_path), input_names=["x"])
+    with pytest.raises(FormatError) as exc:
+        TaskSession(bundle, exp.switchable)
+    msg = str(exc.value)
+    assert "does not match" in msg
+    assert "weight 'head.weight': graph has F32 [3, 16], bundle task 't0' has F32 [2, 16]" in msg
+    assert "weight 'head.bias': graph has F32 [3], bundle task 't2' has F32 [4]" in msg
+
+
+def test_concurrent_runs_never_see_torn_weights(exported):
+    bundle, exp, _ = exported
+    s = TaskSession(bundle, exp.switchable)
+    x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
+    refs = {t: torch_forward(bundle, t, x) for t in bundle.tasks}
+    errors = []
+    stop = threading.Event()
+
+    def runner(seed):
+        rnd = random.Random(seed)
+        for _ in range(60):
+            t = rnd.choice(bundle.tasks)
+            y = s.run(x, task=t)[0]
+            if y.shape != refs[t].shape or np.abs(y - refs[t]).max() > 1e-4:
+                errors.append(t)
+
+    def switcher():
+        i = 0
+        while not stop.is_set():
+            s.switch(bundle.tasks[i % 3])
+            time.sleep(0.0005)
+            i += 1
+
+    sw = threading.Thread(target=switcher)
+    sw.start()
+    runners = [threading.Thread(target=runner, args=(k,)) for k in range(4)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join()
+    stop.set()
+    sw.join()
+    assert errors == []
