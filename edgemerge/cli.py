@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -191,6 +192,104 @@ def methods() -> None:
     t = Table("method", "what", "defaults", "paper")
     for m in METHODS.values():
         t.add_row(m.name, m.title, ", ".join(f"{k}={v}" for k, v in m.defaults.items()), m.paper)
+    console.print(t)
+
+
+@main.group()
+def export() -> None:
+    """Export a bundle for a runtime (ONNX)."""
+
+
+@export.command("onnx")
+@click.argument("bundle", type=click.Path())
+@click.option("--model", "factory", required=True, metavar="PKG.MODULE:FUNC",
+              help="Factory returning the nn.Module (or (module, example_inputs)) for a task.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(), help="Folder for the .onnx files.")
+@click.option("--input-name", "input_names", multiple=True, help="Names of the data inputs, in order (repeat).")
+@click.option("--output-name", "output_names", multiple=True, help="Names of the outputs (repeat).")
+@click.option("--task", default=None, help="Bake this task's θ_t into the plain graph (default θ0).")
+@click.option("--opset", default=17, show_default=True)
+def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task, opset) -> None:
+    """Write <model>.plain.onnx (initializers) and <model>.switchable.onnx (weights as inputs)."""
+    from .export.onnx import export_onnx
+
+    sys.path.insert(0, ".")  # factories usually live in the user's working directory
+    res = export_onnx(bundle, factory, output_dir, input_names=input_names or None,
+                      output_names=output_names or ("output",), task=task, opset=opset, switchable=task is None)
+    console.print(f"plain graph → {res.plain}")
+    if res.switchable:
+        console.print(f"switchable graph → {res.switchable} ({len(res.weights)} weights as inputs)")
+    if res.unused:
+        console.print(f"[yellow]not used by the graph:[/] {', '.join(res.unused)}")
+
+
+def _load_inputs(items: tuple[str, ...]) -> dict[str, Any] | Any:
+    import numpy as np
+
+    if len(items) == 1 and "=" not in items[0]:
+        return np.load(items[0], allow_pickle=False)
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--input {item!r}: use NAME=FILE.npy when the model has several inputs")
+        out[name] = np.load(path, allow_pickle=False)
+    return out
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="The switchable (or plain, with --mode sessions) graph.")
+@click.option("--task", required=True)
+@click.option("--input", "inputs", multiple=True, required=True, metavar="[NAME=]FILE.npy")
+@click.option("--mode", type=click.Choice(["inputs", "sessions"]), default="inputs", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Save the first output as .npy.")
+def run(bundle, onnx_path, task, inputs, mode, output) -> None:
+    """Run one task of BUNDLE on ONNX Runtime."""
+    import numpy as np
+
+    from .runtime.session import TaskSession
+
+    s = TaskSession(bundle, onnx_path, mode=mode)
+    outs = s.run(_load_inputs(inputs), task=task)
+    if output:
+        np.save(output, outs[0])
+    for name, arr in zip(s.output_names, outs):
+        console.print(f"{name}: shape {list(arr.shape)} {arr.dtype}")
+        console.print(np.array2string(arr, threshold=20, precision=4))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path())
+@click.option("--input", "inputs", multiple=True, required=True, metavar="[NAME=]FILE.npy")
+@click.option("--mode", type=click.Choice(["inputs", "sessions"]), default="inputs", show_default=True)
+@click.option("--rounds", default=3, show_default=True, help="Passes through all tasks.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle, onnx_path, inputs, mode, rounds, as_json) -> None:
+    """Switch latency, inference latency, storage and peak RSS on this machine."""
+    from .measure import bench_session, memcpy_seconds, peak_rss_bytes, percentile
+    from .runtime.session import TaskSession
+
+    s = TaskSession(bundle, onnx_path, mode=mode)
+    res = bench_session(s, _load_inputs(inputs), rounds=rounds)
+    res["memcpy_p50_ms"] = 1e3 * percentile(memcpy_seconds(s.bundle), 50)
+    res["switch_vs_memcpy"] = res["switch_p50_ms"] / res["memcpy_p50_ms"] if res["memcpy_p50_ms"] else float("nan")
+    res["bundle_bytes"] = os.path.getsize(bundle)
+    res["onnx_bytes"] = os.path.getsize(onnx_path)
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    res["mode"] = mode
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    t = Table(title=f"{bundle} on ONNX Runtime ({mode} mode), {len(s.tasks)} tasks")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("switch p50 / p95", f"{res['switch_p50_ms']:.2f} / {res['switch_p95_ms']:.2f} ms")
+    t.add_row("memcpy of the merged weights", f"{res['memcpy_p50_ms']:.2f} ms (switch = {res['switch_vs_memcpy']:.2f}×)")
+    t.add_row("inference p50 / p95", f"{res['infer_p50_ms']:.2f} / {res['infer_p95_ms']:.2f} ms")
+    t.add_row("storage: bundle + graph", _human(res["bundle_bytes"] + res["onnx_bytes"]))
+    t.add_row("peak RSS", _human(res["peak_rss_bytes"]))
     console.print(t)
 
 

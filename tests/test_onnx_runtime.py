@@ -164,3 +164,25 @@ def test_concurrent_runs_never_see_torn_weights(exported):
     stop.set()
     sw.join()
     assert errors == []
+
+
+def test_cli_export_run_bench(exported, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bundle, _, _ = exported
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "edgemerge.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    cli("export", "onnx", bundle.path, "--model", "models:tiny", "-o", tmp_path, "--input-name", "x", "--output-name", "logits")
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cli("run", bundle.path, "--onnx", tmp_path / "model.switchable.onnx", "--task", "t1", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert np.abs(np.load(tmp_path / "y.npy") - torch_forward(bundle, "t1", x)).max() <= 1e-4
+    res = json.loads(cli("bench", bundle.path, "--onnx", tmp_path / "model.switchable.onnx", "--input", tmp_path / "x.npy", "--json", "--rounds", "2"))
+    assert res["switches"] == 6 and res["runs"] == 30 and res["switch_p50_ms"] > 0 and res["peak_rss_bytes"] > 0
