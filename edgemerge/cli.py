@@ -195,6 +195,45 @@ def methods() -> None:
     console.print(t)
 
 
+@main.command()
+@click.option("--suite", default="text", show_default=True, help="Which built-in suite (text: all-MiniLM-L6-v2 on 5 tasks).")
+@click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
+@click.option("--out", default="edgemerge-demo", show_default=True, type=click.Path(), help="Folder for bundle, ONNX, report, plots.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=60, show_default=True, help="Fine-tuning steps per task (batch 16).")
+@click.option("--lr", default=1e-4, show_default=True, help="Fine-tuning learning rate (merging is sensitive to it).")
+@click.option("--no-deploy", is_flag=True, help="Skip the ONNX Runtime deploy step.")
+@click.option("--quiet", is_flag=True)
+def demo(suite, tasks, out, seed, steps, lr, no_deploy, quiet) -> None:
+    """The main job: real model, real data: fine-tune, merge, TALL bundle, deploy, report."""
+    from .demo import LABELS, MERGED, DemoOptions, run_demo
+
+    opts = DemoOptions(suite=suite, tasks=tuple(tasks.split(",")) if tasks else None, out=out, seed=seed,
+                       steps=steps, lr=lr, deploy=not no_deploy)
+    with progress_bar(quiet) as prog:
+        r = run_demo(opts, prog)
+    methods = ["zero_shot", "finetuned", *MERGED, "tall"]
+    t = Table(title=f"Test accuracy % (normalized = / fine-tuned) — suite {suite}, seed {seed}, lr {lr:g}, {steps} steps")
+    t.add_column("task")
+    for m in methods:
+        t.add_column(LABELS[m], justify="right")
+    for task in r.tasks:
+        t.add_row(task, *[f"{100 * r.accuracy[m][task]:.1f}" + ("" if m in ("zero_shot", "finetuned") else
+                          f" ({100 * r.normalized(m, task):.0f}%)") for m in methods])
+    t.add_row("[bold]mean", *[f"{100 * sum(r.accuracy[m].values()) / len(r.tasks):.1f}" + ("" if m in ("zero_shot", "finetuned") else
+              f" ({100 * sum(r.normalized(m, x) for x in r.tasks) / len(r.tasks):.0f}%)") for m in methods])
+    console.print(t)
+    s = r.storage
+    console.print(f"storage: {len(r.tasks)} checkpoints {_human(s['n_checkpoints'])} → TALL bundle {_human(s['tall_bundle'])} "
+                  f"({s['tall_bundle'] / s['n_checkpoints']:.0%}); λ_t: " + ", ".join(f"{k}={v}" for k, v in r.tall_lambda.items()))
+    if r.deploy:
+        d = r.deploy
+        ok = sum(d["matches_torch"].values())
+        console.print(f"deploy: ONNX Runtime accuracy equals torch on {ok}/{len(r.tasks)} tasks; switch p50 {d['switch_ms_p50']:.1f} ms; "
+                      f"bundle + graph {_human(d['bundle_bytes'] + d['onnx_bytes'])} vs {len(r.tasks)} ONNX files {_human(d['per_task_onnx_bytes'])}")
+    console.print(f"report: {os.path.join(out, 'report.md')}  ({r.seconds['total']:.0f} s)")
+
+
 @main.group()
 def export() -> None:
     """Export a bundle for a runtime (ONNX)."""

@@ -6,8 +6,8 @@ Passes over the inputs (each reads θ0 and every task once, chunk by chunk):
    (``edgemerge.topk``). The first pass of any method also checks every value is finite.
 2. Merge: τ_MTL per chunk, written to a scratch file; with TALL masks the same pass computes each
    task's mask bucket (``edgemerge.tall``) and the reconstruction error of every λ.
-3. Consensus methods only: keep entries active in ≥ k TALL masks, then rebuild the masks
-   against the filtered vector (one more pass).
+3. Consensus methods only: keep entries active in ≥ k TALL masks (always built for the vote),
+   then, with ``masks="tall"``, rebuild the masks against the filtered vector (one more pass).
 4. Write the bundle from θ0, the scratch vector and the buckets of the chosen λ_t.
 
 Peak memory is O(N × chunk), not O(N × model); scratch files live next to the output and are
@@ -67,8 +67,6 @@ class MergeConfig:
         params = method.resolve(self.params)
         if self.masks not in MASK_POLICIES:
             raise ConfigError(f"mask policy {self.masks!r} is not one of {', '.join(MASK_POLICIES)}")
-        if method.consensus and self.masks != "tall":
-            raise ConfigError(f"method {method.name!r} builds on TALL masks; use --masks tall")
         lams = tuple(float(x) for x in self.lambdas)
         if not lams or len(lams) > 254 or any(not (math.isfinite(x) and x >= 0) for x in lams) or list(lams) != sorted(set(lams)):
             raise ConfigError(f"TALL λ grid {self.lambdas!r} must be 1-254 distinct, increasing, non-negative numbers")
@@ -256,7 +254,7 @@ def merge(
         hasher = stack.enter_context(ThreadPoolExecutor(1))  # hashing overlaps the passes (2nd core)
         hashes = {n: hasher.submit(c.sha256) for n, c in [("__base__", base), *tasks.items()]}
         scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".edgemerge-", dir=os.path.dirname(os.path.abspath(output))))
-        tall = config.masks == "tall"
+        tall = config.masks == "tall" or method.consensus  # consensus votes with TALL masks
         scratch = Scratch(scratch_dir, plan, base, len(tasks), tall)
         stack.callback(scratch.close)
         inputs = Inputs(base, tasks, config.vector_dtype)
@@ -267,9 +265,12 @@ def merge(
         choice, scores = _choose(config, stats, scratch, inputs, plan, score) if tall else (None, {})
         if method.consensus:
             _consensus_pass(params["k"], inputs, work, scratch, choice, progress)
-            stats = TallStats(config.lambdas, len(tasks))
-            _tall_pass(inputs, work, scratch, stats, progress)
-            choice, scores = _choose(config, stats, scratch, inputs, plan, score)
+            if config.masks == "tall":  # the bundle's own masks, against the filtered vector
+                stats = TallStats(config.lambdas, len(tasks))
+                _tall_pass(inputs, work, scratch, stats, progress)
+                choice, scores = _choose(config, stats, scratch, inputs, plan, score)
+            else:
+                stats, choice, scores = None, None, {}
         sources = {n: f.result() for n, f in hashes.items()}
         reports = _task_reports(config, stats, choice, scores)
         _write(output, config, method, params, plan, inputs, scratch, choice, reports, sources, progress)

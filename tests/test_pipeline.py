@@ -150,6 +150,16 @@ def test_consensus_keeps_entries_in_k_masks(big_suite, tmp_path):
         assert np.array_equal(c.vector(p.name), np.where(votes >= 2, ta.vector(p.name), 0)), p.name
 
 
+def test_consensus_without_bundle_masks_is_one_merged_model(big_suite, tmp_path):
+    base, tasks = big_suite
+    merge(MergeConfig(base, tasks, "consensus_ta"), tmp_path / "c.safetensors")
+    merge(MergeConfig(base, tasks, "consensus_ta", masks="none"), tmp_path / "n.safetensors")
+    c, n = open_bundle(tmp_path / "c.safetensors"), open_bundle(tmp_path / "n.safetensors")
+    assert n.mask_policy == "none" and [t["lambda"] for t in n.manifest["tasks"]] == [None] * 4
+    for p in c.params:
+        assert np.array_equal(c.vector(p.name), n.vector(p.name))
+
+
 def test_validation_score_chooses_lambda(suite, tmp_path):
     base, tasks = suite
     seen = []
@@ -228,8 +238,6 @@ def test_config_errors(suite, tmp_path):
         merge(MergeConfig(base, tasks, private=("nothing.*", "head.*")), tmp_path / "b.safetensors")
     with pytest.raises(ConfigError, match="TALL λ grid"):
         merge(MergeConfig(base, tasks, lambdas=(0.5, 0.2)), tmp_path / "b.safetensors")
-    with pytest.raises(ConfigError, match="builds on TALL masks"):
-        merge(MergeConfig(base, tasks, "consensus_ta", masks="none"), tmp_path / "b.safetensors")
     with pytest.raises(Exception, match="task name 'a/b' is not allowed"):
         merge(MergeConfig(base, {"a/b": tasks["task0"]}), tmp_path / "b.safetensors")
 

@@ -1,0 +1,267 @@
+"""``edgemerge demo``: the whole product on a real model and real data, end to end.
+
+1. Build (or reuse) the text suite: all-MiniLM-L6-v2 fine-tuned on five tasks (CPU, fixed seed).
+2. Merge with task arithmetic, TIES, Consensus-TA/TIES (scale α chosen on validation data) and
+   build the TALL bundle (λ_t chosen per task on validation data).
+3. Test accuracy per task: zero-shot (θ0 + a head fit on frozen features), fine-tuned, each
+   merged model, the TALL bundle; absolute and normalized (= merged / fine-tuned).
+4. Deploy: export one switchable ONNX graph, switch through every task in ONNX Runtime, check the
+   device path's accuracy equals the bundle's accuracy in torch; switch latency and storage.
+5. A Markdown report and PNG plots in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError, unknown_name
+from .pipeline import MergeConfig, merge
+from .runtime import open_bundle
+
+SUITES = ("text",)
+ALPHAS = (0.3, 0.5, 1.0)
+MERGED = ("task_arithmetic", "ties", "consensus_ta", "consensus_ties")
+LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "task_arithmetic": "TA", "ties": "TIES",
+          "consensus_ta": "Cons-TA", "consensus_ties": "Cons-TIES", "tall": "TALL bundle"}
+
+
+@dataclass
+class DemoOptions:
+    suite: str = "text"
+    tasks: tuple[str, ...] | None = None
+    out: str = "edgemerge-demo"
+    seed: int = 0
+    steps: int = 60
+    lr: float = 1e-4
+    test: int = 250
+    val: int = 100
+    deploy: bool = True
+
+    def validate(self) -> None:
+        if self.suite not in SUITES:
+            raise ConfigError(unknown_name("suite", self.suite, SUITES))
+        if self.steps < 1:
+            raise ConfigError("--steps must be at least 1")
+
+
+@dataclass
+class DemoResult:
+    tasks: list[str]
+    classes: dict[str, int]
+    accuracy: dict[str, dict[str, float]]            # method -> task -> test accuracy
+    alpha: dict[str, float]                           # merged method -> α chosen on validation
+    tall_lambda: dict[str, float]
+    tall_density: dict[str, float]
+    cosine: list[list[float]]
+    storage: dict[str, int]
+    deploy: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def normalized(self, method: str, task: str) -> float:
+        ft = self.accuracy["finetuned"][task]
+        return self.accuracy[method][task] / ft if ft else float("nan")
+
+
+def _load(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def task_vector_cosines(base: dict[str, np.ndarray], ckpts: list[dict[str, np.ndarray]]) -> np.ndarray:
+    n = len(ckpts)
+    gram = np.zeros((n, n))
+    for k, b in base.items():
+        taus = np.stack([c[k].astype(np.float64).reshape(-1) - b.astype(np.float64).reshape(-1) for c in ckpts])
+        gram += taus @ taus.T
+    norms = np.sqrt(np.diag(gram))
+    return gram / np.maximum(np.outer(norms, norms), 1e-30)
+
+
+def _scaled(bundle, alpha: float, task: str) -> dict[str, np.ndarray]:
+    """θ0 + α·τ_MTL for every merged param (no masks) + the task's own head."""
+    out = {}
+    for p in bundle.params:
+        b = np.asarray(bundle.base(p.name))
+        out[p.name] = b if p.role == "carried" else (b + np.float32(alpha) * bundle.vector(p.name).astype(np.float32)).astype(b.dtype)
+    out.update({k: np.asarray(v) for k, v in bundle.private(task).items()})
+    return out
+
+
+def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None = None) -> DemoResult:
+    from .suites.text_suite import Evaluator, SuiteConfig, build_suite
+
+    opts.validate()
+    t_start = time.perf_counter()
+    cfg = SuiteConfig(tasks=tuple(opts.tasks) if opts.tasks else SuiteConfig.tasks, seed=opts.seed, steps=opts.steps,
+                      lr=opts.lr, test=opts.test, val=opts.val)
+    suite = build_suite(cfg, progress)
+    ev = Evaluator(suite)
+    seconds = {"build suite": time.perf_counter() - t_start}
+    tasks = list(cfg.tasks)
+    os.makedirs(opts.out, exist_ok=True)
+    work = os.path.join(opts.out, ".work")
+    os.makedirs(work, exist_ok=True)
+    base = _load(suite.base)
+    ckpts = {t: _load(suite.checkpoints[t]) for t in tasks}
+    acc: dict[str, dict[str, float]] = {"zero_shot": {}, "finetuned": {}}
+    for i, t in enumerate(tasks):
+        acc["zero_shot"][t] = ev.accuracy(t, "test", {**base, **_load(suite.probes[t])})
+        acc["finetuned"][t] = ev.accuracy(t, "test", ckpts[t])
+        if progress:
+            progress("evaluate inputs", i + 1, len(tasks))
+    cos = task_vector_cosines(base, [{k: c[k] for k in base} for c in ckpts.values()])
+    del ckpts
+    seconds["evaluate inputs"] = time.perf_counter() - t_start - sum(seconds.values())
+
+    def score(task: str, lam: float, weights: dict[str, np.ndarray]) -> float:
+        return ev.accuracy(task, "val", weights)
+
+    bundles, alpha = {}, {}
+    t0 = time.perf_counter()
+    for method in ("task_arithmetic", "ties", "consensus_ta", "consensus_ties"):
+        masks = "tall" if method == "task_arithmetic" else "none"  # only the TALL bundle keeps masks
+        path = os.path.join(opts.out, "tasks.safetensors") if method == "task_arithmetic" else os.path.join(work, f"{method}.safetensors")
+        merge(MergeConfig(suite.base, dict(suite.checkpoints), method, masks=masks, private=("head.*",)), path,
+              score=score, progress=progress)
+        bundles[method] = open_bundle(path)
+        best = max(ALPHAS, key=lambda a: (np.mean([ev.accuracy(t, "val", _scaled(bundles[method], a, t)) for t in tasks]), -a))
+        alpha[method] = best
+        acc[method] = {t: ev.accuracy(t, "test", _scaled(bundles[method], best, t)) for t in tasks}
+        ev.save()
+    tall = bundles["task_arithmetic"]
+    acc["tall"] = {t: ev.accuracy(t, "test", tall.task_weights(t)) for t in tasks}
+    ev.save()
+    seconds["merge + select + evaluate"] = time.perf_counter() - t0
+    info = {t["name"]: t for t in tall.manifest["tasks"]}
+    task_bytes = sum(os.path.getsize(suite.checkpoints[t]) for t in tasks)
+    storage = {"n_checkpoints": task_bytes, "tall_bundle": os.path.getsize(tall.path),
+               "one_merged_model": os.path.getsize(suite.base) + sum(
+                   v.nbytes for t in tasks for v in tall.private(t).values())}
+    result = DemoResult(tasks, {t: len(suite.classes[t]) for t in tasks}, acc, alpha,
+                        {t: info[t]["lambda"] for t in tasks}, {t: info[t]["density"] for t in tasks},
+                        cos.round(4).tolist(), storage, seconds=seconds, options=asdict(opts))
+    if opts.deploy:
+        t0 = time.perf_counter()
+        result.deploy = deploy(tall, suite, os.path.join(opts.out, "onnx"), acc["tall"])
+        seconds["deploy (ONNX Runtime)"] = time.perf_counter() - t0
+    for b in bundles.values():
+        b.close()
+    shutil.rmtree(work, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - t_start
+    write_report(result, opts.out)
+    return result
+
+
+def deploy(bundle, suite, out_dir: str, torch_acc: dict[str, float]) -> dict[str, Any]:
+    """Export once, switch through every task in ONNX Runtime, compare accuracy with torch."""
+    from .export.onnx import export_onnx
+    from .runtime.session import TaskSession
+    from .suites import text_model
+
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    exp = export_onnx(bundle, text_model.onnx_factory, out_dir, input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_axes=axes, name="minilm")
+    session = TaskSession(bundle, exp.switchable)
+    switch, device_acc = [], {}
+    for t in bundle.tasks:
+        switch.append(session.switch(t))
+        data = suite.data[t]["test"]
+        pred = text_model.predict(lambda ids, mask: session.run({"input_ids": ids, "attention_mask": mask})[0], data)
+        device_acc[t] = float((pred == data.labels).mean())
+    for t in bundle.tasks:  # a second pass: steady-state switch times
+        switch.append(session.switch(t))
+    n = len(bundle.tasks)
+    return {
+        "accuracy": device_acc,
+        "matches_torch": {t: device_acc[t] == torch_acc[t] for t in bundle.tasks},
+        "switch_ms_p50": float(np.median(switch[n:]) * 1e3),
+        "switch_ms_max": float(np.max(switch[n:]) * 1e3),
+        "onnx_bytes": os.path.getsize(exp.switchable),
+        "per_task_onnx_bytes": os.path.getsize(exp.plain) * n,
+        "bundle_bytes": os.path.getsize(bundle.path),
+    }
+
+
+def write_report(r: DemoResult, out: str) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(asdict(r), f, indent=2)
+    methods = ["zero_shot", "finetuned", *MERGED, "tall"]
+    lines = ["# edgemerge demo — text suite (all-MiniLM-L6-v2, 22.7 M parameters)", "",
+             f"Options: {json.dumps(r.options)}", "",
+             "Test accuracy, absolute (normalized = method / fine-tuned). "
+             f"Merge scale α chosen on validation from {list(ALPHAS)}: " + ", ".join(f"{LABELS[m]} {a}" for m, a in r.alpha.items()) + ".", "",
+             "| task | classes | " + " | ".join(LABELS[m] for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for t in r.tasks:
+        cells = [f"{100 * r.accuracy[m][t]:.1f}" + ("" if m in ("zero_shot", "finetuned") else f" ({100 * r.normalized(m, t):.1f}%)")
+                 for m in methods]
+        lines.append(f"| {t} | {r.classes[t]} | " + " | ".join(cells) + " |")
+    avg = [f"{100 * np.mean([r.accuracy[m][t] for t in r.tasks]):.1f}" + ("" if m in ("zero_shot", "finetuned") else
+           f" ({100 * np.mean([r.normalized(m, t) for t in r.tasks]):.1f}%)") for m in methods]
+    lines += [f"| **mean** | | " + " | ".join(avg) + " |", "",
+              "TALL λ_t (chosen on validation) and mask density: " + ", ".join(
+                  f"{t} λ={r.tall_lambda[t]} ({100 * r.tall_density[t]:.1f}%)" for t in r.tasks), "",
+              "Pairwise cosine of task vectors (encoder):", "",
+              "| | " + " | ".join(r.tasks) + " |", "|---|" + "---|" * len(r.tasks)]
+    lines += [f"| {t} | " + " | ".join(f"{c:.3f}" for c in row) + " |" for t, row in zip(r.tasks, r.cosine)]
+    s = r.storage
+    lines += ["", f"Storage: {len(r.tasks)} fine-tuned checkpoints {s['n_checkpoints'] / 2**20:.1f} MiB; TALL bundle "
+              f"{s['tall_bundle'] / 2**20:.1f} MiB ({100 * s['tall_bundle'] / s['n_checkpoints']:.1f}%); one merged model "
+              f"{s['one_merged_model'] / 2**20:.1f} MiB."]
+    if r.deploy:
+        d = r.deploy
+        lines += ["", "Deploy (ONNX Runtime, switchable graph): accuracy equals torch on "
+                  f"{sum(d['matches_torch'].values())}/{len(r.tasks)} tasks; switch p50 {d['switch_ms_p50']:.1f} ms; "
+                  f"bundle + graph {(d['bundle_bytes'] + d['onnx_bytes']) / 2**20:.1f} MiB vs {len(r.tasks)} per-task ONNX files "
+                  f"{d['per_task_onnx_bytes'] / 2**20:.1f} MiB."]
+    lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()), "",
+              "![accuracy per task](accuracy_per_task.png)", "", "![accuracy vs bytes](accuracy_vs_bytes.png)"]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plots(r, out, methods)
+
+
+def _plots(r: DemoResult, out: str, methods: list[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(methods)
+    x = np.arange(len(r.tasks))
+    for i, m in enumerate(methods):
+        ax.bar(x + i * width, [100 * r.accuracy[m][t] for t in r.tasks], width, label=LABELS[m])
+    ax.set_xticks(x + 0.4 - width / 2, r.tasks)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy per task and method (all-MiniLM-L6-v2)")
+    ax.legend(ncol=4, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_per_task.png"), dpi=110)
+    plt.close(fig)
+    s, n = r.storage, len(r.tasks)
+    points = [("fine-tuned (N checkpoints)", s["n_checkpoints"], "finetuned")]
+    points += [(LABELS[m] + " (one model)", s["one_merged_model"], m) for m in MERGED]
+    points += [("TALL bundle", s["tall_bundle"], "tall"), ("zero-shot", s["one_merged_model"], "zero_shot")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, nbytes, m in points:
+        y = 100 * np.mean([r.normalized(m, t) for t in r.tasks])
+        ax.scatter(nbytes / 2**20, y, s=40)
+        ax.annotate(label, (nbytes / 2**20, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.set_xlabel(f"bytes to store all {n} tasks (MiB)")
+    ax.set_ylabel("mean normalized accuracy (%)")
+    ax.set_title("Accuracy kept vs storage")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_vs_bytes.png"), dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Real multi-task suites for the demo and the accuracy benchmark (models and data from packages)."""

