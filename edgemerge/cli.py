@@ -234,6 +234,54 @@ def demo(suite, tasks, out, seed, steps, lr, no_deploy, quiet) -> None:
     console.print(f"report: {os.path.join(out, 'report.md')}  ({r.seconds['total']:.0f} s)")
 
 
+@main.command()
+def devices() -> None:
+    """List the device profiles `edgemerge plan` knows, with their sources."""
+    from .devices.profiles import DEVICES, JETPACK_SOURCE
+
+    t = Table("name", "device", "RAM", "DRAM bandwidth", "storage", "JetPack → TensorRT")
+    for d in DEVICES.values():
+        t.add_row(d.name, d.title, _human(d.ram_bytes), f"{d.bandwidth / 1e9:.1f} GB/s", ", ".join(d.storage),
+                  ", ".join(f"{k}→{v}" for k, v in d.tensorrt.items()) or "-")
+    console.print(t)
+    console.print(f"Sources: per device in edgemerge/devices/profiles.py; JetPack map: {JETPACK_SOURCE}.")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", "device_name", required=True, help="A profile from `edgemerge devices`.")
+@click.option("--runtime", type=click.Choice(["inputs", "sessions"]), default="inputs", show_default=True)
+@click.option("--storage", default=None, help="Storage medium (default: the device's first).")
+@click.option("--efficiency", type=float, default=None, help="Kernel efficiency vs memcpy (default: measured on this host).")
+@click.option("--activation-mb", type=float, default=0.0, help="Activation memory of your model, MiB.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_json) -> None:
+    """Project fit, storage, cold start and switch time of BUNDLE on a device (projections, not measurements)."""
+    from .devices.plan import measure_efficiency, project, sizes
+    from .devices.profiles import get_device
+    from .runtime import open_bundle
+
+    device = get_device(device_name)
+    eff = efficiency if efficiency is not None else measure_efficiency()
+    with open_bundle(bundle) as b:
+        p = project(sizes(b), device, runtime, storage, eff, int(activation_mb * 2**20))
+    if as_json:
+        click.echo(json.dumps(p, indent=2))
+        return
+    t = Table(title=f"{bundle} on {device.title} — projections from data-sheet figures, not measurements")
+    t.add_column("")
+    t.add_column("edgemerge bundle", justify="right")
+    t.add_column("N separate models", justify="right")
+    t.add_row("fits in RAM", f"{'yes' if p['fits'] else 'NO'}: {_human(p['resident_bytes'])} of {_human(p['available_bytes'])}",
+              _human(p["separate_resident_bytes"]))
+    t.add_row("storage", _human(p["bundle_storage_bytes"]), _human(p["separate_storage_bytes"]))
+    t.add_row(f"cold start ({p['storage']})", f"{p['cold_start_s']:.2f} s", "")
+    t.add_row("task switch", f"{1e3 * p['switch_s']:.1f} ms", f"{1e3 * p['separate_load_s']:.0f} ms (load from {p['storage']})")
+    console.print(t)
+    console.print(f"switch = {_human(p['kernel_bytes'])} touched ÷ ({device.bandwidth / 1e9:.1f} GB/s × efficiency {p['efficiency']:.2f}, "
+                  "measured on this host vs its memcpy); see edgemerge/devices/plan.py")
+
+
 @main.group()
 def export() -> None:
     """Export a bundle for a runtime (ONNX)."""
@@ -260,6 +308,24 @@ def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task
         console.print(f"switchable graph → {res.switchable} ({len(res.weights)} weights as inputs)")
     if res.unused:
         console.print(f"[yellow]not used by the graph:[/] {', '.join(res.unused)}")
+
+
+@export.command("flat")
+@click.argument("bundle", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--encoding", type=click.Choice(["F32", "F16", "Q16"]), default="F32", show_default=True,
+              help="θ0 and τ_MTL as float32, float16 or 16-bit fixed point (Q-format per tensor).")
+@click.option("--align", type=click.Choice(["64", "4096"]), default="64", show_default=True)
+def export_flat_cmd(bundle, output, encoding, align) -> None:
+    """Flat little-endian image + the C reference applier in edgemerge/devices/c/emflat.c."""
+    from .export.flat import write_flat
+
+    errors = write_flat(bundle, output, encoding, int(align))
+    worst = max(errors.items(), key=lambda kv: kv[1]["max_abs"], default=None)
+    console.print(f"wrote {output} ({_human(os.path.getsize(output))}, {encoding}, {align}-byte sections)")
+    if worst and worst[1]["max_abs"] > 0:
+        console.print(f"largest quantization error: {worst[1]['max_abs']:.3g} (max abs) in {worst[0]}; "
+                      f"mean rms {sum(e['rms'] for e in errors.values()) / len(errors):.3g}")
 
 
 def _load_inputs(items: tuple[str, ...]) -> dict[str, Any] | Any:

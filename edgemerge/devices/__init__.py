@@ -1,0 +1,1 @@
+"""Device profiles (data, with sources) and projections for ``edgemerge plan``."""
