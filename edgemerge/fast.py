@@ -8,9 +8,9 @@ they are associated differently. Set ``EDGEMERGE_NO_NUMBA=1`` to force the numpy
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from .runtime.kernel import numba_module
 
 _JIT = None
 
@@ -19,14 +19,8 @@ def jit():
     """numba.njit configured for these kernels, or None when numba is absent or disabled."""
     global _JIT
     if _JIT is None:
-        _JIT = False
-        if os.environ.get("EDGEMERGE_NO_NUMBA") != "1":
-            try:
-                import numba
-
-                _JIT = lambda f: numba.njit(cache=True, nogil=True, fastmath=False)(f)  # noqa: E731
-            except ImportError:
-                pass
+        numba = numba_module()
+        _JIT = False if numba is None else (lambda f: numba.njit(cache=True, nogil=True, fastmath=False)(f))
     return _JIT or None
 
 

@@ -18,3 +18,19 @@ class Tiny(torch.nn.Module):
 
 def tiny(task, shapes):
     return Tiny(shapes["head.weight"][0]), (torch.zeros(2, 8),)
+
+
+class Twin(torch.nn.Module):
+    """Two LayerNorms and a bias that are byte-identical in θ0 (ones, ones, zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.tanh(self.a(x))))
+
+
+def twin(task):
+    return Twin(), (torch.zeros(2, 8),)

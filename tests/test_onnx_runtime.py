@@ -186,3 +186,34 @@ def test_cli_export_run_bench(exported, tmp_path):
     assert np.abs(np.load(tmp_path / "y.npy") - torch_forward(bundle, "t1", x)).max() <= 1e-4
     res = json.loads(cli("bench", bundle.path, "--onnx", tmp_path / "model.switchable.onnx", "--input", tmp_path / "x.npy", "--json", "--rounds", "2"))
     assert res["switches"] == 6 and res["runs"] == 30 and res["switch_p50_ms"] > 0 and res["peak_rss_bytes"] > 0
+
+
+def test_identical_initializers_stay_separate_weights(tmp_path):
+    """The exporter merges byte-identical initializers; tasks that differ there must still switch right."""
+    torch.manual_seed(0)
+    base = models.Twin()
+    with torch.no_grad():
+        base.fc.bias.zero_()
+    sd = {k: v.numpy().copy() for k, v in base.state_dict().items()}
+    write_safetensors(tmp_path / "base.safetensors", sd, checksums=False)
+    tasks = {}
+    for t in range(2):
+        w = {k: v + np.float32(0.1 * (t + 1)) * np.random.default_rng(t).standard_normal(v.shape).astype(np.float32)
+             for k, v in sd.items()}
+        write_safetensors(tmp_path / f"t{t}.safetensors", w, checksums=False)
+        tasks[f"t{t}"] = str(tmp_path / f"t{t}.safetensors")
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks, "task_arithmetic"), tmp_path / "b.safetensors")
+    bundle = open_bundle(tmp_path / "b.safetensors")
+    exp = export_onnx(bundle, models.twin, str(tmp_path), input_names=["x"])
+    assert exp.unused == [] and set(exp.weights) == set(sd)
+    plain = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(exp.plain).graph.initializer}
+    assert all(np.array_equal(plain[k], bundle.base(k)) for k in sd)  # exact θ0 restored after the export
+    x = np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)
+    s = TaskSession(bundle, exp.switchable)
+    for t in bundle.tasks:
+        w = bundle.task_weights(t)
+        m = models.Twin()
+        m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in w.items()})
+        with torch.no_grad():
+            ref = m(torch.from_numpy(x)).numpy()
+        assert np.abs(s.run(x, task=t)[0] - ref).max() <= 1e-5

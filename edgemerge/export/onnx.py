@@ -18,6 +18,7 @@ every weight to be loaded to its shape (to size a head) -- and returns the ``nn.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -83,13 +84,47 @@ def build_model(factory: Callable, bundle: Bundle, task: str | None, example_inp
     if example is None:
         raise ConfigError("no example inputs: return (module, example_inputs) from the factory or pass example_inputs")
     example = example if isinstance(example, tuple) else (example,)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+    state = {k: torch.from_numpy(v) for k, v in _distinct(weights).items()}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:
         raise FormatError(f"the model has weights the bundle lacks: {', '.join(result.missing_keys[:10])}")
     if result.unexpected_keys:
         raise FormatError(f"the bundle has tensors the model lacks: {', '.join(result.unexpected_keys[:10])}")
-    return model.eval(), example
+    return model.eval(), example, weights
+
+
+def _distinct(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies in which no two tensors are byte-identical.
+
+    The TorchScript exporter merges initializers with identical values into one (LayerNorm
+    weights that are all ones in θ0, zero biases, …). A switchable graph would then feed one input
+    to several parameters that differ per task. So duplicates get their first element nudged for
+    the export, and ``_restore_exact`` writes the exact values back afterwards.
+    """
+    out, seen = {}, set()
+    for k in sorted(weights):
+        a = np.array(weights[k])
+        nudge = 1
+        while a.size and (a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).digest()) in seen and a.dtype.kind in "fiu":
+            flat = a.reshape(-1)
+            flat[0] = flat[0] + nudge if a.dtype.kind in "iu" else np.nextafter(flat[0], np.float32(np.inf)) + nudge
+            nudge += 1
+        seen.add((a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).digest()))
+        out[k] = a
+    return out
+
+
+def _restore_exact(proto, exact: dict[str, np.ndarray]) -> None:
+    """Overwrite initializers named like a weight with that weight's exact bytes."""
+    for init in proto.graph.initializer:
+        if init.name not in exact:
+            continue
+        a = np.ascontiguousarray(exact[init.name])
+        if tuple(init.dims) != a.shape:
+            raise FormatError(f"initializer {init.name!r} has shape {list(init.dims)}, the weight {list(a.shape)}")
+        for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            init.ClearField(fld)
+        init.raw_data = a.astype(a.dtype.newbyteorder("<")).tobytes()
 
 
 def _atomic_save(model, path: str) -> None:
@@ -153,11 +188,12 @@ def export_onnx(
     factory = load_factory(factory) if isinstance(factory, str) else factory
     if task is not None:
         bundle.check_task(task)
-    model, example = build_model(factory, bundle, task, example_inputs)
+    model, example, exact = build_model(factory, bundle, task, example_inputs)
     input_names = list(input_names or [f"input{i}" for i in range(len(example))])
     if dynamic_axes is None:
         dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
     proto = _export_plain(model, example, "", input_names, output_names, dynamic_axes, opset)
+    _restore_exact(proto, exact)
     managed = [p.name for p in bundle.params] + bundle.private_keys[task or bundle.tasks[0]]
     inits = {i.name: i for i in proto.graph.initializer}
     unused = [n for n in managed if n not in inits]
@@ -191,8 +227,8 @@ def _check_renamed(bundle: Bundle, unused: list[str], inits: dict, task) -> None
     for n in unused:
         p = next((p for p in bundle.params if p.name == n), None)
         if p is not None:
-            shapes[n] = (p.dtype, list(p.shape))
-    generated = {(ONNX_TO_ST.get(i.data_type), list(i.dims)): name for name, i in inits.items() if name.startswith("onnx::")}
+            shapes[n] = (p.dtype, tuple(p.shape))
+    generated = {(ONNX_TO_ST.get(i.data_type), tuple(i.dims)): name for name, i in inits.items() if name.startswith("onnx::")}
     renamed = [f"{n} -> {generated[(d, s)]}" for n, (d, s) in shapes.items() if (d, s) in generated]
     if renamed:
         raise FormatError("the exporter renamed weights, so a task switch could not find them: " + ", ".join(renamed[:10]))

@@ -46,16 +46,24 @@ def _apply_blocked(base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out
 _FUSED = None
 
 
+def numba_module():
+    """numba, or None when it is not installed or ``EDGEMERGE_NO_NUMBA=1`` asks for plain numpy."""
+    if os.environ.get("EDGEMERGE_NO_NUMBA") == "1":
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
 def _fused():
     """The numba kernel (compiled once, cached on disk), or None without numba / when disabled."""
     global _FUSED
     if _FUSED is None:
         _FUSED = False
-        if os.environ.get("EDGEMERGE_NO_NUMBA") != "1":
-            try:
-                import numba
-            except ImportError:
-                return None
+        numba = numba_module()
+        if numba is not None:
 
             @numba.njit(parallel=True, cache=True, nogil=True)
             def fused(base, vector, packed, out):  # pragma: no cover - compiled
