@@ -134,9 +134,13 @@ class TaskSession:
 
     # -- checks ---------------------------------------------------------------------------------
     def _new_session(self, initializers: Mapping[str, object]):
-        opts = self._options or self._ort.SessionOptions()
-        if initializers:
+        opts = self._options
+        if opts is None or initializers:
             opts = self._ort.SessionOptions()
+            # ONNX Runtime's workers spin-wait after a run; that steals the cores the mask kernel
+            # needs right after inference (switch 1.5-2x slower, bench/switch_bench.py), while
+            # inference itself barely changes. Pass session_options to choose otherwise.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             for name, value in initializers.items():
                 opts.add_initializer(name, value)
         try:
