@@ -37,10 +37,13 @@ def git_rev() -> str:
         return "unknown"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``## name`` of docs/BENCHMARKS.md, keeping the others."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery figure here is printed by a script in `bench/`; rerun it to check.\n"
+RELIABILITY = DOC.parent / "RELIABILITY.md"
+
+
+def write_section(name: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) the section ``## name`` of ``doc`` (docs/BENCHMARKS.md), keeping the others."""
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text() if doc.exists() else f"# {doc.stem.title()}\n\nEvery figure here is printed by a script in `bench/`; rerun it to check.\n"
     start_tag, end_tag = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start_tag}\n## {name}\n\n{body.strip()}\n{end_tag}"
     if start_tag in text:
@@ -48,7 +51,7 @@ def write_section(name: str, body: str) -> None:
         text = pre + block + rest.split(end_tag, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -24,7 +24,7 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import git_rev, machine, table  # noqa: E402
+from common import RELIABILITY, git_rev, machine, table, write_section  # noqa: E402
 
 from edgemerge.checkpoints import open_checkpoint  # noqa: E402
 from edgemerge.errors import EdgemergeError  # noqa: E402
@@ -64,8 +64,11 @@ def header_edit(data: bytes, rng) -> bytes:
     if not names:
         return data
     name = names[rng.integers(len(names))]
+    if not isinstance(header[name], dict) or not isinstance(header[name].get("data_offsets"), list) \
+            or len(header[name]["data_offsets"]) != 2:
+        return data  # an earlier mutation already broke this entry
     if choice == 1:
-        header[name]["data_offsets"][0] = max(0, header[name]["data_offsets"][0] - 4)   # overlap
+        header[name]["data_offsets"][0] = max(0, int(header[name]["data_offsets"][0]) - 4)   # overlap
     elif choice == 2:
         header[name]["shape"] = [1 << 40, 1 << 30]                                        # huge shape
     else:
@@ -139,15 +142,8 @@ def main() -> None:
     print(text)
     print(summary)
     if not args.no_write:
-        doc = os.path.join(os.path.dirname(__file__), "..", "docs", "RELIABILITY.md")
-        text_doc = open(doc).read() if os.path.exists(doc) else "# Reliability\n\nEvery figure here comes from a script or test in the repo.\n"
-        start, end = "<!-- fuzz:start -->", "<!-- fuzz:end -->"
-        block = (f"{start}\n## Fuzzing the readers\n\n`python bench/fuzz_readers.py --cases {args.cases}` — commit {git_rev()}.\n"
-                 f"Machine: {machine()}.\n\n{text}\n\n{summary}\n{end}")
-        text_doc = (text_doc.split(start)[0] + block + text_doc.split(end)[1]) if start in text_doc else text_doc.rstrip() + "\n\n" + block + "\n"
-        with open(doc, "w") as f:
-            f.write(text_doc)
-
+        write_section("Fuzzing the readers", f"`python bench/fuzz_readers.py --cases {args.cases}` — commit {git_rev()}.\n\n"
+                      f"Machine: {machine()}.\n\n{text}\n\n{summary}", RELIABILITY)
 
 if __name__ == "__main__":
     main()

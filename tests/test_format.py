@@ -1,6 +1,7 @@
 """The file format: golden bytes, determinism, and a reader that distrusts every number."""
 
 import hashlib
+import re
 import json
 import os
 import struct
@@ -217,3 +218,24 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
 def test_lazy_tensor_must_match_its_declaration(tmp_path):
     with pytest.raises(FormatError, match="tensor 'y': produced"):
         write_safetensors(tmp_path / "x.safetensors", {"y": Lazy("F32", (2,), lambda: np.zeros(3, np.float32))})
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda m: m.pop("vector_dtype"), "manifest 'vector_dtype' must be one of F32, F16, BF16"),
+    (lambda m: m["mask"].pop("policy"), "manifest mask 'policy' must be one of tall, none"),
+    (lambda m: m.update(private={"b": "head"}), "manifest 'private' must map tasks to lists"),
+    (lambda m: m["tasks"].append({"name": "../x"}), "task name '../x' is not allowed"),
+])
+def test_manifest_fields_are_checked(tmp_path, edit, msg):
+    """Found by bench/fuzz_readers.py: missing manifest fields raised KeyError instead of FormatError."""
+    p = tmp_path / "tiny.safetensors"
+    tiny_bundle(p)
+
+    def apply(h):
+        m = json.loads(h["__metadata__"]["edgemerge.manifest"])
+        edit(m)
+        h["__metadata__"]["edgemerge.manifest"] = json.dumps(m)
+
+    _rewrite_header(p, apply)
+    with pytest.raises(FormatError, match=re.escape(msg)):
+        open_bundle(p)

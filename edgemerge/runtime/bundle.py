@@ -264,7 +264,11 @@ def parse_manifest(path: str, header: Header) -> dict[str, Any]:
             raise FormatError(f"{path}: {exc}") from None
     _expect(len(set(names)) == len(names), path, "manifest lists a task twice")
     _expect(set(m["private"]) <= set(names), path, "manifest 'private' names a task that is not listed")
-    _expect(m["mask"].get("bit_order") == BIT_ORDER or m["mask"].get("policy") == "none", path,
+    _expect(all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in m["private"].values()), path,
+            "manifest 'private' must map tasks to lists of tensor names")
+    _expect(m.get("vector_dtype") in VECTOR_DTYPES, path, f"manifest 'vector_dtype' must be one of {', '.join(VECTOR_DTYPES)}")
+    _expect(m["mask"].get("policy") in MASK_POLICIES, path, f"manifest mask 'policy' must be one of {', '.join(MASK_POLICIES)}")
+    _expect(m["mask"]["policy"] == "none" or m["mask"].get("bit_order") == BIT_ORDER, path,
             f"mask bit_order must be {BIT_ORDER!r}")
     return m
 
