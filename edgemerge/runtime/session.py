@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
@@ -41,48 +42,79 @@ _ORT_TYPES = {"tensor(float)": "F32", "tensor(float16)": "F16", "tensor(bfloat16
 
 
 class RWLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+    """Many readers or one writer, granted strictly in arrival order (FIFO).
+
+    A reader that arrives while a writer waits queues behind it, and a writer waits for the
+    readers already inside; consecutive readers at the head of the queue enter together. Neither
+    side can starve the other -- a thread that switches nonstop cannot lock out ``run`` callers.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._queue: deque[tuple[bool, threading.Event]] = deque()
         self._readers = 0
         self._writer = False
-        self._waiting = 0
+
+    def _free_for(self, write: bool) -> bool:
+        return not self._writer and (not write or self._readers == 0)
+
+    def _take(self, write: bool) -> None:
+        if write:
+            self._writer = True
+        else:
+            self._readers += 1
+
+    def _grant(self) -> None:  # under the mutex
+        while self._queue and self._free_for(self._queue[0][0]):
+            write, event = self._queue.popleft()
+            self._take(write)
+            event.set()
+            if write:
+                break
+
+    def _acquire(self, write: bool) -> None:
+        with self._mutex:
+            if not self._queue and self._free_for(write):
+                self._take(write)
+                return
+            event = threading.Event()
+            self._queue.append((write, event))
+        event.wait()
+
+    def _release(self, write: bool) -> None:
+        with self._mutex:
+            if write:
+                self._writer = False
+            else:
+                self._readers -= 1
+            self._grant()
 
     @contextmanager
     def read(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer and not self._waiting)
-            self._readers += 1
+        self._acquire(False)
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
+            self._release(False)
 
     @contextmanager
     def write(self, downgrade: bool = False) -> Iterator[None]:
         """Exclusive section; with ``downgrade`` the caller leaves it as a reader, atomically
         (so what it just wrote is what it reads), and must call ``release_read`` later."""
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._waiting -= 1
-            self._writer = True
+        self._acquire(True)
+        done = False
         try:
             yield
+            done = True
         finally:
-            with self._cond:
+            with self._mutex:
                 self._writer = False
-                if downgrade:
+                if downgrade and done:  # after an error the caller holds nothing
                     self._readers += 1
-                self._cond.notify_all()
+                self._grant()
 
     def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            self._cond.notify_all()
+        self._release(False)
 
 
 def _ort():
