@@ -179,7 +179,7 @@ def units(plan: Plan, base: Checkpoint, chunk_elems: int, whole_rows: bool) -> l
 class Inputs:
     """θ0 and the tasks, read chunk by chunk as float32, with NaN/Inf bookkeeping."""
 
-    def __init__(self, base: Checkpoint, tasks: dict[str, Checkpoint], vector_dtype: str):
+    def __init__(self, base: Checkpoint, tasks: dict[str, Checkpoint]):
         self.base, self.tasks = base, tasks
         self.ckpts = list(tasks.values())
         self.problems: dict[tuple[str, str], str] = {}
@@ -257,7 +257,7 @@ def merge(
         tall = config.masks == "tall" or method.consensus  # consensus votes with TALL masks
         scratch = Scratch(scratch_dir, plan, base, len(tasks), tall)
         stack.callback(scratch.close)
-        inputs = Inputs(base, tasks, config.vector_dtype)
+        inputs = Inputs(base, tasks)
         work = units(plan, base, config.chunk_elems, method.sparsify == "breadcrumbs")
         thresholds = _global_thresholds(method, params, inputs, work, progress)
         stats = TallStats(config.lambdas, len(tasks)) if tall else None
@@ -336,7 +336,7 @@ def _merge_pass(method, params, config, inputs: Inputs, work, scratch: Scratch, 
         inputs.finish_check()
     if n_pos > n_neg:  # the reference's majority sign is positive: flip the provisional choices
         for u, idx, old, new, tau_at in ties:
-            scratch_write_points(scratch, u, idx, new)
+            _write_points(scratch, u, idx, new)
             if stats is not None:
                 for i in task_ids:
                     b = stats.replace(i, tau_at[i], old, new)
@@ -344,7 +344,7 @@ def _merge_pass(method, params, config, inputs: Inputs, work, scratch: Scratch, 
                         scratch.write_bucket(i, u.param, u.start + int(pos), b[j : j + 1])
 
 
-def scratch_write_points(scratch: Scratch, u: Unit, idx: np.ndarray, values: np.ndarray) -> None:
+def _write_points(scratch: Scratch, u: Unit, idx: np.ndarray, values: np.ndarray) -> None:
     for j, pos in enumerate(idx):
         scratch.write_vector(u.param, u.start + int(pos), values[j : j + 1])
 
