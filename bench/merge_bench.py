@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -71,12 +70,13 @@ def read_all(paths: list[str]) -> float:
 
 
 MERGE_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from edgemerge.pipeline import MergeConfig, merge
 cfg = MergeConfig(**json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 r = merge(cfg, sys.argv[2])
-print(json.dumps({"seconds": time.perf_counter() - t0, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # not inherited across exec
+print(json.dumps({"seconds": time.perf_counter() - t0, "rss": hwm,
                   "bundle": r.bundle_bytes, "n_params": r.n_params,
                   "tasks": [[t.name, t.lam, t.density] for t in r.tasks]}))
 """
