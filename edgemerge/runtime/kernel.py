@@ -20,7 +20,7 @@ import numpy as np
 
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 
-BLOCK = 1 << 16  # elements per numpy block (a multiple of 8, so blocks start on mask bytes)
+BLOCK = 1 << 20  # elements per numpy block (a multiple of 8, so blocks start on mask bytes)
 
 
 def apply_mask_reference(base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -36,9 +36,14 @@ def apply_mask_reference(base: np.ndarray, vector: np.ndarray, packed: np.ndarra
 
 def _apply_blocked(base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
     b, v, o = base.reshape(-1), vector.reshape(-1), out.reshape(-1)
+    same = b.dtype == v.dtype == o.dtype == np.float32
     for s in range(0, b.size, BLOCK):
         e = min(b.size, s + BLOCK)
         m = np.unpackbits(packed[s // 8 : (e + 7) // 8], count=e - s, bitorder=BIT_ORDER).view(bool)
+        if same:  # copy θ0, then add τ only where the bit is set: the select, without temporaries
+            np.copyto(o[s:e], b[s:e])
+            np.add(b[s:e], v[s:e], out=o[s:e], where=m)
+            continue
         bb = b[s:e].astype(np.float32, copy=False)
         np.copyto(o[s:e], np.where(m, bb + v[s:e].astype(np.float32, copy=False), bb), casting="unsafe")
 

@@ -1,0 +1,59 @@
+"""The mask kernel alone on 88 M parameters (one flat array): each implementation vs a memcpy.
+
+    python bench/kernel_bench.py [--numel 88000000] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import git_rev, machine, table, write_section  # noqa: E402
+
+from edgemerge.runtime.kernel import _apply_blocked, apply_mask, apply_mask_reference  # noqa: E402
+
+
+def best(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--numel", type=int, default=88_000_000)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    n = args.numel
+    base, vec = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+    packed, out = np.packbits(rng.random(n) < 0.3), np.empty(n, np.float32)
+    copy = best(lambda: np.copyto(out, base), 5)
+    rows = [["memcpy (np.copyto, 1 thread)", f"{1e3 * copy:.1f} ms", "1.00×"]]
+    for name, fn, rep in [
+        ("naive numpy: θ0 + unpackbits(m)·τ", lambda: base + np.unpackbits(packed, count=n).astype(np.float32) * vec, 2),
+        ("reference select (np.where)", lambda: apply_mask_reference(base, vec, packed), 2),
+        ("blocked numpy (fallback without numba)", lambda: _apply_blocked(base, vec, packed, out), 2),
+        ("fused numba kernel (default)", lambda: apply_mask(base, vec, packed, out), 5),
+    ]:
+        t = best(fn, rep)
+        rows.append([name, f"{1e3 * t:.1f} ms", f"{t / copy:.2f}×"])
+    text = table(["implementation", "time", "vs memcpy"], rows)
+    print(text)
+    print(f"machine: {machine()}")
+    if not args.no_write:
+        write_section("Mask kernel", f"`python bench/kernel_bench.py` — {n / 1e6:.0f} M float32 parameters, 30% of mask bits set, "
+                      f"best of several runs, commit {git_rev()}.\n\nMachine: {machine()}.\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
