@@ -8,24 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import git_rev, machine, table, write_section  # noqa: E402
 
+from edgemerge.measure import best_of  # noqa: E402
 from edgemerge.runtime.kernel import _apply_blocked, apply_mask, apply_mask_reference  # noqa: E402
-
-
-def best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -37,7 +27,7 @@ def main() -> None:
     n = args.numel
     base, vec = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
     packed, out = np.packbits(rng.random(n) < 0.3), np.empty(n, np.float32)
-    copy = best(lambda: np.copyto(out, base), 5)
+    copy = best_of(lambda: np.copyto(out, base), 5)
     rows = [["memcpy (np.copyto, 1 thread)", f"{1e3 * copy:.1f} ms", "1.00×"]]
     for name, fn, rep in [
         ("naive numpy: θ0 + unpackbits(m)·τ", lambda: base + np.unpackbits(packed, count=n).astype(np.float32) * vec, 2),
@@ -45,7 +35,7 @@ def main() -> None:
         ("blocked numpy (fallback without numba)", lambda: _apply_blocked(base, vec, packed, out), 2),
         ("fused numba kernel (default)", lambda: apply_mask(base, vec, packed, out), 5),
     ]:
-        t = best(fn, rep)
+        t = best_of(fn, rep)
         rows.append([name, f"{1e3 * t:.1f} ms", f"{t / copy:.2f}×"])
     text = table(["implementation", "time", "vs memcpy"], rows)
     print(text)

@@ -17,7 +17,8 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Union
 
 import numpy as np
 
@@ -99,10 +100,8 @@ def write_safetensors(
     if checksums:
         meta[CHECKSUM_KEY] = json.dumps(digests, sort_keys=True, separators=(",", ":"))
     head = _header_bytes(specs, order, meta)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "r+b") as f:
             f.write(head)
             for name in order:
                 arr = _materialize(name, tensors[name], *specs[name])
@@ -119,16 +118,37 @@ def write_safetensors(
                 assert len(final) == len(head), "digest placeholders must keep the header length"
                 f.seek(0)
                 f.write(final)
-            f.flush()
+    except OSError as exc:
+        if isinstance(exc, EdgemergeError):
+            raise
+        raise EdgemergeError(f"{path}: write failed ({exc.strerror or exc}); nothing was written") from exc
+    return digests
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path next to ``path``; on success fsync it, rename it over ``path`` and fsync
+    the folder. On any error the temp file is removed and an existing ``path`` is untouched.
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> with atomic_output(d + "/x.bin") as tmp:
+    ...     _ = open(tmp, "wb").write(b"ok")
+    >>> open(d + "/x.bin", "rb").read()
+    b'ok'
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         _unlink_quietly(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, EdgemergeError):
-            raise EdgemergeError(f"{path}: write failed ({exc.strerror or exc}); nothing was written") from exc
         raise
     _fsync_dir(directory)
-    return digests
 
 
 def _unlink_quietly(path: str) -> None:

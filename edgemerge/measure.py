@@ -25,6 +25,12 @@ def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
     return out
 
 
+def best_of(fn: Callable[[], Any], repeat: int) -> float:
+    """Seconds of the fastest of ``repeat`` calls, after one warm-up call."""
+    fn()
+    return min(timed(fn, repeat))
+
+
 def memcpy_seconds(bundle: Bundle, repeat: int = 5) -> list[float]:
     """A plain copy of every merged weight into preallocated buffers (the floor to compare with)."""
     srcs = [np.asarray(bundle.base(p.name)) for p in bundle.params if p.role == "merged"]

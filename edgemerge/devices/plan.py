@@ -15,7 +15,6 @@ These are projections from data-sheet figures, not measurements on the device:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +59,7 @@ def sizes(bundle: Bundle) -> Sizes:
 
 def measure_efficiency(numel: int = 1 << 24, repeat: int = 5) -> float:
     """(bytes the mask kernel moves per second) ÷ (memcpy bytes moved per second), on this host."""
+    from ..measure import best_of
     from ..runtime.bits import pack_bits
     from ..runtime.kernel import apply_mask
 
@@ -67,17 +67,8 @@ def measure_efficiency(numel: int = 1 << 24, repeat: int = 5) -> float:
     base, vec = rng.standard_normal(numel, dtype=np.float32), rng.standard_normal(numel, dtype=np.float32)
     packed, out = pack_bits(rng.random(numel) < 0.3), np.empty(numel, np.float32)
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_copy = best(lambda: np.copyto(out, base))
-    t_kernel = best(lambda: apply_mask(base, vec, packed, out))
+    t_copy = best_of(lambda: np.copyto(out, base), repeat)
+    t_kernel = best_of(lambda: apply_mask(base, vec, packed, out), repeat)
     copy_rate = 2 * 4 * numel / t_copy                    # read + write
     kernel_rate = (3 * 4 * numel + numel // 8) / t_kernel  # read θ0, τ, mask; write θ_t
     return min(1.0, kernel_rate / copy_rate)

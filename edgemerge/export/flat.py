@@ -11,14 +11,13 @@ quantization error is reported). Masks are the bundle's packed bits (big bit ord
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConfigError, FormatError
+from ..io import atomic_output
 from ..runtime.bundle import Bundle, open_bundle
 from ..runtime.dtypes import DTYPES
 
@@ -138,22 +137,12 @@ def _write(path: str, tasks, pieces, align: int) -> None:
         cursor = _up(cursor + data.nbytes, align)
     header = HEADER.pack(MAGIC, VERSION, HEADER.size, align, len(pieces), len(tasks), 0,
                          table_off, names_off, len(names), cursor)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header + b"".join(rows) + b"".join(task_rows) + bytes(names))
-            for off, piece in zip(offsets, pieces):
-                f.write(b"\0" * (off - f.tell()))
-                f.write(np.ascontiguousarray(piece[5]).tobytes())
-            f.write(b"\0" * (cursor - f.tell()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(header + b"".join(rows) + b"".join(task_rows) + bytes(names))
+        for off, piece in zip(offsets, pieces):
+            f.write(b"\0" * (off - f.tell()))
+            f.write(np.ascontiguousarray(piece[5]).tobytes())
+        f.write(b"\0" * (cursor - f.tell()))
 
 
 def _up(x: int, a: int) -> int:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import BackendError, ConfigError, FormatError
+from ..io import atomic_output
 from ..runtime.bundle import Bundle, open_bundle
 from ..runtime.session import BASE_ID_KEY, WEIGHTS_KEY
 
@@ -130,16 +131,8 @@ def _restore_exact(proto, exact: dict[str, np.ndarray]) -> None:
 def _atomic_save(model, path: str) -> None:
     import onnx
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _export_plain(model, example, path: str, input_names, output_names, dynamic_axes, opset: int):

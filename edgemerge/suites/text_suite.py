@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..io import write_safetensors
+from ..io import atomic_output, write_safetensors
 from . import text_data, text_model
 
 SUITE_VERSION = "text-v2"  # bump whenever data, splits or training change
@@ -134,7 +134,5 @@ class Evaluator:
         return self.cache[key]
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_output(self.path) as tmp, open(tmp, "w") as f:
             json.dump(self.cache, f)
-        os.replace(tmp, self.path)
