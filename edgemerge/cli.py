@@ -284,7 +284,7 @@ def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_js
 
 @main.group()
 def export() -> None:
-    """Export a bundle for a runtime (ONNX)."""
+    """Export a bundle for a runtime (ONNX, TensorRT, flat image)."""
 
 
 @export.command("onnx")
@@ -308,6 +308,30 @@ def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task
         console.print(f"switchable graph → {res.switchable} ({len(res.weights)} weights as inputs)")
     if res.unused:
         console.print(f"[yellow]not used by the graph:[/] {', '.join(res.unused)}")
+
+
+@export.command("tensorrt")
+@click.argument("bundle", type=click.Path())
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="The plain graph from `edgemerge export onnx`.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Engine (plan) file to write.")
+@click.option("--strip", is_flag=True, help="Weightless plan (STRIP_PLAN, TensorRT ≥ 10.0), refit from the bundle at load.")
+@click.option("--fp16", is_flag=True, help="Allow FP16 kernels.")
+@click.option("--trtexec-only", is_flag=True, help="Only print the equivalent trtexec commands (no TensorRT needed).")
+def export_tensorrt_cmd(bundle, onnx_path, output, strip, fp16, trtexec_only) -> None:
+    """Build a refittable TensorRT engine for TrtTaskSession (refittable in the bundle's weights)."""
+    from .export.tensorrt import build_engine, managed_weights, trtexec_lines
+    from .runtime import open_bundle
+
+    names = managed_weights(open_bundle(bundle), onnx_path)
+    click.echo(f"{len(names)} weights will be refittable; equivalent trtexec commands (build; build + time a refit):")
+    for line in trtexec_lines(onnx_path, output, strip, fp16):
+        click.echo(f"  {line}")  # plain: a command line must not be wrapped or styled
+    if trtexec_only:
+        return
+    plan = build_engine(bundle, onnx_path, output, strip=strip, fp16=fp16)
+    console.print(f"TensorRT {plan['tensorrt']}: {', '.join(plan['flags'])} → {output} ({_human(plan['bytes'])})")
+    for note in plan["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 @export.command("flat")

@@ -1,6 +1,11 @@
 """Model factories the ONNX tests name as ``models:NAME`` (tests/ is on sys.path under pytest)."""
 
+import numpy as np
 import torch
+
+from edgemerge.io import write_safetensors
+from edgemerge.pipeline import MergeConfig, merge
+from edgemerge.runtime import open_bundle
 
 
 class Tiny(torch.nn.Module):
@@ -34,3 +39,31 @@ class Twin(torch.nn.Module):
 
 def twin(task):
     return Twin(), (torch.zeros(2, 8),)
+
+
+def make_tiny_suite(directory, heads=(2, 3, 4), seed=0):
+    torch.manual_seed(seed)
+    base = Tiny(heads[0])
+    base_sd = {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}
+    write_safetensors(directory / "base.safetensors", {k: v.numpy() for k, v in base_sd.items()}, checksums=False)
+    tasks = {}
+    for t, n in enumerate(heads):
+        m = Tiny(n)
+        m.load_state_dict(base_sd, strict=False)
+        with torch.no_grad():
+            for p in m.enc.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        path = directory / f"t{t}.safetensors"
+        write_safetensors(path, {k: v.numpy() for k, v in m.state_dict().items()}, checksums=False)
+        tasks[f"t{t}"] = str(path)
+    out = directory / "bundle.safetensors"
+    merge(MergeConfig(str(directory / "base.safetensors"), tasks, "ties", private=("head.*",)), out)
+    return open_bundle(out)
+
+
+def torch_forward(bundle, task, x):
+    w = bundle.task_weights(task)
+    m = Tiny(w["head.weight"].shape[0])
+    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in w.items()})
+    with torch.no_grad():
+        return m(torch.from_numpy(x)).numpy()

@@ -20,34 +20,7 @@ from edgemerge.runtime import open_bundle  # noqa: E402
 from edgemerge.runtime.session import TaskSession  # noqa: E402
 
 import models  # noqa: E402
-
-
-def make_tiny_suite(directory, heads=(2, 3, 4), seed=0):
-    torch.manual_seed(seed)
-    base = models.Tiny(heads[0])
-    base_sd = {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}
-    write_safetensors(directory / "base.safetensors", {k: v.numpy() for k, v in base_sd.items()}, checksums=False)
-    tasks = {}
-    for t, n in enumerate(heads):
-        m = models.Tiny(n)
-        m.load_state_dict(base_sd, strict=False)
-        with torch.no_grad():
-            for p in m.enc.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        path = directory / f"t{t}.safetensors"
-        write_safetensors(path, {k: v.numpy() for k, v in m.state_dict().items()}, checksums=False)
-        tasks[f"t{t}"] = str(path)
-    out = directory / "bundle.safetensors"
-    merge(MergeConfig(str(directory / "base.safetensors"), tasks, "ties", private=("head.*",)), out)
-    return open_bundle(out)
-
-
-def torch_forward(bundle, task, x):
-    w = bundle.task_weights(task)
-    m = models.Tiny(w["head.weight"].shape[0])
-    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in w.items()})
-    with torch.no_grad():
-        return m(torch.from_numpy(x)).numpy()
+from models import make_tiny_suite, torch_forward  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,45 @@ class RWLock:
         self._release(False)
 
 
+class Switchable:
+    """``switch`` / run-as-task locking shared by the backends; a subclass has ``bundle`` and
+    ``_switch_locked(task) -> seconds`` and calls ``_init_switching()``."""
+
+    def _init_switching(self) -> None:
+        self._lock = RWLock()
+        self.current: str | None = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.bundle.tasks
+
+    def switch(self, task: str) -> float:
+        """Make ``task`` current; returns the seconds the weight rebuild took."""
+        self.bundle.check_task(task)
+        with self._lock.write():
+            return self._switch_locked(task)
+
+    def _locked(self, task: str | None, fn):
+        """``fn()`` under the read lock, as ``task`` when given: switching first if needed, the
+        write lock downgraded atomically, so ``fn`` is guaranteed to see that task's weights."""
+        if task is None:
+            with self._lock.read():
+                if self.current is None:
+                    raise ConfigError(f"no task selected: call switch() first; tasks: {', '.join(self.tasks)}")
+                return fn()
+        self.bundle.check_task(task)
+        with self._lock.read():
+            if self.current == task:
+                return fn()
+        with self._lock.write(downgrade=True):
+            if self.current != task:
+                self._switch_locked(task)
+        try:
+            return fn()
+        finally:
+            self._lock.release_read()
+
+
 def _ort():
     try:
         import onnxruntime
@@ -129,7 +168,7 @@ def _shape_ok(declared: Sequence, actual: tuple[int, ...]) -> bool:
     return len(declared) == len(actual) and all(not isinstance(d, int) or d == a for d, a in zip(declared, actual))
 
 
-class TaskSession:
+class TaskSession(Switchable):
     """One ONNX model, N tasks from one bundle; ``switch(task)`` then ``run(inputs)``."""
 
     def __init__(self, bundle: Bundle | str, onnx_path: str, mode: str = "inputs",
@@ -141,8 +180,7 @@ class TaskSession:
         self._ort = _ort()
         self._providers = list(providers or ["CPUExecutionProvider"])
         self._options = session_options
-        self._lock = RWLock()
-        self.current: str | None = None
+        self._init_switching()
         probe = self._new_session({})
         self._check_base(probe)
         self.weights, self.data_inputs = self._match_inputs(probe)
@@ -159,10 +197,6 @@ class TaskSession:
         else:
             self._sessions: dict[str, object] = {}
             self._keep: dict[str, dict[str, np.ndarray]] = {}
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.bundle.tasks
 
     # -- checks ---------------------------------------------------------------------------------
     def _new_session(self, initializers: Mapping[str, object]):
@@ -227,12 +261,6 @@ class TaskSession:
         return weights, data
 
     # -- switching ------------------------------------------------------------------------------
-    def switch(self, task: str) -> float:
-        """Make ``task`` current; returns the seconds the weight rebuild took."""
-        self.bundle.check_task(task)
-        with self._lock.write():
-            return self._switch_locked(task)
-
     def _switch_locked(self, task: str) -> float:
         t0 = time.perf_counter()
         if self.mode == "inputs":
@@ -260,20 +288,7 @@ class TaskSession:
 
         ``inputs`` maps data input names to arrays (or is one array for a one-input model).
         """
-        if task is not None:
-            self.bundle.check_task(task)
-            with self._lock.read():
-                if self.current == task:
-                    return self._run_locked(inputs)
-            with self._lock.write(downgrade=True):
-                if self.current != task:
-                    self._switch_locked(task)
-            try:
-                return self._run_locked(inputs)
-            finally:
-                self._lock.release_read()
-        with self._lock.read():
-            return self._run_locked(inputs)
+        return self._locked(task, lambda: self._run_locked(inputs))
 
     def _run_locked(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
         if not isinstance(inputs, Mapping):

@@ -1,0 +1,252 @@
+"""Switch tasks inside a torch model: ``TorchTaskModel`` (torch is imported when one is made).
+
+>>> m = TorchTaskModel(open_bundle("tasks.safetensors"), model.cuda())   # doctest: +SKIP
+>>> m.switch("sst2"); logits = m(input_ids, attention_mask)               # doctest: +SKIP
+
+``switch`` rewrites the model's parameters in place as θ_t = θ0 + m_t ⊙ τ_MTL (absolute weights,
+never deltas). Kernels (``kernel=``):
+
+- ``"numpy"`` (default on CPU): the numba / numpy kernel of ``kernel.py`` writes straight into the
+  parameters' storage from the memory-mapped bundle; nothing but θ_t is resident.
+- ``"triton"`` (default on CUDA when Triton imports) and ``"torch"`` (any device): θ0, τ_MTL and every
+  task's packed masks are resident on the device in a flat layout (:class:`FlatWeights`) and the
+  model's parameters become views into one flat output buffer, so a switch is one kernel launch per
+  dtype and hands nothing over. Triton does it in one fused pass; ``"torch"`` unpacks the bits and
+  selects with torch ops, in blocks.
+
+On CUDA a switch synchronizes the device before writing (no kernel of any stream may still read
+the old weights) and after (so the time returned is real and every stream sees the new weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError, FormatError
+from .bundle import Bundle, open_bundle
+from .kernel import apply_mask
+from .session import Switchable
+
+KERNELS = ("auto", "numpy", "torch", "triton")
+ALIGN = 128  # elements; every parameter's slice of a flat buffer starts here (a multiple of 8 bits)
+BLOCK = 1 << 24  # elements per block of the torch-ops kernel (bounds its temporaries)
+_NUMPY_OK = ("F32", "F16", "F64")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise BackendError("the torch backend needs torch: pip install 'edgemerge[torch]'") from None
+    return torch
+
+
+def torch_dtype(name: str):
+    torch = _torch()
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if name not in table:
+        raise FormatError(f"dtype {name} has no torch equivalent")
+    return table[name]
+
+
+def to_torch(arr: np.ndarray, dtype: str, device) -> Any:
+    """A bundle view (read-only, possibly bfloat16 via ml_dtypes) as a torch tensor on ``device``."""
+    torch = _torch()
+    flat = np.ascontiguousarray(arr)
+    if dtype == "BF16":  # torch does not know ml_dtypes' bfloat16: move the bits as int16
+        flat = flat.view(np.int16)
+    with warnings.catch_warnings():  # read-only mmap: torch warns, we only ever read from it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(flat)
+    if dtype == "BF16":
+        t = t.view(torch.bfloat16)
+    return t.to(device, copy=True)
+
+
+def apply_mask_torch(base, vector, packed, out, block: int = BLOCK) -> None:
+    """The select kernel with torch ops: out = bit ? f32(base) + f32(vector) : f32(base), flat tensors."""
+    torch = _torch()
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=base.device)
+    n = base.numel()
+    for s in range(0, n, block):  # block is a multiple of 8: each block starts on a mask byte
+        e = min(n, s + block)
+        bits = ((packed[s // 8 : (e + 7) // 8].unsqueeze(1) >> shifts) & 1).reshape(-1)[: e - s].bool()
+        b = base[s:e].float()
+        out[s:e].copy_(torch.where(bits, b + vector[s:e].float(), b))
+
+
+def triton_available(device) -> bool:
+    if getattr(device, "type", str(device)) != "cuda":
+        return False
+    try:
+        from . import triton_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FlatWeights:
+    """θ0, τ_MTL and all tasks' masks resident on one device, grouped by dtype into flat buffers.
+
+    Param p of a group occupies ``[offset, offset + numel)`` of the group's buffers; offsets are
+    multiples of ``ALIGN``, so its mask bits start at byte ``offset // 8`` of the task's mask buffer.
+    Padding elements hold zeros in θ0 and τ and zero bits, and so stay zero in the output.
+    """
+
+    def __init__(self, bundle: Bundle, names: list[str], device, kernel: str):
+        torch = _torch()
+        self.kernel, self.device = kernel, device
+        self.groups: dict[str, dict[str, Any]] = {}
+        params = {p.name: p for p in bundle.params}
+        for name in names:
+            p = params[name]
+            g = self.groups.setdefault(p.dtype, {"offsets": {}, "size": 0})
+            g["offsets"][name] = g["size"]
+            g["size"] += -(-p.numel // ALIGN) * ALIGN
+        for dtype, g in self.groups.items():
+            size, vdt = g["size"], torch_dtype(bundle.vector_dtype)
+            g["base"] = torch.zeros(size, dtype=torch_dtype(dtype), device=device)
+            g["vector"] = torch.zeros(size, dtype=vdt, device=device)
+            g["out"] = torch.zeros(size, dtype=torch_dtype(dtype), device=device)
+            g["masks"] = {t: torch.zeros(size // 8, dtype=torch.uint8, device=device) for t in bundle.tasks}
+            for name, o in g["offsets"].items():
+                n = params[name].numel
+                g["base"][o : o + n] = to_torch(bundle.base(name).reshape(-1), dtype, device)
+                g["vector"][o : o + n] = to_torch(bundle.vector(name).reshape(-1), bundle.vector_dtype, device)
+                for t in bundle.tasks:
+                    packed = bundle.packed_mask(t, name)
+                    m = g["masks"][t][o // 8 : (o + n + 7) // 8]
+                    if packed is None:  # a bundle without masks: every task uses all of τ
+                        m.fill_(0xFF)
+                    else:
+                        m.copy_(to_torch(packed, "U8", device))
+        self.shapes = {n: params[n].shape for n in names}
+
+    def view(self, name: str):
+        """The slice of the output buffer that holds parameter ``name`` (its shape)."""
+        for g in self.groups.values():
+            if name in g["offsets"]:
+                o = g["offsets"][name]
+                return g["out"][o : o + math.prod(self.shapes[name])].view(self.shapes[name])
+        raise KeyError(name)
+
+    def apply(self, task: str) -> None:
+        for g in self.groups.values():
+            if self.kernel == "triton":
+                from .triton_kernel import apply_mask_triton
+
+                apply_mask_triton(g["base"], g["vector"], g["masks"][task], g["out"])
+            else:
+                apply_mask_torch(g["base"], g["vector"], g["masks"][task], g["out"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for g in self.groups.values()
+                   for t in [g["base"], g["vector"], g["out"], *g["masks"].values()])
+
+
+def _set_tensor(model, name: str, value) -> None:
+    """Rebind parameter or buffer ``name`` of ``model`` to ``value`` (same object for parameters)."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr].data = value
+    else:
+        mod._buffers[attr] = value
+
+
+class TorchTaskModel(Switchable):
+    """A torch model plus a bundle; ``switch(task)`` then call it like the model."""
+
+    def __init__(self, bundle: Bundle | str, model, kernel: str = "auto", strict: bool = True):
+        torch = _torch()
+        if kernel not in KERNELS:
+            raise ConfigError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+        self.bundle = open_bundle(bundle) if isinstance(bundle, str) else bundle
+        self.model = model.eval()
+        state = model.state_dict(keep_vars=True)
+        self.device = next(iter(state.values())).device if state else torch.device("cpu")
+        self._check_model(state, strict)
+        merged = [p.name for p in self.bundle.params if p.role == "merged"]
+        numpy_ok = self.device.type == "cpu" and all(self.bundle.param(n).dtype in _NUMPY_OK for n in merged)
+        if kernel == "auto":
+            kernel = "triton" if triton_available(self.device) else "numpy" if numpy_ok else "torch"
+        if kernel == "triton" and not triton_available(self.device):
+            raise BackendError(f"kernel 'triton' needs a CUDA device and triton; the model is on {self.device}")
+        if kernel == "numpy" and not numpy_ok:
+            raise BackendError(f"kernel 'numpy' needs a CPU model with {'/'.join(_NUMPY_OK)} weights; use kernel='torch'")
+        self.kernel = kernel
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            for p in self.bundle.params:
+                if p.role == "carried":
+                    state[p.name].copy_(to_torch(self.bundle.base(p.name), p.dtype, self.device))
+        self._flat = FlatWeights(self.bundle, merged, self.device, kernel) if kernel != "numpy" else None
+        if self._flat is not None:
+            for n in merged:
+                _set_tensor(model, n, self._flat.view(n))
+        self._outs = {n: state[n].detach().numpy() for n in merged} if self._flat is None else {}
+        self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, self.device)
+                             for k, v in self.bundle.private(t).items()} for t in self.bundle.tasks}
+        self._init_switching()
+
+    def _check_model(self, state: dict, strict: bool) -> None:
+        """Model tensors vs the bundle: one error listing every mismatch."""
+        problems = []
+        for p in self.bundle.params:
+            t = state.get(p.name)
+            if t is None:
+                problems.append(f"bundle parameter {p.name!r} is not in the model")
+            elif tuple(t.shape) != p.shape or t.dtype != torch_dtype(p.dtype):
+                problems.append(f"{p.name!r}: model has {t.dtype} {list(t.shape)}, bundle has {p.dtype} {list(p.shape)}")
+            elif t.device != self.device:
+                problems.append(f"{p.name!r} is on {t.device}, the model's first tensor on {self.device}: move the whole model")
+        private = {k for keys in self.bundle.private_keys.values() for k in keys}
+        problems += [f"task tensor {k!r} is not in the model" for k in sorted(private - set(state))]
+        if strict:
+            covered = private | {p.name for p in self.bundle.params}
+            problems += [f"model tensor {k!r} is not in the bundle and would keep its constructor values "
+                         "(pass strict=False if that is intended)" for k in state if k not in covered]
+        if problems:
+            raise FormatError(f"the model does not match {self.bundle.path}:\n  " + "\n  ".join(problems))
+
+    def _switch_locked(self, task: str) -> float:
+        torch = _torch()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if self._flat is not None:
+                self._flat.apply(task)
+            else:
+                for n, out in self._outs.items():
+                    apply_mask(self.bundle.base(n), self.bundle.vector(n), self.bundle.packed_mask(task, n), out)
+            for k, v in self._private[task].items():
+                _set_tensor(self.model, k, v)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        self.current = task
+        return time.perf_counter() - t0
+
+    def __call__(self, *args, task: str | None = None, **kwargs):
+        """Run the current task, or ``task`` (switching first if needed, atomically with the run)."""
+        torch = _torch()
+
+        def forward():
+            with torch.inference_mode():
+                return self.model(*args, **kwargs)
+
+        return self._locked(task, forward)
+
+    def resident_bytes(self) -> int:
+        """Device bytes held besides the model: θ0, τ, masks and the flat output (0 for 'numpy')."""
+        return self._flat.nbytes if self._flat is not None else 0
