@@ -45,7 +45,7 @@ def cuda_seconds(fn, reps: int = 50) -> float:
     return float(np.median(times))
 
 
-def kernel_rows(sizes: list[int]) -> list[list[str]]:
+def kernel_rows(cases: list[tuple[int, str]]) -> list[list[str]]:
     import torch
 
     from edgemerge.runtime.kernel import apply_mask_reference
@@ -53,21 +53,21 @@ def kernel_rows(sizes: list[int]) -> list[list[str]]:
     from edgemerge.runtime.triton_kernel import BLOCK, apply_mask_triton
 
     rows = []
-    for n in sizes:
+    for n, dtype in cases:
         g = torch.Generator(device="cuda").manual_seed(n)
-        base = torch.randn(n, device="cuda", generator=g)
-        vec = torch.randn(n, device="cuda", generator=g) * 1e-3
+        base = torch.randn(n, device="cuda", generator=g).to(getattr(torch, dtype))
+        vec = (torch.randn(n, device="cuda", generator=g) * 1e-3).to(getattr(torch, dtype))
         packed = torch.randint(0, 256, ((n + 7) // 8,), device="cuda", dtype=torch.uint8, generator=g)
         out_t, out_o, copy = torch.empty_like(base), torch.empty_like(base), torch.empty_like(base)
         t_copy = cuda_seconds(lambda: copy.copy_(base))
         t_tri = cuda_seconds(lambda: apply_mask_triton(base, vec, packed, out_t))
         t_ops = cuda_seconds(lambda: apply_mask_torch(base, vec, packed, out_o))
-        same = torch.equal(out_t.view(torch.int32), out_o.view(torch.int32))
+        same = torch.equal(out_t.view(torch.uint8), out_o.view(torch.uint8))
         if n <= 20_000_000:  # the numpy reference, on the host
             ref = apply_mask_reference(base.cpu().numpy(), vec.cpu().numpy(), packed.cpu().numpy())
             same = same and out_t.cpu().numpy().tobytes() == ref.tobytes()
-        gbps = 2 * 4 * n / t_copy / 1e9
-        rows.append([f"{n / 1e6:.0f} M", f"{1e3 * t_copy:.3f} ms ({gbps:.0f} GB/s)", f"{1e3 * t_tri:.3f} ms",
+        gbps = 2 * base.element_size() * n / t_copy / 1e9
+        rows.append([f"{n / 1e6:.0f} M {dtype}", f"{1e3 * t_copy:.3f} ms ({gbps:.0f} GB/s)", f"{1e3 * t_tri:.3f} ms",
                      f"{t_tri / t_copy:.2f}×", f"{1e3 * t_ops:.3f} ms", f"{t_ops / t_copy:.2f}×",
                      "yes" if same else "**NO**"])
         print(rows[-1], flush=True)
@@ -153,7 +153,8 @@ def model_rows(directory: str, n_tasks: int) -> list[list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="12000000,88000000,350000000")
+    ap.add_argument("--cases", default="12000000:float32,88000000:float32,350000000:float32,88000000:float16",
+                    help="params:dtype pairs for the kernel table")
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -164,8 +165,8 @@ def main() -> None:
         raise SystemExit("no CUDA device: this benchmark needs an NVIDIA GPU")
     card = f"{torch.cuda.get_device_name()} (torch {torch.__version__}, Triton {triton.__version__})"
     print(card, flush=True)
-    k = table(["params", "device copy", "Triton fused", "÷ copy", "torch ops", "÷ copy", "bit-identical"],
-              kernel_rows([int(s) for s in args.sizes.split(",")]))
+    k = table(["params, dtype", "device copy", "Triton fused", "÷ copy", "torch ops", "÷ copy", "bit-identical"],
+              kernel_rows([(int(c.split(":")[0]), c.split(":")[1]) for c in args.cases.split(",")]))
     print(k, flush=True)
     u = table(["transfer", "time", "note"], upload_rows())
     print(u, flush=True)
@@ -178,7 +179,7 @@ def main() -> None:
     if not args.no_write:
         write_section("Task switching on a GPU (issue 7)",
                       f"`bash bench/gpu_check.sh` (runs `bench/gpu_switch_bench.py`) — commit {git_rev()}.\n\n"
-                      f"GPU: {card}. Host: {machine()}.\n\nThe mask kernel alone (fp32, median of CUDA-event timings; goal ≤ 1.5× the copy):\n\n"
+                      f"GPU: {card}. Host: {machine()}.\n\nThe mask kernel alone (θ0 and τ in the dtype shown, median of 50 CUDA-event timings after 10 warm-ups; goal ≤ 1.5× the copy):\n\n"
                       f"{k}\n\nUploading weights vs masks:\n\n{u}\n\nEnd to end, ViT-B-sized model, {args.tasks} tasks:\n\n{m}")
 
 
