@@ -15,7 +15,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import git_rev, machine, table, write_section  # noqa: E402
 
 from edgemerge.measure import best_of  # noqa: E402
+import edgemerge.runtime.kernel as kernel  # noqa: E402
 from edgemerge.runtime.kernel import _apply_blocked, apply_mask, apply_mask_reference  # noqa: E402
+
+
+def forced(c, fused):
+    """apply_mask with the C kernel and/or numba switched off (the module picks what is left)."""
+    def run(base, vec, packed, out):
+        saved = kernel._C, kernel._FUSED
+        kernel._C, kernel._FUSED = (saved[0] if c else False), (saved[1] if fused else False)
+        try:
+            apply_mask(base, vec, packed, out)
+        finally:
+            kernel._C, kernel._FUSED = saved
+    return run
 
 
 def main() -> None:
@@ -27,16 +40,23 @@ def main() -> None:
     n = args.numel
     base, vec = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
     packed, out = np.packbits(rng.random(n) < 0.3), np.empty(n, np.float32)
+    apply_mask(base, vec, packed, out)  # compile numba, start the C kernel's threads
+    numba_only, c_only = forced(False, True), forced(True, False)
+    numba_only(base, vec, packed, out)
     copy = best_of(lambda: np.copyto(out, base), 5)
     rows = [["memcpy (np.copyto, 1 thread)", f"{1e3 * copy:.1f} ms", "1.00×"]]
     for name, fn, rep in [
         ("naive numpy: θ0 + unpackbits(m)·τ", lambda: base + np.unpackbits(packed, count=n).astype(np.float32) * vec, 2),
         ("reference select (np.where)", lambda: apply_mask_reference(base, vec, packed), 2),
-        ("blocked numpy (fallback without numba)", lambda: _apply_blocked(base, vec, packed, out), 2),
-        ("fused numba kernel (default)", lambda: apply_mask(base, vec, packed, out), 5),
+        ("blocked numpy (fallback without numba or C)", lambda: _apply_blocked(base, vec, packed, out), 2),
+        ("fused numba loop (parallel)", lambda: numba_only(base, vec, packed, out), 5),
+        (f"C kernel ({kernel._cmask().simd() if kernel._cmask() else 'not built'}; a thread per core)",
+         lambda: c_only(base, vec, packed, out), 5),
+        (f"apply_mask as installed (picks {kernel.kernel_name()})", lambda: apply_mask(base, vec, packed, out), 5),
     ]:
         t = best_of(fn, rep)
         rows.append([name, f"{1e3 * t:.1f} ms", f"{t / copy:.2f}×"])
+        assert out.tobytes() == apply_mask_reference(base, vec, packed).tobytes() or "naive" in name or "reference" in name
     text = table(["implementation", "time", "vs memcpy"], rows)
     print(text)
     print(f"machine: {machine()}")

@@ -8,7 +8,7 @@ RUNTIME = pathlib.Path(__file__).resolve().parent.parent / "edgemerge" / "runtim
 # Raise these deliberately, not by accident. The core is what every device gets (numpy + ONNX
 # Runtime); the GPU backends are imported only where torch / Triton / TensorRT are installed.
 GPU_BACKENDS = {"torch_backend.py", "triton_kernel.py", "trt_backend.py"}
-CORE_BUDGET, GPU_BUDGET = 1000, 600
+CORE_BUDGET, GPU_BUDGET = 1050, 600  # core raised from 1000 for the C kernel dispatch (kernel.py)
 
 
 def test_runtime_imports_with_torch_blocked():

@@ -7,20 +7,24 @@ computed in float32 and rounded once to θ0's dtype. (A select, not ``θ0 + m·�
 turns θ0 = -0.0 into +0.0 where the mask is off, and the C applier and GPU kernels must agree.)
 
 Implementations, all bit-identical (tested): ``apply_mask_reference`` (plain numpy, the
-definition); ``apply_mask`` (the one to call) uses a fused numba loop when numba is installed and
-the dtypes are float32, else a blocked numpy pass that keeps temporaries small. The fused loop
-reads θ0, τ and one mask byte per 8 elements and writes θ_t once -- close to a memcpy.
+definition); ``apply_mask`` (the one to call) picks, for float32, the first of: the C kernel
+(``_cmask.c``, built with the package where a compiler was found) when it has its AVX2 loop with
+non-temporal stores, run by one thread per core on slices of the array; a fused numba loop; the C
+kernel's scalar loop; else (and for other dtypes) a blocked numpy pass that keeps temporaries small.
+``kernel_name()`` says which one runs. ``EDGEMERGE_NO_C=1`` / ``EDGEMERGE_NO_NUMBA=1`` switch one off.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 
 BLOCK = 1 << 20  # elements per numpy block (a multiple of 8, so blocks start on mask bytes)
+SPLIT = 1 << 18  # arrays at least this long are split across threads for the C kernel
 
 
 def apply_mask_reference(base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -84,6 +88,46 @@ def _fused():
     return _FUSED or None
 
 
+_C = None
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _cmask():
+    """The C kernel module, or None when it was not built or ``EDGEMERGE_NO_C=1``."""
+    global _C
+    if _C is None:
+        _C = False
+        if os.environ.get("EDGEMERGE_NO_C") != "1":
+            try:
+                from . import _cmask as c
+                _C = c
+            except ImportError:
+                pass
+    return _C or None
+
+
+def _apply_c(c, base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+    global _POOL
+    n, workers = base.size, os.cpu_count() or 1
+    if n < SPLIT or workers == 1:
+        c.apply_f32(base, vector, packed, out, 0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="edgemerge-kernel")
+    cuts = [n * k // workers for k in range(workers + 1)]
+    list(_POOL.map(lambda k: c.apply_f32(base, vector, packed, out, cuts[k], cuts[k + 1]), range(workers)))
+
+
+def kernel_name(dtype=np.float32) -> str:
+    """Which implementation ``apply_mask`` runs for ``dtype``: 'c-avx2', 'numba', 'c-scalar' or 'numpy'."""
+    if np.dtype(dtype) != np.float32:
+        return "numpy"
+    c = _cmask()
+    if c is not None and c.simd() != "scalar":
+        return "c-avx2"
+    return "numba" if _fused() is not None else "c-scalar" if c is not None else "numpy"
+
+
 def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, out: np.ndarray) -> np.ndarray:
     """Write θ_t into ``out`` (preallocated, θ0's shape and dtype). ``packed=None``: all bits set."""
     if out.shape != base.shape or out.dtype != base.dtype or not out.flags.c_contiguous:
@@ -92,9 +136,12 @@ def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, 
         packed = np.full(packed_nbytes(base.size), 0xFF, dtype=np.uint8)
     elif packed.size != packed_nbytes(base.size):
         unpack_bits(packed, base.size)  # raises the FormatError with the counts
-    fused = _fused() if base.dtype == np.float32 and vector.dtype == np.float32 else None
-    if fused is not None and base.size:
-        fused(base.reshape(-1), vector.reshape(-1), packed, out.reshape(-1))
+    name = kernel_name() if base.dtype == vector.dtype == np.float32 and base.size else "numpy"
+    b, v, o = (np.ascontiguousarray(a).reshape(-1) for a in (base, vector, out))
+    if name in ("c-avx2", "c-scalar"):
+        _apply_c(_cmask(), b, v, np.ascontiguousarray(packed), o)
+    elif name == "numba":
+        _fused()(b, v, packed, o)
     else:
         _apply_blocked(base, vector, packed, out)
     return out
