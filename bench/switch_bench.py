@@ -58,12 +58,12 @@ def make_vit_suite(directory: str, n_tasks: int):
 
 
 def minilm_suite():
-    from edgemerge.suites.text_suite import SuiteConfig, build_suite
+    from edgemerge.suites.suite import SuiteConfig, build_suite
 
     suite = build_suite(SuiteConfig())
     t = suite.config.tasks[0]
-    batch = suite.data[t]["test"].batches[len(suite.data[t]["test"].batches) // 2]
-    return suite.base, dict(suite.checkpoints), {"input_ids": batch[0][:8], "attention_mask": batch[1][:8]}
+    (ids, mask), _ = suite.data[t]["test"].batches[len(suite.data[t]["test"].batches) // 2]
+    return suite.base, dict(suite.checkpoints), {"input_ids": ids[:8], "attention_mask": mask[:8]}
 
 
 def measure(name: str, base: str, tasks: dict, factory, inputs, input_names, axes, directory: str, baseline_tasks: int):

@@ -196,12 +196,13 @@ def methods() -> None:
 
 
 @main.command()
-@click.option("--suite", default="text", show_default=True, help="Which built-in suite (text: all-MiniLM-L6-v2 on 5 tasks).")
+@click.option("--suite", type=click.Choice(["text", "vision"]), default="text", show_default=True,
+              help="text: all-MiniLM-L6-v2 on 5 tasks; vision: EfficientNet-Lite0 on 3 image tasks.")
 @click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
 @click.option("--out", default="edgemerge-demo", show_default=True, type=click.Path(), help="Folder for bundle, ONNX, report, plots.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--steps", default=60, show_default=True, help="Fine-tuning steps per task (batch 16).")
-@click.option("--lr", default=1e-4, show_default=True, help="Fine-tuning learning rate (merging is sensitive to it).")
+@click.option("--steps", type=int, default=None, help="Fine-tuning steps per task [text: 60 of 16; vision: 100 of 32].")
+@click.option("--lr", type=float, default=None, help="Fine-tuning learning rate [1e-4] (merging is sensitive to it).")
 @click.option("--no-deploy", is_flag=True, help="Skip the ONNX Runtime deploy step.")
 @click.option("--quiet", is_flag=True)
 def demo(suite, tasks, out, seed, steps, lr, no_deploy, quiet) -> None:
@@ -213,7 +214,8 @@ def demo(suite, tasks, out, seed, steps, lr, no_deploy, quiet) -> None:
     with progress_bar(quiet) as prog:
         r = run_demo(opts, prog)
     methods = ["zero_shot", "finetuned", *MERGED, "tall"]
-    t = Table(title=f"Test accuracy % (normalized = / fine-tuned) — suite {suite}, seed {seed}, lr {lr:g}, {steps} steps")
+    o = r.options
+    t = Table(title=f"Test accuracy % (normalized = / fine-tuned) — suite {suite}, seed {seed}, lr {o['lr']:g}, {o['steps']} steps")
     t.add_column("task")
     for m in methods:
         t.add_column(LABELS[m], justify="right")

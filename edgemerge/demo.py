@@ -1,6 +1,7 @@
 """``edgemerge demo``: the whole product on a real model and real data, end to end.
 
-1. Build (or reuse) the text suite: all-MiniLM-L6-v2 fine-tuned on five tasks (CPU, fixed seed).
+1. Build (or reuse) a suite: all-MiniLM-L6-v2 fine-tuned on five text tasks (the default), or
+   EfficientNet-Lite0 on three image tasks (``--suite vision``); CPU, fixed seed.
 2. Merge with task arithmetic, TIES, Consensus-TA/TIES (scale α chosen on validation data) and
    build the TALL bundle (λ_t chosen per task on validation data).
 3. Test accuracy per task: zero-shot (θ0 + a head fit on frozen features), fine-tuned, each
@@ -24,8 +25,7 @@ import numpy as np
 from .errors import ConfigError, unknown_name
 from .pipeline import MergeConfig, merge
 from .runtime import open_bundle
-
-SUITES = ("text",)
+from .suites.suite import SUITES, predict
 ALPHAS = (0.3, 0.5, 1.0)
 MERGED = ("task_arithmetic", "ties", "consensus_ta", "consensus_ties")
 LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "task_arithmetic": "TA", "ties": "TIES",
@@ -38,17 +38,20 @@ class DemoOptions:
     tasks: tuple[str, ...] | None = None
     out: str = "edgemerge-demo"
     seed: int = 0
-    steps: int = 60
-    lr: float = 1e-4
-    test: int = 250
-    val: int = 100
+    steps: int | None = None   # None: the suite's default (text 60, vision 100)
+    lr: float | None = None
+    test: int | None = None
+    val: int | None = None
     deploy: bool = True
 
     def validate(self) -> None:
         if self.suite not in SUITES:
             raise ConfigError(unknown_name("suite", self.suite, SUITES))
-        if self.steps < 1:
-            raise ConfigError("--steps must be at least 1")
+        for name in ("steps", "test", "val"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError("--lr must be positive")
 
 
 @dataclass
@@ -119,12 +122,12 @@ def _scaled(bundle, alpha: float, task: str) -> dict[str, np.ndarray]:
 
 
 def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None = None) -> DemoResult:
-    from .suites.text_suite import Evaluator, SuiteConfig, build_suite
+    from .suites.suite import Evaluator, SuiteConfig, build_suite
 
     opts.validate()
     t_start = time.perf_counter()
-    cfg = SuiteConfig(tasks=tuple(opts.tasks) if opts.tasks else SuiteConfig.tasks, seed=opts.seed, steps=opts.steps,
-                      lr=opts.lr, test=opts.test, val=opts.val)
+    cfg = SuiteConfig(opts.suite, tuple(opts.tasks) if opts.tasks else None, opts.seed, opts.steps, opts.lr,
+                      opts.test, opts.val).resolved()
     suite = build_suite(cfg, progress)
     ev = Evaluator(suite)
     seconds = {"build suite": time.perf_counter() - t_start}
@@ -149,7 +152,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
     t0 = time.perf_counter()
     for method in MERGED:
         masks = "tall" if method == "task_arithmetic" else "none"  # only the TALL bundle keeps masks
-        cfg_m = MergeConfig(suite.base, dict(suite.checkpoints), method, masks=masks, private=("head.*",))
+        cfg_m = MergeConfig(suite.base, dict(suite.checkpoints), method, masks=masks, private=(suite.kind.head,))
         path = os.path.join(suite.config.folder, "merged", f"{method}-{'+'.join(tasks)}.safetensors")
         if not _reusable(path, cfg_m):
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -172,7 +175,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
                    v.nbytes for t in tasks for v in tall.private(t).values())}
     result = DemoResult(tasks, {t: len(suite.classes[t]) for t in tasks}, acc, alpha,
                         {t: info[t]["lambda"] for t in tasks}, {t: info[t]["density"] for t in tasks},
-                        cos.round(4).tolist(), storage, seconds=seconds, options=asdict(opts),
+                        cos.round(4).tolist(), storage, seconds=seconds, options={**asdict(opts), **asdict(cfg)},
                         built=list(suite.build_seconds), evaluations=ev.computed)
     if opts.deploy:
         t0 = time.perf_counter()
@@ -189,17 +192,16 @@ def deploy(bundle, suite, out_dir: str, torch_acc: dict[str, float]) -> dict[str
     """Export once, switch through every task in ONNX Runtime, compare accuracy with torch."""
     from .export.onnx import export_onnx
     from .runtime.session import TaskSession
-    from .suites import text_model
 
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    exp = export_onnx(bundle, text_model.onnx_factory, out_dir, input_names=["input_ids", "attention_mask"],
-                      output_names=["logits"], dynamic_axes=axes, name="minilm")
+    kind = suite.kind
+    exp = export_onnx(bundle, kind.onnx_factory, out_dir, input_names=kind.input_names, output_names=["logits"],
+                      dynamic_axes=kind.dynamic_axes, name=kind.name)
     session = TaskSession(bundle, exp.switchable)
     switch, device_acc = [], {}
     for t in bundle.tasks:
         switch.append(session.switch(t))
         data = suite.data[t]["test"]
-        pred = text_model.predict(lambda ids, mask: session.run({"input_ids": ids, "attention_mask": mask})[0], data)
+        pred = predict(lambda *inputs: session.run(dict(zip(kind.input_names, inputs)))[0], data)
         device_acc[t] = float((pred == data.labels).mean())
     for t in bundle.tasks:  # a second pass: steady-state switch times
         switch.append(session.switch(t))
@@ -219,7 +221,10 @@ def write_report(r: DemoResult, out: str) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(asdict(r), f, indent=2)
     methods = ["zero_shot", "finetuned", *MERGED, "tall"]
-    lines = ["# edgemerge demo — text suite (all-MiniLM-L6-v2, 22.7 M parameters)", "",
+    from .suites.suite import get_kind
+
+    suite = r.options.get("suite", "text")
+    lines = [f"# edgemerge demo — {suite} suite ({get_kind(suite).label})", "",
              f"Options: {json.dumps(r.options)}", "",
              "Test accuracy, absolute (normalized = method / fine-tuned). "
              f"Merge scale α chosen on validation from {list(ALPHAS)}: " + ", ".join(f"{LABELS[m]} {a}" for m, a in r.alpha.items()) + ".", "",
@@ -234,7 +239,7 @@ def write_report(r: DemoResult, out: str) -> None:
     lines += [f"| **mean** | | " + " | ".join(avg) + " |", "",
               "TALL λ_t (chosen on validation) and mask density: " + ", ".join(
                   f"{t} λ={r.tall_lambda[t]} ({100 * r.tall_density[t]:.1f}%)" for t in r.tasks), "",
-              "Pairwise cosine of task vectors (encoder):", "",
+              "Pairwise cosine of task vectors (merged parameters):", "",
               "| | " + " | ".join(r.tasks) + " |", "|---|" + "---|" * len(r.tasks)]
     lines += [f"| {t} | " + " | ".join(f"{c:.3f}" for c in row) + " |" for t, row in zip(r.tasks, r.cosine)]
     s = r.storage
@@ -253,10 +258,10 @@ def write_report(r: DemoResult, out: str) -> None:
               "![accuracy per task](accuracy_per_task.png)", "", "![accuracy vs bytes](accuracy_vs_bytes.png)"]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    _plots(r, out, methods)
+    _plots(r, out, methods, get_kind(suite).label.split(",")[0])
 
 
-def _plots(r: DemoResult, out: str, methods: list[str]) -> None:
+def _plots(r: DemoResult, out: str, methods: list[str], model: str) -> None:
     try:
         import matplotlib
 
@@ -271,7 +276,7 @@ def _plots(r: DemoResult, out: str, methods: list[str]) -> None:
         ax.bar(x + i * width, [100 * r.accuracy[m][t] for t in r.tasks], width, label=LABELS[m])
     ax.set_xticks(x + 0.4 - width / 2, r.tasks)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy per task and method (all-MiniLM-L6-v2)")
+    ax.set_title(f"Accuracy per task and method ({model})")
     ax.legend(ncol=4, fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_per_task.png"), dpi=110)

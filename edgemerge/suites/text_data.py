@@ -19,12 +19,12 @@ import importlib.util
 import io
 import os
 import zipfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConfigError
+from .suite import split_indices
 
 LANGUAGES = ("english", "spanish", "french", "german", "italian", "portuguese", "dutch", "swedish")
 PER_LANGUAGE = 300
@@ -126,8 +126,5 @@ class Split:
 
 def split(task: TextTask, seed: int, test: int = 250, val: int = 150, train_cap: int = 2000) -> dict[str, Split]:
     """Disjoint train / val / test, drawn with a seeded permutation (test ≤ 20%, val ≤ 15%)."""
-    n = len(task.texts)
-    order = np.random.default_rng([seed, zlib.crc32(task.name.encode()), n]).permutation(n)
-    n_test, n_val = min(test, n // 5), min(val, (n * 15) // 100)
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:][:train_cap]}
+    parts = split_indices(task.name, len(task.labels), seed, test, val, train_cap)
     return {k: Split([task.texts[i] for i in idx], task.labels[idx]) for k, idx in parts.items()}

@@ -8,12 +8,13 @@ State-dict keys: ``encoder.*`` (the BERT encoder: merged) and ``head.weight`` / 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from ..errors import ConfigError
+from . import text_data
+from .suite import Batches
 
 MAX_LEN = 64
 HEAD_PATTERN = "head.*"
@@ -73,14 +74,6 @@ def onnx_factory(task: str, shapes: dict):
     return model, (ids, torch.ones_like(ids))
 
 
-@dataclass
-class Batches:
-    """A split pre-tokenized into length-sorted batches (less padding, faster CPU inference)."""
-
-    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]   # (input_ids, attention_mask, index)
-    labels: np.ndarray
-
-
 _TOKENIZER = None
 
 
@@ -93,21 +86,15 @@ def tokenizer():
 
 
 def tokenize(texts: list[str], labels: np.ndarray, batch_size: int = 64) -> Batches:
+    """Length-sorted batches (less padding, faster CPU inference) of (input_ids, attention_mask)."""
     enc = tokenizer()(texts, truncation=True, max_length=MAX_LEN)
     lengths = np.array([len(x) for x in enc["input_ids"]])
     order = np.argsort(lengths, kind="stable")
     out = []
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        out.append((*pad([enc["input_ids"][i] for i in idx]), idx))
+        out.append((pad([enc["input_ids"][i] for i in idx]), idx))
     return Batches(out, np.asarray(labels))
-
-
-def predict(logits_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], data: Batches) -> np.ndarray:
-    pred = np.empty(len(data.labels), dtype=np.int64)
-    for ids, mask, idx in data.batches:
-        pred[idx] = np.argmax(logits_fn(ids, mask), axis=-1)
-    return pred
 
 
 def torch_logits(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -169,7 +156,7 @@ def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
     model.eval()
     feats, ys = [], []
     with torch.inference_mode():
-        for ids, mask, idx in train.batches:
+        for (ids, mask), idx in train.batches:
             feats.append(model.embed(torch.from_numpy(ids), torch.from_numpy(mask)))
             ys.append(torch.from_numpy(train.labels[idx]))
     x, y = torch.cat(feats).clone(), torch.cat(ys)
@@ -178,3 +165,35 @@ def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model.head(x), y).backward()
         opt.step()
+
+
+class TextKind:
+    """The text suite for ``suites.suite``: data, model, training, export."""
+
+    name, version, head = "text", "text-v2", HEAD_PATTERN  # bump the version whenever data, splits or training change
+    label = "all-MiniLM-L6-v2, 22.7 M parameters"
+    loaders = text_data.LOADERS
+    defaults = {"steps": 60, "lr": 1e-4, "test": 250, "val": 100}
+    input_names = ["input_ids", "attention_mask"]
+    dynamic_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    onnx_factory = staticmethod(onnx_factory)
+    build_classifier = staticmethod(build_classifier)
+    linear_probe = staticmethod(linear_probe)
+    load_weights = staticmethod(load_weights)
+    torch_logits = staticmethod(torch_logits)
+    split = staticmethod(text_data.split)
+
+    @staticmethod
+    def prepare(part) -> Batches:
+        return tokenize(part.texts, part.labels)
+
+    @staticmethod
+    def head_of(part, n: int):
+        return text_data.Split(part.texts[:n], part.labels[:n])
+
+    @staticmethod
+    def finetune(model, part, steps: int, lr: float, seed: int, progress=None) -> list[float]:
+        return finetune(model, part.texts, part.labels, steps, lr, seed, progress=progress)
+
+
+KIND = TextKind()

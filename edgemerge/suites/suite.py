@@ -1,0 +1,181 @@
+"""Build (or reuse) a suite's task checkpoints and evaluate weights on its splits.
+
+Two suites, each a *kind* (``text_model.KIND``, ``vision_model.KIND``) that knows its data, its
+model and how to train it; this module does what they share. Checkpoints live in
+``$EDGEMERGE_CACHE`` (default ``~/.cache/edgemerge``) under
+``suites/<kind version>/<seed, steps, lr, splits>/``: ``base.safetensors`` (θ0 without the head),
+per task ``<task>.safetensors`` (fine-tuned model + head) and ``<task>.probe.safetensors`` (the
+head fit on frozen θ0 features: the "zero-shot" model). Written atomically; reused when present.
+Evaluations are cached by the sha256 of the exact weights evaluated, so a rerun with the same
+checkpoints and options recomputes nothing it already measured.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConfigError, unknown_name
+from ..io import atomic_output, write_safetensors
+
+SUITES = ("text", "vision")
+PROBE_ITEMS = 400
+
+
+def get_kind(name: str) -> Any:
+    """The suite kind object (imports its model code only when asked for)."""
+    if name == "text":
+        from .text_model import KIND
+    elif name == "vision":
+        from .vision_model import KIND
+    else:
+        raise ConfigError(unknown_name("suite", name, SUITES))
+    return KIND
+
+
+def split_indices(name: str, n: int, seed: int, test: int, val: int, train_cap: int) -> dict[str, np.ndarray]:
+    """Disjoint train / val / test index sets from a permutation seeded by (seed, task, size);
+    test ≤ 20% and val ≤ 15% of the items, train capped at ``train_cap``."""
+    order = np.random.default_rng([seed, zlib.crc32(name.encode()), n]).permutation(n)
+    n_test, n_val = min(test, n // 5), min(val, (n * 15) // 100)
+    return {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:][:train_cap]}
+
+
+def cache_root() -> str:
+    return os.environ.get("EDGEMERGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgemerge")
+
+
+@dataclass
+class Batches:
+    """A split as model-ready batches: ``(inputs, index)`` pairs, ``inputs`` in the model's order."""
+
+    batches: list[tuple[tuple[np.ndarray, ...], np.ndarray]]
+    labels: np.ndarray
+
+
+def predict(logits_fn: Callable[..., np.ndarray], data: Batches) -> np.ndarray:
+    pred = np.empty(len(data.labels), dtype=np.int64)
+    for inputs, idx in data.batches:
+        pred[idx] = np.argmax(logits_fn(*inputs), axis=-1)
+    return pred
+
+
+@dataclass
+class SuiteConfig:
+    """``None`` fields take the kind's defaults (``resolved()``)."""
+
+    suite: str = "text"
+    tasks: tuple[str, ...] | None = None
+    seed: int = 0
+    steps: int | None = None
+    lr: float | None = None
+    test: int | None = None
+    val: int | None = None
+
+    def resolved(self) -> "SuiteConfig":
+        kind = get_kind(self.suite)
+        d = kind.defaults
+        for t in self.tasks or ():
+            if t not in kind.loaders:
+                raise ConfigError(unknown_name(f"{self.suite} task", t, list(kind.loaders)))
+        return replace(self, tasks=tuple(self.tasks or kind.loaders), steps=self.steps or d["steps"], lr=self.lr or d["lr"],
+                       test=self.test or d["test"], val=self.val or d["val"])
+
+    @property
+    def folder(self) -> str:
+        # everything that changes a checkpoint is in the name (the splits decide the train set)
+        c = self.resolved()
+        key = f"seed{c.seed}-steps{c.steps}-lr{c.lr:g}-test{c.test}-val{c.val}-probe{PROBE_ITEMS}"
+        return os.path.join(cache_root(), "suites", get_kind(c.suite).version, key)
+
+
+@dataclass
+class Suite:
+    config: SuiteConfig
+    kind: Any
+    base: str
+    checkpoints: dict[str, str]
+    probes: dict[str, str]
+    classes: dict[str, list[str]]
+    data: dict[str, dict[str, Batches]]
+    build_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | None = None) -> Suite:
+    """Fine-tune every missing task checkpoint (fixed seed and step budget); reuse the rest."""
+    cfg = cfg.resolved()
+    kind = get_kind(cfg.suite)
+    os.makedirs(cfg.folder, exist_ok=True)
+    base = os.path.join(cfg.folder, "base.safetensors")
+    suite = Suite(cfg, kind, base, {}, {}, {}, {})
+    if not os.path.exists(base):
+        state = kind.build_classifier(2).state_dict()
+        write_safetensors(base, {k: v.numpy() for k, v in state.items() if not fnmatch.fnmatchcase(k, kind.head)})
+    for name in cfg.tasks:
+        task = kind.loaders[name]()
+        parts = kind.split(task, cfg.seed, cfg.test, cfg.val)
+        suite.classes[name] = task.classes
+        suite.data[name] = {k: kind.prepare(parts[k]) for k in ("val", "test")}
+        ckpt, probe = os.path.join(cfg.folder, f"{name}.safetensors"), os.path.join(cfg.folder, f"{name}.probe.safetensors")
+        suite.checkpoints[name], suite.probes[name] = ckpt, probe
+        if os.path.exists(ckpt) and os.path.exists(probe):
+            continue
+        t0 = time.perf_counter()
+        model = kind.build_classifier(len(task.classes))
+        kind.linear_probe(model, kind.prepare(kind.head_of(parts["train"], PROBE_ITEMS)), cfg.seed)
+        head = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if fnmatch.fnmatchcase(k, kind.head)}
+        write_safetensors(probe, head)
+        tick = (lambda s: progress(f"fine-tune {name}", s, cfg.steps)) if progress else None
+        kind.finetune(model, parts["train"], cfg.steps, cfg.lr, cfg.seed, progress=tick)
+        write_safetensors(ckpt, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
+        suite.build_seconds[name] = time.perf_counter() - t0
+    return suite
+
+
+class Evaluator:
+    """Accuracy of a state dict on a task's split, cached by the sha256 of the weights."""
+
+    def __init__(self, suite: Suite):
+        self.suite = suite
+        self.path = os.path.join(suite.config.folder, "evals.json")
+        try:
+            with open(self.path) as f:
+                self.cache: dict[str, float] = json.load(f)
+        except (OSError, ValueError):
+            self.cache = {}
+        self._models: dict[int, object] = {}
+        self.computed = 0
+
+    @staticmethod
+    def digest(weights: dict[str, np.ndarray]) -> str:
+        h = hashlib.sha256()
+        for k in sorted(weights):
+            a = np.ascontiguousarray(weights[k])
+            h.update(f"{k}\t{a.dtype}\t{a.shape}\n".encode())
+            h.update(memoryview(a.reshape(-1).view(np.uint8)))
+        return h.hexdigest()
+
+    def accuracy(self, task: str, split: str, weights: dict[str, np.ndarray]) -> float:
+        key = f"{task}/{split}/{self.digest(weights)}"
+        if key not in self.cache:
+            kind, n_cls = self.suite.kind, len(self.suite.classes[task])
+            model = self._models.get(n_cls) or self._models.setdefault(n_cls, kind.build_classifier(n_cls))
+            kind.load_weights(model, weights)
+            data = self.suite.data[task][split]
+            pred = predict(kind.torch_logits(model), data)
+            self.cache[key] = float((pred == data.labels).mean())
+            self.computed += 1
+        return self.cache[key]
+
+    def save(self) -> None:
+        with atomic_output(self.path) as tmp, open(tmp, "w") as f:
+            json.dump(self.cache, f)
