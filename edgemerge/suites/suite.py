@@ -69,6 +69,37 @@ def predict(logits_fn: Callable[..., np.ndarray], data: Batches) -> np.ndarray:
     return pred
 
 
+def train_loop(torch, model, opt, n_items: int, steps: int, batch: int, seed: int,
+               make_batch: Callable[[np.ndarray], tuple[tuple, Any]],
+               progress: Callable[[int], None] | None = None) -> list[float]:
+    """``steps`` minibatches of ``batch`` items drawn without replacement by a generator seeded
+    with ``seed``; ``make_batch(indices) -> (model inputs, labels)``. Leaves the model in eval mode."""
+    rng = np.random.default_rng(seed)
+    losses = []
+    for step in range(steps):
+        pick = rng.choice(n_items, size=min(batch, n_items), replace=False)
+        inputs, labels = make_batch(pick)
+        loss = torch.nn.functional.cross_entropy(model(*inputs), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(step + 1)
+    model.eval()
+    return losses
+
+
+def fit_head(torch, head, features, labels, epochs: int = 300) -> None:
+    """Full-batch logistic regression of ``head`` on frozen features (the linear probe)."""
+    x = features.clone()  # a normal tensor: inference-mode tensors cannot be saved for backward
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x), labels).backward()
+        opt.step()
+
+
 @dataclass
 class SuiteConfig:
     """``None`` fields take the kind's defaults (``resolved()``)."""

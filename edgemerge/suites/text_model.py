@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import text_data
-from .suite import Batches
+from .suite import Batches, fit_head, train_loop
 
 MAX_LEN = 64
 HEAD_PATTERN = "head.*"
@@ -127,25 +127,16 @@ def finetune(model, texts: list[str], labels: np.ndarray, steps: int, lr: float,
     """AdamW on encoder + head for ``steps`` minibatches drawn with a fixed seed."""
     torch, _ = _imports()
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     seqs = tokenizer()(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
     opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
                              {"params": model.head.parameters(), "lr": head_lr}], weight_decay=0.0)
     model.train()
-    losses = []
-    for step in range(steps):
-        pick = rng.choice(len(seqs), size=min(batch, len(seqs)), replace=False)
+
+    def make_batch(pick):
         ids, mask = pad([seqs[i] for i in pick])
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(ids), torch.from_numpy(mask)),
-                                                 torch.from_numpy(labels[pick]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress(step + 1)
-    model.eval()
-    return losses
+        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels[pick])
+
+    return train_loop(torch, model, opt, len(seqs), steps, batch, seed, make_batch, progress)
 
 
 def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
@@ -159,12 +150,7 @@ def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
         for (ids, mask), idx in train.batches:
             feats.append(model.embed(torch.from_numpy(ids), torch.from_numpy(mask)))
             ys.append(torch.from_numpy(train.labels[idx]))
-    x, y = torch.cat(feats).clone(), torch.cat(ys)
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model.head(x), y).backward()
-        opt.step()
+    fit_head(torch, model.head, torch.cat(feats), torch.cat(ys), epochs)
 
 
 class TextKind:

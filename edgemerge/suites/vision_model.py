@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import vision_data
-from .suite import Batches
+from .suite import Batches, fit_head, train_loop
 
 IMAGE = 32
 HEAD_PATTERN = "_fc.*"
@@ -115,13 +115,7 @@ def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
     model.eval()
     with torch.inference_mode():
         feats = torch.cat([_features(model, torch.from_numpy(inp[0])) for inp, _ in train.batches])
-    x = feats.clone()  # a normal tensor: inference tensors cannot be saved for backward
-    y = torch.from_numpy(np.concatenate([train.labels[idx] for _, idx in train.batches]))
-    opt = torch.optim.Adam(model._fc.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model._fc(x), y).backward()
-        opt.step()
+    fit_head(torch, model._fc, feats, torch.from_numpy(np.concatenate([train.labels[idx] for _, idx in train.batches])), epochs)
 
 
 def finetune(model, part: vision_data.Split, steps: int, lr: float, seed: int, head_lr: float = 1e-3,
@@ -129,7 +123,6 @@ def finetune(model, part: vision_data.Split, steps: int, lr: float, seed: int, h
     """AdamW on the whole network (BatchNorm statistics frozen) for ``steps`` seeded minibatches."""
     torch, _, _ = _imports()
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     x_all = to_inputs(part.images)
     head = list(model._fc.parameters())
     body = [p for n, p in model.named_parameters() if not n.startswith("_fc.")]
@@ -138,18 +131,8 @@ def finetune(model, part: vision_data.Split, steps: int, lr: float, seed: int, h
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
-    losses = []
-    for step in range(steps):
-        pick = rng.choice(len(x_all), size=min(batch, len(x_all)), replace=False)
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x_all[pick])), torch.from_numpy(part.labels[pick]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress(step + 1)
-    model.eval()
-    return losses
+    return train_loop(torch, model, opt, len(x_all), steps, batch, seed,
+                      lambda pick: ((torch.from_numpy(x_all[pick]),), torch.from_numpy(part.labels[pick])), progress)
 
 
 class VisionKind:
