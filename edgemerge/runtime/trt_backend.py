@@ -20,6 +20,7 @@ engine's outputs with ONNX Runtime (TensorRT 11.3 documents a REFIT bug that dro
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Mapping
 
@@ -123,6 +124,7 @@ class TrtTaskSession(Switchable):
                                  if self._device_mode else np.array(v)
                              for k, v in self.bundle.private(t).items() if k in private} for t in self.bundle.tasks}
         self.context = self.engine.create_execution_context()
+        self._context_lock = threading.Lock()
         self.stream = torch.cuda.Stream()
         self.inputs = [n for n in self._io_names() if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in self._io_names() if n not in self.inputs]
@@ -178,6 +180,11 @@ class TrtTaskSession(Switchable):
         if set(inputs) != set(self.inputs):
             raise ConfigError(f"engine inputs are {', '.join(self.inputs)}; got {', '.join(sorted(inputs))}")
         keep = {n: torch.as_tensor(a, device="cuda").contiguous() for n, a in inputs.items()}
+        with self._context_lock:  # one execution context: runs from several threads take turns
+            return self._execute(keep)
+
+    def _execute(self, keep: dict) -> list:
+        torch = self.torch
         for n, t in keep.items():
             self.context.set_input_shape(n, tuple(t.shape))
             self.context.set_tensor_address(n, t.data_ptr())
