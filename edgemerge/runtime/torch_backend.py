@@ -6,7 +6,7 @@
 ``switch`` rewrites the model's parameters in place as θ_t = θ0 + m_t ⊙ τ_MTL (absolute weights,
 never deltas). Kernels (``kernel=``):
 
-- ``"numpy"`` (default on CPU): the numba / numpy kernel of ``kernel.py`` writes straight into the
+- ``"numpy"`` (default on CPU): the CPU kernel of ``kernel.py`` (C, numba or numpy) writes straight into the
   parameters' storage from the memory-mapped bundle; nothing but θ_t is resident.
 - ``"triton"`` (default on CUDA when Triton imports) and ``"torch"`` (any device): θ0, τ_MTL and every
   task's packed masks are resident on the device in a flat layout (:class:`FlatWeights`) and the
