@@ -17,6 +17,7 @@ kernel's scalar loop; else (and for other dtypes) a blocked numpy pass that keep
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -90,6 +91,7 @@ def _fused():
 
 _C = None
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _cmask():
@@ -112,8 +114,9 @@ def _apply_c(c, base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: n
     if n < SPLIT or workers == 1:
         c.apply_f32(base, vector, packed, out, 0, n)
         return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="edgemerge-kernel")
+    with _POOL_LOCK:  # sessions may switch from several threads; one pool for the process
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="edgemerge-kernel")
     cuts = [n * k // workers for k in range(workers + 1)]
     list(_POOL.map(lambda k: c.apply_f32(base, vector, packed, out, cuts[k], cuts[k + 1]), range(workers)))
 
