@@ -400,6 +400,7 @@ def run(bundle, onnx_path, task, inputs, mode, output) -> None:
 def bench(bundle, onnx_path, inputs, mode, rounds, as_json) -> None:
     """Switch latency, inference latency, storage and peak RSS on this machine."""
     from .measure import bench_session, memcpy_seconds, peak_rss_bytes, percentile
+    from .runtime.kernel import kernel_name
     from .runtime.session import TaskSession
 
     s = TaskSession(bundle, onnx_path, mode=mode)
@@ -410,6 +411,7 @@ def bench(bundle, onnx_path, inputs, mode, rounds, as_json) -> None:
     res["onnx_bytes"] = os.path.getsize(onnx_path)
     res["peak_rss_bytes"] = peak_rss_bytes()
     res["mode"] = mode
+    res["kernel"] = kernel_name()  # which mask kernel this install runs (float32)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -418,6 +420,7 @@ def bench(bundle, onnx_path, inputs, mode, rounds, as_json) -> None:
     t.add_column("value", justify="right")
     t.add_row("switch p50 / p95", f"{res['switch_p50_ms']:.2f} / {res['switch_p95_ms']:.2f} ms")
     t.add_row("memcpy of the merged weights", f"{res['memcpy_p50_ms']:.2f} ms (switch = {res['switch_vs_memcpy']:.2f}×)")
+    t.add_row("mask kernel", res["kernel"])
     t.add_row("inference p50 / p95", f"{res['infer_p50_ms']:.2f} / {res['infer_p95_ms']:.2f} ms")
     t.add_row("storage: bundle + graph", _human(res["bundle_bytes"] + res["onnx_bytes"]))
     t.add_row("peak RSS", _human(res["peak_rss_bytes"]))

@@ -159,6 +159,9 @@ def test_cli_export_run_bench(exported, tmp_path):
     assert np.abs(np.load(tmp_path / "y.npy") - torch_forward(bundle, "t1", x)).max() <= 1e-4
     res = json.loads(cli("bench", bundle.path, "--onnx", tmp_path / "model.switchable.onnx", "--input", tmp_path / "x.npy", "--json", "--rounds", "2"))
     assert res["switches"] == 6 and res["runs"] == 30 and res["switch_p50_ms"] > 0 and res["peak_rss_bytes"] > 0
+    from edgemerge.runtime.kernel import kernel_name
+
+    assert res["kernel"] == kernel_name()  # the subprocess runs the same install
 
 
 def test_identical_initializers_stay_separate_weights(tmp_path):
