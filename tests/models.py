@@ -67,3 +67,9 @@ def torch_forward(bundle, task, x):
     m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in w.items()})
     with torch.no_grad():
         return m(torch.from_numpy(x)).numpy()
+
+
+def as_bytes(t) -> bytes:
+    """The raw bytes of a torch tensor on any device (bit-exact comparisons)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""

@@ -16,7 +16,7 @@ from edgemerge.errors import BackendError, ConfigError, FormatError
 from edgemerge.runtime.trt_backend import match_refit_names, parse_version, refit_features
 
 import models
-from models import make_tiny_suite, torch_forward
+from models import as_bytes, make_tiny_suite, torch_forward
 
 pytest.importorskip("onnx")
 from edgemerge.export.onnx import export_onnx  # noqa: E402
@@ -224,10 +224,6 @@ def _fake_trt(version, names, missing=()):
     return trt
 
 
-def _as_bytes(t):
-    return t.detach().cpu().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes()
-
-
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh)")
 def test_session_contract_with_a_recording_stand_in(exported, monkeypatch, tmp_path):
     import torch
@@ -248,7 +244,7 @@ def test_session_contract_with_a_recording_stand_in(exported, monkeypatch, tmp_p
         view = s._flat.view(name)
         assert (loc, dtype, ptr, count) == ("device", "f32", view.data_ptr(), view.numel())
     snapshots = []
-    trt.on_refit = lambda: snapshots.append({n: _as_bytes(s._flat.view(n)) for n in merged})
+    trt.on_refit = lambda: snapshots.append({n: as_bytes(s._flat.view(n)) for n in merged})
     for task in bundle.tasks * 2:
         trt.calls.clear()
         s.switch(task)
@@ -259,7 +255,7 @@ def test_session_contract_with_a_recording_stand_in(exported, monkeypatch, tmp_p
         heads = {c[1]: c[3] for c in trt.calls if c[0] == "set"}
         for k in ("head.weight", "head.bias"):
             dtype, ptr, count = heads[k]
-            assert _as_bytes(s._private[task][k]) == np.ascontiguousarray(want[k]).tobytes() and ptr == s._private[task][k].data_ptr()
+            assert as_bytes(s._private[task][k]) == np.ascontiguousarray(want[k]).tobytes() and ptr == s._private[task][k].data_ptr()
     out = s.run({"x": np.zeros((4, 8), np.float32)})
     assert out[0].shape == (4, 3) and out[0].is_cuda
     with pytest.raises(ConfigError, match="engine inputs are x; got y"):

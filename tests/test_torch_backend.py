@@ -11,10 +11,10 @@ from edgemerge.pipeline import MergeConfig, merge
 from edgemerge.runtime import open_bundle
 from edgemerge.runtime.dtypes import DTYPES
 from edgemerge.runtime.kernel import apply_mask_reference
-from edgemerge.runtime.torch_backend import ALIGN, TorchTaskModel, apply_mask_torch, to_torch
+from edgemerge.runtime.torch_backend import ALIGN, TorchTaskModel, apply_mask_torch, to_torch, triton_available
 
 import models
-from models import make_tiny_suite, torch_forward
+from models import as_bytes, make_tiny_suite, torch_forward
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run bench/gpu_check.sh on one)")
@@ -31,11 +31,6 @@ def random_case(n, dtypes, seed=0):
     vec = rng.standard_normal(n).astype(np.float32).astype(DTYPES[dtypes[1]])
     packed = np.packbits(rng.random(n) < 0.4)
     return base, vec, packed
-
-
-def as_bytes(t):
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +174,7 @@ def test_cuda_kernels_match_reference(n, dtypes, kernel):
 @needs_cuda
 def test_cuda_model_switches_bit_exact(bundle):
     tm = TorchTaskModel(bundle, models.Tiny(2).cuda())
-    assert tm.kernel == ("triton" if _has_triton() else "torch")
+    assert tm.kernel == ("triton" if triton_available(torch.device("cuda")) else "torch")
     x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
     for task in bundle.tasks * 2:
         tm.switch(task)
@@ -188,11 +183,3 @@ def test_cuda_model_switches_bit_exact(bundle):
             assert as_bytes(state[name]) == np.ascontiguousarray(want).tobytes(), (task, name)
         got = tm(torch.from_numpy(x).cuda()).cpu().numpy()
         np.testing.assert_allclose(got, torch_forward(bundle, task, x), atol=1e-4, rtol=1e-4)
-
-
-def _has_triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -48,11 +48,16 @@ def pretrained() -> dict:
     return _PRETRAINED
 
 
+def _network(n_classes: int):
+    """The architecture only (random weights); no dropout or stochastic depth: short CPU fine-tuning."""
+    _, EfficientNet, _ = _imports()
+    return EfficientNet.from_name("efficientnet-lite0", image_size=IMAGE, num_classes=n_classes,
+                                  dropout_rate=0.0, drop_connect_rate=0.0)
+
+
 def build_classifier(n_classes: int):
     """EfficientNet-Lite0 with the pretrained weights (θ0) and an untrained ``n_classes`` head."""
-    torch, EfficientNet, _ = _imports()
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=IMAGE, num_classes=n_classes,
-                                   dropout_rate=0.0, drop_connect_rate=0.0)  # short CPU fine-tuning: no stochastic depth
+    model = _network(n_classes)
     result = model.load_state_dict({k: v for k, v in pretrained().items() if not k.startswith("_fc.")}, strict=False)
     if sorted(result.missing_keys) != ["_fc.bias", "_fc.weight"] or result.unexpected_keys:
         raise ConfigError(f"EfficientNet-Lite0 weights do not fit the model: missing {result.missing_keys}, "
@@ -62,9 +67,8 @@ def build_classifier(n_classes: int):
 
 def onnx_factory(task: str, shapes: dict):
     """``edgemerge export onnx --model edgemerge.suites.vision_model:onnx_factory``."""
-    torch, EfficientNet, _ = _imports()
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=IMAGE, num_classes=shapes["_fc.weight"][0])
-    return model.eval(), (torch.zeros(2, 3, IMAGE, IMAGE),)
+    torch, _, _ = _imports()
+    return _network(shapes["_fc.weight"][0]).eval(), (torch.zeros(2, 3, IMAGE, IMAGE),)
 
 
 def to_inputs(images: np.ndarray) -> np.ndarray:
