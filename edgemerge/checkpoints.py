@@ -212,6 +212,7 @@ class Plan:
 
     merged: list[str]                       # float params of θ0: τ, masks
     carried: list[str]                      # integer/bool buffers: copied from θ0, never merged
+                                            # (the merge adds float params that no task changed)
     private: dict[str, list[str]] = field(default_factory=dict)  # task -> keys stored whole
 
 

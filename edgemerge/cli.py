@@ -124,7 +124,8 @@ def merge(base, tasks, method, params, masks, lambdas, private, vector_dtype, ou
         lam = "-" if t.lam is None else f"{t.lam:g}"
         table.add_row(t.name, lam, f"{t.density:.3f}", f"{t.error:.4g}", f"{t.relative_error:.3f}")
     console.print(table)
-    console.print(f"{report.n_params:,} merged parameters, {len(report.tasks)} tasks: inputs {_human(report.input_bytes)} "
+    unchanged = f" ({report.n_unchanged:,} more that no task changed, stored once)" if report.n_unchanged else ""
+    console.print(f"{report.n_params:,} merged parameters{unchanged}, {len(report.tasks)} tasks: inputs {_human(report.input_bytes)} "
                   f"→ bundle {_human(report.bundle_bytes)} in {report.seconds:.1f} s")
 
 

@@ -111,14 +111,17 @@ def _reusable(path: str, cfg: MergeConfig) -> bool:
     return same
 
 
-def _scaled(bundle, alpha: float, task: str) -> dict[str, np.ndarray]:
-    """θ0 + α·τ_MTL for every merged param (no masks) + the task's own head."""
+def _scaled(bundle, alpha: float) -> dict[str, np.ndarray]:
+    """θ0 + α·τ_MTL for every merged param (no masks); carried params as θ0. Heads not included."""
     out = {}
     for p in bundle.params:
         b = np.asarray(bundle.base(p.name))
         out[p.name] = b if p.role == "carried" else (b + np.float32(alpha) * bundle.vector(p.name).astype(np.float32)).astype(b.dtype)
-    out.update({k: np.asarray(v) for k, v in bundle.private(task).items()})
     return out
+
+
+def _with_head(bundle, shared: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+    return {**shared, **{k: np.asarray(v) for k, v in bundle.private(task).items()}}
 
 
 def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None = None) -> DemoResult:
@@ -157,10 +160,15 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
         if not _reusable(path, cfg_m):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             merge(cfg_m, path, score=score, progress=progress)
-        bundles[method] = open_bundle(path)
-        best = max(ALPHAS, key=lambda a: (np.mean([ev.accuracy(t, "val", _scaled(bundles[method], a, t)) for t in tasks]), -a))
-        alpha[method] = best
-        acc[method] = {t: ev.accuracy(t, "test", _scaled(bundles[method], best, t)) for t in tasks}
+        b = bundles[method] = open_bundle(path)
+        val = {}
+        for a in ALPHAS:  # the scaled model is shared by every task; only the head changes
+            shared = _scaled(b, a)
+            val[a] = np.mean([ev.accuracy(t, "val", _with_head(b, shared, t)) for t in tasks])
+        alpha[method] = best = max(ALPHAS, key=lambda a: (val[a], -a))
+        shared = _scaled(b, best)
+        acc[method] = {t: ev.accuracy(t, "test", _with_head(b, shared, t)) for t in tasks}
+        del shared
         ev.save()
     shutil.copyfile(bundles["task_arithmetic"].path, os.path.join(opts.out, "tasks.safetensors"))
     tall = open_bundle(os.path.join(opts.out, "tasks.safetensors"))

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from .runtime.bundle import Bundle
-from .runtime.dtypes import DTYPES
+from .runtime.dtypes import DTYPES, FLOAT_DTYPES
 
 SECTIONS = ("base", "vector", "mask", "task")
 
@@ -23,7 +23,7 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
         sections[name.split("/", 1)[0]] += e.end - e.start
     file_bytes = os.path.getsize(bundle.path)
     shared_src = sum(p.numel * DTYPES[p.dtype].itemsize for p in bundle.params)
-    shared_f32 = sum(p.numel * (4 if p.role == "merged" else DTYPES[p.dtype].itemsize) for p in bundle.params)
+    shared_f32 = sum(p.numel * (4 if p.dtype in FLOAT_DTYPES else DTYPES[p.dtype].itemsize) for p in bundle.params)
     private = {t: sum(h.tensors[f"task/{t}/{k}"].end - h.tensors[f"task/{t}/{k}"].start for k in keys)
                for t, keys in bundle.private_keys.items()}
     n = len(bundle.tasks)

@@ -8,7 +8,8 @@ Passes over the inputs (each reads θ0 and every task once, chunk by chunk):
    task's mask bucket (``edgemerge.tall``) and the reconstruction error of every λ.
 3. Consensus methods only: keep entries active in ≥ k TALL masks (always built for the vote),
    then, with ``masks="tall"``, rebuild the masks against the filtered vector (one more pass).
-4. Write the bundle from θ0, the scratch vector and the buckets of the chosen λ_t.
+4. Write the bundle from θ0, the scratch vector and the buckets of the chosen λ_t. A float param
+   whose τ_MTL came out zero everywhere (no task changed it) is stored as θ0 alone (carried).
 
 Peak memory is O(N × chunk), not O(N × model); scratch files live next to the output and are
 removed afterwards. Nothing is written under the output name unless everything succeeded.
@@ -97,7 +98,8 @@ class MergeReport:
     seconds: float
     bundle_bytes: int
     input_bytes: int
-    n_params: int
+    n_params: int                # elements merged (vector + masks in the bundle)
+    n_unchanged: int = 0         # elements of float params no task changed: carried as θ0
 
 
 # -- scratch files ------------------------------------------------------------------------------
@@ -273,12 +275,26 @@ def merge(
                 stats, choice, scores = None, None, {}
         sources = {n: f.result() for n, f in hashes.items()}
         reports = _task_reports(config, stats, choice, scores)
-        _write(output, config, method, params, plan, inputs, scratch, choice, reports, sources, progress)
+        unchanged = _unchanged(plan, base, scratch, config.chunk_elems)
+        stored = Plan([p for p in plan.merged if p not in unchanged], sorted(plan.carried + unchanged), plan.private)
+        _write(output, config, method, params, stored, inputs, scratch, choice, reports, sources, progress)
     return MergeReport(
         output, method.name, params, reports, time.perf_counter() - t0, os.path.getsize(output),
         sum(_source_bytes(p) for p in [config.base, *config.tasks.values()]),
-        sum(base.info(p).numel for p in plan.merged),
+        sum(base.info(p).numel for p in stored.merged), sum(base.info(p).numel for p in unchanged),
     )
+
+
+def _unchanged(plan: Plan, base: Checkpoint, scratch: Scratch, chunk: int) -> list[str]:
+    """Merged params whose τ_MTL is zero everywhere (frozen during fine-tuning, or emptied by the
+    method): θ_t = θ0 for every task whatever the mask, so the bundle carries them as θ0 alone,
+    with no vector and no mask bits, and a switch never touches them."""
+    out = []
+    for p in plan.merged:
+        n = base.info(p).numel
+        if not any(scratch.read_vector(p, s, min(n, s + chunk)).any() for s in range(0, n, chunk)):
+            out.append(p)
+    return out
 
 
 def _source_bytes(path: str) -> int:

@@ -41,6 +41,38 @@ def test_splits_are_disjoint_and_reproducible():
     assert text_data.split(task, 1)["test"].texts != a["test"].texts
 
 
+def test_micro_batches_cut_where_padding_is_least():
+    from edgemerge.suites.text_model import micro_batches
+
+    lengths = np.array([5, 64, 10, 12, 64, 8, 30])
+    parts = micro_batches(lengths, np.array([0, 1, 2, 3, 4, 5]))  # 6 × 64 = 384 padded; 4 × 12 + 2 × 64 = 176
+    assert [p.tolist() for p in parts] == [[0, 5, 2, 3], [1, 4]]
+    parts = micro_batches(lengths, np.array([6, 2, 0]))  # 3 × 30 = 90; best cut 2 × 10 + 30 = 50
+    assert [p.tolist() for p in parts] == [[0, 2], [6]]
+    # saving less than a tenth: one batch, sorted
+    assert [p.tolist() for p in micro_batches(np.array([60, 64, 62]), np.array([0, 1, 2]))] == [[0, 2, 1]]
+    assert [p.tolist() for p in micro_batches(lengths, np.array([3]))] == [[3]]
+
+
+def test_train_loop_micro_batches_give_the_minibatch_gradient():
+    import torch
+
+    from edgemerge.suites.suite import train_loop
+
+    x, y = torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 3
+    final = []
+    for cut in (None, 5):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        parts = (lambda p: [((x[p],), y[p])]) if cut is None else (lambda p: [((x[p[:cut]],), y[p[:cut]]), ((x[p[cut:]],), y[p[cut:]])])
+        losses = train_loop(torch, model, opt, 40, steps=6, batch=16, seed=3, make_batch=parts)
+        final.append((torch.cat([model.weight.detach().ravel(), model.bias.detach()]), losses))
+    torch.testing.assert_close(final[0][0], final[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final[0][1], final[1][1], rtol=1e-5)
+    assert final[0][1][-1] < final[0][1][0]
+
+
 def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEMERGE_CACHE", str(tmp_path / "cache"))
     from edgemerge.demo import DemoOptions, run_demo
@@ -55,10 +87,16 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     from edgemerge.inspect import summarize
     from edgemerge.runtime import open_bundle
 
-    with open_bundle(out / "tasks.safetensors") as b:  # N = 2: θ0 + τ + 2 masks ≈ 2.06 models > 2 checkpoints
+    with open_bundle(out / "tasks.safetensors") as b:  # N = 2: θ0 + τ + 2 masks
         s = summarize(b)
         mask_bytes = 2 * sum((p.numel + 7) // 8 for p in b.params if p.role == "merged")
-    assert s["sections"]["base"] == s["sections"]["vector"] == 4 * s["n_params"]
+        roles = {p.name: p.role for p in b.params}
+        all_params = sum(p.numel for p in b.params)
+    # the frozen word-embedding table is carried: θ0 only, no τ, no mask bits
+    assert roles["encoder.embeddings.word_embeddings.weight"] == "carried"
+    assert [k for k, r in roles.items() if r == "carried"] == ["encoder.embeddings.word_embeddings.weight"]
+    assert s["sections"]["vector"] == 4 * s["n_params"] and s["sections"]["base"] == 4 * all_params
+    assert all_params - s["n_params"] == 30522 * 384
     assert s["sections"]["mask"] == mask_bytes and r.storage["tall_bundle"] == s["bundle_bytes"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["accuracy"]["tall"] == r.accuracy["tall"]
@@ -70,3 +108,12 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     assert r2.accuracy == r.accuracy
     assert r.built == ["language", "news"] and r.evaluations > 0
     assert r2.built == [] and r2.evaluations == 0
+    # fine-tuning leaves the word-embedding table as it was and moves the rest of the encoder
+    from safetensors.numpy import load_file
+
+    folder = next((tmp_path / "cache" / "suites").glob("text-*/*"))
+    base, news = load_file(folder / "base.safetensors"), load_file(folder / "news.safetensors")
+    emb = "encoder.embeddings.word_embeddings.weight"
+    assert np.array_equal(base[emb], news[emb])
+    assert not np.array_equal(base["encoder.encoder.layer.0.attention.self.query.weight"],
+                              news["encoder.encoder.layer.0.attention.self.query.weight"])

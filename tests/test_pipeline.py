@@ -140,6 +140,31 @@ def test_task_arithmetic_vector_and_carried_buffers(suite, tmp_path):
     assert {p.name: p.role for p in b.params}["norm.num_batches_tracked"] == "carried"
 
 
+def test_params_no_task_changed_are_carried(tmp_path):
+    """A frozen tensor (same bytes in every task) and one the method empties are stored as θ0 only."""
+    rng = np.random.default_rng(5)
+    base = {"emb": rng.standard_normal((40, 8)).astype(np.float32), "w": rng.standard_normal((6, 8)).astype(np.float32),
+            "v": np.zeros(2, np.float32)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    tasks = {}
+    for i, sign in enumerate((1, -1)):  # 'v' moves by +1 in one task and -1 in the other: TA sums it to 0
+        sd = {"emb": base["emb"], "w": base["w"] + rng.standard_normal((6, 8)).astype(np.float32) * 0.1,
+              "v": np.full(2, sign, np.float32)}
+        save_file(sd, str(tmp_path / f"t{i}.safetensors"))
+        tasks[f"t{i}"] = str(tmp_path / f"t{i}.safetensors")
+    report = merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks, "task_arithmetic"), tmp_path / "b.safetensors")
+    assert (report.n_params, report.n_unchanged) == (48, 320 + 2)
+    with open_bundle(tmp_path / "b.safetensors") as b:
+        assert {p.name: p.role for p in b.params} == {"emb": "carried", "v": "carried", "w": "merged"}
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "b.safetensors"), "np") as f:
+            assert sorted(f.keys()) == ["base/emb", "base/v", "base/w", "mask/t0/w", "mask/t1/w", "vector/w"]
+        for t in tasks:
+            w = b.task_weights(t)
+            assert w["emb"].tobytes() == base["emb"].tobytes() and w["v"].tolist() == [0.0, 0.0]
+            assert w["w"].tobytes() == np.where(b.mask(t, "w"), base["w"] + b.vector("w"), base["w"]).tobytes()
+
+
 def test_consensus_keeps_entries_in_k_masks(big_suite, tmp_path):
     base, tasks = big_suite
     merge(MergeConfig(base, tasks, "task_arithmetic", masks="tall"), tmp_path / "ta.safetensors")

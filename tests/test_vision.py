@@ -93,3 +93,15 @@ def test_tiny_vision_demo_end_to_end(tmp_path, monkeypatch):
     assert all(r.deploy["matches_torch"].values())
     assert r.options["suite"] == "vision" and r.options["lr"] == 1e-4
     assert "vision suite (EfficientNet-Lite0" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_task_checkpoint_does_not_depend_on_what_else_is_built(tmp_path, monkeypatch):
+    """A fixed seed gives the same bytes for a task whether it is built alone or after another."""
+    from edgemerge.suites.suite import SuiteConfig, build_suite
+
+    files = {}
+    for run, tasks in (("alone", ("digits",)), ("after", ("mnist", "digits"))):
+        monkeypatch.setenv("EDGEMERGE_CACHE", str(tmp_path / run))
+        suite = build_suite(SuiteConfig("vision", tasks, seed=3, steps=3, test=60, val=30))
+        files[run] = [open(p, "rb").read() for p in (suite.checkpoints["digits"], suite.probes["digits"])]
+    assert files["alone"] == files["after"]

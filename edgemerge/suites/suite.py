@@ -70,20 +70,24 @@ def predict(logits_fn: Callable[..., np.ndarray], data: Batches) -> np.ndarray:
 
 
 def train_loop(torch, model, opt, n_items: int, steps: int, batch: int, seed: int,
-               make_batch: Callable[[np.ndarray], tuple[tuple, Any]],
+               make_batch: Callable[[np.ndarray], list[tuple[tuple, Any]]],
                progress: Callable[[int], None] | None = None) -> list[float]:
     """``steps`` minibatches of ``batch`` items drawn without replacement by a generator seeded
-    with ``seed``; ``make_batch(indices) -> (model inputs, labels)``. Leaves the model in eval mode."""
+    with ``seed``; ``make_batch(indices)`` returns the minibatch as one or more micro-batches
+    ``(model inputs, labels)`` whose gradients add up to the mean loss over the whole minibatch
+    (micro-batches let text batches pad less). Leaves the model in eval mode."""
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(steps):
         pick = rng.choice(n_items, size=min(batch, n_items), replace=False)
-        inputs, labels = make_batch(pick)
-        loss = torch.nn.functional.cross_entropy(model(*inputs), labels)
         opt.zero_grad()
-        loss.backward()
+        total = 0.0
+        for inputs, labels in make_batch(pick):
+            loss = torch.nn.functional.cross_entropy(model(*inputs), labels) * (len(labels) / len(pick))
+            loss.backward()
+            total += float(loss.detach())
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(total)
         if progress:
             progress(step + 1)
     model.eval()
@@ -161,7 +165,7 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
         if os.path.exists(ckpt) and os.path.exists(probe):
             continue
         t0 = time.perf_counter()
-        model = kind.build_classifier(len(task.classes))
+        model = kind.build_classifier(len(task.classes), seed=cfg.seed)  # the same head whatever else is built
         kind.linear_probe(model, kind.prepare(kind.head_of(parts["train"], PROBE_ITEMS)), cfg.seed)
         head = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if fnmatch.fnmatchcase(k, kind.head)}
         write_safetensors(probe, head)

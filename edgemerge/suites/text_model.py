@@ -45,9 +45,12 @@ def _imports():
     return torch, transformers
 
 
-def build_classifier(n_classes: int):
-    """A fresh classifier with the pretrained encoder (θ0) and an untrained head."""
+def build_classifier(n_classes: int, seed: int | None = None):
+    """A fresh classifier with the pretrained encoder (θ0) and an untrained head, initialized from
+    ``seed`` when given."""
     torch, transformers = _imports()
+    if seed is not None:
+        torch.manual_seed(seed)
 
     class Classifier(torch.nn.Module):
         def __init__(self) -> None:
@@ -85,7 +88,7 @@ def tokenizer():
     return _TOKENIZER
 
 
-def tokenize(texts: list[str], labels: np.ndarray, batch_size: int = 64) -> Batches:
+def tokenize(texts: list[str], labels: np.ndarray, batch_size: int = 32) -> Batches:
     """Length-sorted batches (less padding, faster CPU inference) of (input_ids, attention_mask)."""
     enc = tokenizer()(texts, truncation=True, max_length=MAX_LEN)
     lengths = np.array([len(x) for x in enc["input_ids"]])
@@ -122,19 +125,42 @@ def pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def micro_batches(lengths: np.ndarray, pick: np.ndarray) -> list[np.ndarray]:
+    """``pick`` sorted by length and cut in two where that pads the fewest tokens, if that saves
+    at least a tenth of them: the minibatch gradient is the same, the padding is not."""
+    pick = pick[np.argsort(lengths[pick], kind="stable")]
+    sizes = lengths[pick].astype(np.int64)
+    n = len(pick)
+    whole = n * int(sizes[-1])
+    padded = [k * int(sizes[k - 1]) + (n - k) * int(sizes[-1]) for k in range(1, n)]
+    if not padded or min(padded) > 0.9 * whole:
+        return [pick]
+    k = 1 + int(np.argmin(padded))
+    return [pick[:k], pick[k:]]
+
+
 def finetune(model, texts: list[str], labels: np.ndarray, steps: int, lr: float, seed: int,
              head_lr: float = 1e-3, batch: int = 16, progress: Callable[[int], None] | None = None) -> list[float]:
-    """AdamW on encoder + head for ``steps`` minibatches drawn with a fixed seed."""
+    """AdamW on encoder + head for ``steps`` minibatches drawn with a fixed seed. The word-embedding
+    table (11.7 M of the 22.7 M parameters) stays frozen: updating it costs about a fifth of a CPU
+    step, and only the rows of tokens a task sees would move. Minibatches run as length-sorted
+    micro-batches (``micro_batches``)."""
     torch, _ = _imports()
     torch.manual_seed(seed)
     seqs = tokenizer()(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
-                             {"params": model.head.parameters(), "lr": head_lr}], weight_decay=0.0)
+    lengths = np.array([len(x) for x in seqs])
+    model.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    body = [p for p in model.encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": model.head.parameters(), "lr": head_lr}],
+                            weight_decay=0.0)
     model.train()
 
     def make_batch(pick):
-        ids, mask = pad([seqs[i] for i in pick])
-        return (torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels[pick])
+        out = []
+        for part in micro_batches(lengths, pick):
+            ids, mask = pad([seqs[i] for i in part])
+            out.append(((torch.from_numpy(ids), torch.from_numpy(mask)), torch.from_numpy(labels[part])))
+        return out
 
     return train_loop(torch, model, opt, len(seqs), steps, batch, seed, make_batch, progress)
 
@@ -156,7 +182,7 @@ def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
 class TextKind:
     """The text suite for ``suites.suite``: data, model, training, export."""
 
-    name, version, head = "text", "text-v2", HEAD_PATTERN  # bump the version whenever data, splits or training change
+    name, version, head = "text", "text-v3", HEAD_PATTERN  # bump the version whenever data, splits or training change
     label = "all-MiniLM-L6-v2, 22.7 M parameters"
     loaders = text_data.LOADERS
     defaults = {"steps": 60, "lr": 1e-4, "test": 250, "val": 100}

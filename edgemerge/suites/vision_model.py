@@ -55,8 +55,11 @@ def _network(n_classes: int):
                                   dropout_rate=0.0, drop_connect_rate=0.0)
 
 
-def build_classifier(n_classes: int):
-    """EfficientNet-Lite0 with the pretrained weights (θ0) and an untrained ``n_classes`` head."""
+def build_classifier(n_classes: int, seed: int | None = None):
+    """EfficientNet-Lite0 with the pretrained weights (θ0) and an untrained ``n_classes`` head,
+    initialized from ``seed`` when given."""
+    if seed is not None:
+        _imports()[0].manual_seed(seed)
     model = _network(n_classes)
     result = model.load_state_dict({k: v for k, v in pretrained().items() if not k.startswith("_fc.")}, strict=False)
     if sorted(result.missing_keys) != ["_fc.bias", "_fc.weight"] or result.unexpected_keys:
@@ -136,13 +139,13 @@ def finetune(model, part: vision_data.Split, steps: int, lr: float, seed: int, h
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
     return train_loop(torch, model, opt, len(x_all), steps, batch, seed,
-                      lambda pick: ((torch.from_numpy(x_all[pick]),), torch.from_numpy(part.labels[pick])), progress)
+                      lambda pick: [((torch.from_numpy(x_all[pick]),), torch.from_numpy(part.labels[pick]))], progress)
 
 
 class VisionKind:
     """The vision suite for ``suites.suite``: data, model, training, export."""
 
-    name, version, head = "vision", "vision-v1", HEAD_PATTERN  # bump the version whenever data, splits or training change
+    name, version, head = "vision", "vision-v2", HEAD_PATTERN  # bump the version whenever data, splits or training change
     label = "EfficientNet-Lite0, 3.4 M parameters + heads"
     loaders = vision_data.LOADERS
     defaults = {"steps": 100, "lr": 1e-4, "test": 500, "val": 200}
