@@ -244,7 +244,7 @@ def write_report(r: DemoResult, out: str) -> None:
         lines.append(f"| {t} | {r.classes[t]} | " + " | ".join(cells) + " |")
     avg = [f"{100 * np.mean([r.accuracy[m][t] for t in r.tasks]):.1f}" + ("" if m in ("zero_shot", "finetuned") else
            f" ({100 * np.mean([r.normalized(m, t) for t in r.tasks]):.1f}%)") for m in methods]
-    lines += [f"| **mean** | | " + " | ".join(avg) + " |", "",
+    lines += ["| **mean** | | " + " | ".join(avg) + " |", "",
               "TALL λ_t (chosen on validation) and mask density: " + ", ".join(
                   f"{t} λ={r.tall_lambda[t]} ({100 * r.tall_density[t]:.1f}%)" for t in r.tasks), "",
               "Pairwise cosine of task vectors (merged parameters):", "",

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -276,7 +276,7 @@ def merge(
         sources = {n: f.result() for n, f in hashes.items()}
         reports = _task_reports(config, stats, choice, scores)
         unchanged = _unchanged(plan, base, scratch, config.chunk_elems)
-        stored = Plan([p for p in plan.merged if p not in unchanged], sorted(plan.carried + unchanged), plan.private)
+        stored = Plan([p for p in plan.merged if p not in unchanged], sorted([*plan.carried, *unchanged]), plan.private)
         _write(output, config, method, params, stored, inputs, scratch, choice, reports, sources, progress)
     return MergeReport(
         output, method.name, params, reports, time.perf_counter() - t0, os.path.getsize(output),
@@ -285,15 +285,15 @@ def merge(
     )
 
 
-def _unchanged(plan: Plan, base: Checkpoint, scratch: Scratch, chunk: int) -> list[str]:
+def _unchanged(plan: Plan, base: Checkpoint, scratch: Scratch, chunk: int) -> set[str]:
     """Merged params whose τ_MTL is zero everywhere (frozen during fine-tuning, or emptied by the
     method): θ_t = θ0 for every task whatever the mask, so the bundle carries them as θ0 alone,
     with no vector and no mask bits, and a switch never touches them."""
-    out = []
+    out = set()
     for p in plan.merged:
         n = base.info(p).numel
         if not any(scratch.read_vector(p, s, min(n, s + chunk)).any() for s in range(0, n, chunk)):
-            out.append(p)
+            out.add(p)
     return out
 
 

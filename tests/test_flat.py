@@ -112,3 +112,32 @@ def test_unknown_task(bundle, applier, tmp_path):
     write_flat(bundle, tmp_path / "img.bin")
     p = run_c(applier, tmp_path / "img.bin", "nope", tmp_path / "out.bin")
     assert p.returncode == 1 and "unknown task" in p.stderr
+
+
+def test_float_param_no_task_changed_travels_as_base_only(applier, tmp_path):
+    """enc.0.bias is the same in every task: the bundle carries it, the image holds θ0 for it and
+    nothing else, and the C applier rebuilds the merged params around it."""
+    from safetensors.numpy import load_file, save_file
+
+    base, tasks = make_suite(tmp_path)
+    frozen = load_file(base)["enc.0.bias"]
+    for path in tasks.values():
+        sd = load_file(path)
+        sd["enc.0.bias"] = frozen
+        save_file(sd, path)
+    merge(MergeConfig(base, tasks, "ties", private=("head.*",)), tmp_path / "b.safetensors")
+    b = open_bundle(tmp_path / "b.safetensors")
+    assert {p.name: p.role for p in b.params}["enc.0.bias"] == "carried"
+    img = tmp_path / "img.bin"
+    write_flat(b, img, "Q16")
+    _, entries, _ = read_flat(str(img))
+    from edgemerge.export.flat import CODES, KINDS
+
+    (entry,) = [e for e in entries if e.name == "enc.0.bias"]  # θ0 only, in its own dtype, not Q16
+    assert (entry.kind, entry.dtype, entry.numel) == (KINDS["base"], CODES["F32"], frozen.size)
+    for t in b.tasks:
+        ref = rebuild(str(img), t)
+        assert "enc.0.bias" not in ref and sorted(ref) == ["enc.0.weight", "enc.1.weight"]
+        p = run_c(applier, img, t, tmp_path / "out.bin")
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / "out.bin").read_bytes() == np.concatenate([v.reshape(-1) for v in ref.values()]).astype("<f4").tobytes()

@@ -100,7 +100,9 @@ def test_cli_prints_trtexec_lines_and_explains_a_missing_tensorrt(exported):
     p = subprocess.run([*cmd, "--trtexec-only"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert f"trtexec --onnx={exp.plain} --saveEngine={engine} --refit" in p.stdout
-    assert "8 weights will be refittable" in p.stdout
+    # enc.* (4 merged) and head.* (2 private); norm.* is carried (no task changed it): not refittable
+    assert [p.role for p in bundle.params] == ["merged"] * 4 + ["carried"] * 2
+    assert "6 weights will be refittable" in p.stdout
     if not _has_tensorrt_and_cuda():
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert p.returncode != 0 and "TensorRT is not installed" in p.stdout + p.stderr
@@ -149,6 +151,7 @@ def _fake_trt(version, names, missing=()):
     trt.TensorLocation = types.SimpleNamespace(DEVICE="device", HOST="host")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.calls = []
+    trt.pending = set(missing)  # asked for until set; asked for again after each refit
 
     class Logger:
         WARNING = 2
@@ -205,19 +208,22 @@ def _fake_trt(version, names, missing=()):
 
         def set_named_weights(self, name, w, location="host"):
             trt.calls.append(("set", name, location, w.args))
+            trt.pending.discard(name)
             return name in names
 
         def get_missing_weights(self):
-            return list(missing)
+            return sorted(trt.pending)
 
         def refit_cuda_engine_async(self, stream):
             trt.calls.append(("refit_async", stream))
             trt.on_refit()
+            trt.pending = set(missing)
             return True
 
         def refit_cuda_engine(self):
             trt.calls.append(("refit", None))
             trt.on_refit()
+            trt.pending = set(missing)
             return True
 
     trt.Logger, trt.Weights, trt.Runtime, trt.Refitter = Logger, Weights, Runtime, Refitter
@@ -277,6 +283,20 @@ def test_session_contract_with_a_recording_stand_in(exported, monkeypatch, tmp_p
     old.on_refit = lambda: got.update({c[1]: np.array(c[3][0]) for c in old.calls if c[0] == "set"})
     s.switch("t2")
     want = bundle.task_weights("t2")
-    assert {n: got[n].tobytes() for n in want} == {n: np.ascontiguousarray(want[n]).tobytes() for n in want}
+    assert sorted(got) == sorted(merged + ["head.weight", "head.bias"])  # carried weights stay as built
+    assert {n: got[n].tobytes() for n in got} == {n: np.ascontiguousarray(want[n]).tobytes() for n in got}
     assert ("refit", None) in old.calls and not any(c[0] == "refit_async" for c in old.calls)
+
+    # every weight refittable (REFIT before 10.2) and a carried one fused with a merged one: TensorRT
+    # asks for it at every refit and gets θ0
+    fused = _fake_trt("8.6.2", names + ["norm.weight"], missing=["norm.weight"])
+    fused.on_refit = lambda: None
+    monkeypatch.setitem(sys.modules, "tensorrt", fused)
+    s = TrtTaskSession(bundle, str(engine))
+    for task in ("t0", "t1"):
+        fused.calls.clear()
+        s.switch(task)
+        (norm,) = [c for c in fused.calls if c[0] == "set" and c[1] == "norm.weight"]
+        assert np.array(norm[3][0]).tobytes() == np.asarray(bundle.base("norm.weight")).tobytes()
+        assert fused.calls[-1] == ("refit", None)
     assert torch.cuda.is_available()

@@ -123,6 +123,8 @@ class TrtTaskSession(Switchable):
         self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, device)
                                  if self._device_mode else np.array(v)
                              for k, v in self.bundle.private(t).items() if k in private} for t in self.bundle.tasks}
+        self._carried_names = {p.name for p in self.bundle.params if p.role == "carried"} & refittable
+        self._carried: dict[str, Any] = {}  # θ0 of carried weights TensorRT asked for, kept alive
         self.context = self.engine.create_execution_context()
         self._context_lock = threading.Lock()
         self.stream = torch.cuda.Stream()
@@ -145,6 +147,19 @@ class TrtTaskSession(Switchable):
             raise BackendError(f"TensorRT rejected weights {name!r} ({value.dtype}, {value.size if isinstance(value, np.ndarray) else value.numel()} "
                                "values): name, count or type differs from the engine's -- rebuild it from this bundle")
 
+    def _refill(self, missing) -> list[str]:
+        """Hand over θ0 for carried weights TensorRT asks for (fused with a weight that changed, on
+        engines where every weight is refittable); return what is still missing."""
+        again = [n for n in missing if n in self._carried_names]
+        for n in again:
+            if n not in self._carried:
+                from .torch_backend import to_torch
+
+                b, dtype = self.bundle.base(n), self.bundle.param(n).dtype
+                self._carried[n] = to_torch(b, dtype, self.torch.device("cuda")) if self._device_mode else np.array(b)
+            self._set(n, self._carried[n])
+        return list(self.refitter.get_missing_weights()) if again else list(missing)
+
     def _switch_locked(self, task: str) -> float:
         torch = self.torch
         torch.cuda.synchronize()  # never refit while work that reads the engine is enqueued anywhere
@@ -157,7 +172,7 @@ class TrtTaskSession(Switchable):
                 self._set(n, buf)
         for k, v in self._private[task].items():
             self._set(k, v)
-        missing = self.refitter.get_missing_weights()
+        missing = self._refill(self.refitter.get_missing_weights())
         if missing:
             raise FormatError("\n  ".join([f"cannot refit {task!r}:", *match_refit_names([], [], missing)]))
         if self._device_mode:
