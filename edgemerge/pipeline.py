@@ -276,6 +276,8 @@ def merge(
         sources = {n: f.result() for n, f in hashes.items()}
         reports = _task_reports(config, stats, choice, scores)
         unchanged = _unchanged(plan, base, scratch, config.chunk_elems)
+        if unchanged and choice is not None:
+            _kept_densities(reports, stats, choice, unchanged, base, scratch, config.chunk_elems)
         stored = Plan([p for p in plan.merged if p not in unchanged], sorted([*plan.carried, *unchanged]), plan.private)
         _write(output, config, method, params, stored, inputs, scratch, choice, reports, sources, progress)
     return MergeReport(
@@ -295,6 +297,19 @@ def _unchanged(plan: Plan, base: Checkpoint, scratch: Scratch, chunk: int) -> se
         if not any(scratch.read_vector(p, s, min(n, s + chunk)).any() for s in range(0, n, chunk)):
             out.add(p)
     return out
+
+
+def _kept_densities(reports: list[TaskReport], stats: TallStats, choice: list[int], unchanged: set[str],
+                    base: Checkpoint, scratch: Scratch, chunk: int) -> None:
+    """Mask densities over the params the bundle keeps masks for (a carried param keeps none)."""
+    for i, r in enumerate(reports):
+        count = stats.count[i].copy()  # elements per bucket; bucket > j means "on" at grid point j
+        for p in unchanged:
+            n = base.info(p).numel
+            for s in range(0, n, chunk):
+                count -= np.bincount(scratch.read_bucket(i, p, s, min(n, s + chunk)), minlength=len(count))
+        total = int(count.sum())
+        r.density = float(count[choice[i] + 1:].sum() / total) if total else 0.0
 
 
 def _source_bytes(path: str) -> int:

@@ -159,7 +159,8 @@ def test_params_no_task_changed_are_carried(tmp_path):
         from safetensors import safe_open
         with safe_open(str(tmp_path / "b.safetensors"), "np") as f:
             assert sorted(f.keys()) == ["base/emb", "base/v", "base/w", "mask/t0/w", "mask/t1/w", "vector/w"]
-        for t in tasks:
+        for t, r in zip(tasks, report.tasks):  # density: of the mask bits the bundle stores
+            assert r.density == b.mask(t, "w").mean() == b.manifest["tasks"][int(t[1])]["density"]
             w = b.task_weights(t)
             assert w["emb"].tobytes() == base["emb"].tobytes() and w["v"].tolist() == [0.0, 0.0]
             assert w["w"].tobytes() == np.where(b.mask(t, "w"), base["w"] + b.vector("w"), base["w"]).tobytes()
