@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--suite", default="text", choices=("text", "vision"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    rows, walls = [], {}
+    rows = []
     with tempfile.TemporaryDirectory(prefix="edgemerge-demo-time-") as tmp:
         cache = os.path.join(tmp, "cache")
         debian = os.path.join(cache_root(), "debian")
@@ -53,7 +53,6 @@ def main() -> None:
             os.symlink(debian, os.path.join(cache, "debian"))
         for label in ("first", "later"):
             wall, r = run(args.suite, cache, os.path.join(tmp, label))
-            walls[label] = wall
             stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items() if k != "total")
             ok = "met" if wall <= GOALS[label] else "MISSED"
             rows.append([f"{label} run", f"{wall:.0f} s", f"≤ {GOALS[label]:.0f} s — {ok}",

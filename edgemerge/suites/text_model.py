@@ -142,8 +142,8 @@ def micro_batches(lengths: np.ndarray, pick: np.ndarray) -> list[np.ndarray]:
 def finetune(model, texts: list[str], labels: np.ndarray, steps: int, lr: float, seed: int,
              head_lr: float = 1e-3, batch: int = 16, progress: Callable[[int], None] | None = None) -> list[float]:
     """AdamW on encoder + head for ``steps`` minibatches drawn with a fixed seed. The word-embedding
-    table (11.7 M of the 22.7 M parameters) stays frozen: updating it costs about 15% of a CPU
-    step, and only the rows of tokens a task sees would move. Minibatches run as length-sorted
+    table (11.7 M of the 22.7 M parameters) stays frozen: no step computes its gradient or
+    updates it, and only the rows of tokens a task sees would move. Minibatches run as length-sorted
     micro-batches (``micro_batches``)."""
     torch, _ = _imports()
     torch.manual_seed(seed)
