@@ -97,7 +97,10 @@ def write_bundle(
         "mask": {"policy": "tall" if masks is not None else "none", "bit_order": BIT_ORDER, **dict(mask_info or {})},
         **dict(extra or {}),
     }
-    meta = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)}
+    try:  # strict JSON: a bare NaN or Infinity is refused by other readers, so never written
+        meta = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}
+    except ValueError as exc:
+        raise FormatError(f"{os.fspath(path)}: manifest holds a non-finite number ({exc}); nothing was written") from None
     write_safetensors(path, tensors, meta, progress=progress)
     open_bundle(path).close()  # the reader's checks are the writer's last check
     return manifest

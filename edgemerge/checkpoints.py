@@ -206,6 +206,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # -- validation ---------------------------------------------------------------------------------
 
 
+# Running statistics are not task vectors (summing N tasks' variance changes can make a variance
+# negative): by default each task keeps its own, stored whole like a head. Names follow torch's
+# BatchNorm/InstanceNorm buffers and Keras' moving averages.
+STATISTICS = ("*running_mean", "*running_var", "*moving_mean", "*moving_variance")
+VARIANCES = ("*running_var", "*moving_variance")
+STAT_POLICIES = ("per-task", "merge")
+
+
+def matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
 @dataclass
 class Plan:
     """What the merge will do with every key, decided from the headers alone."""
@@ -214,12 +226,19 @@ class Plan:
     carried: list[str]                      # integer/bool buffers: copied from θ0, never merged
                                             # (the merge adds float params that no task changed)
     private: dict[str, list[str]] = field(default_factory=dict)  # task -> keys stored whole
+    statistics: list[str] = field(default_factory=list)            # of those, running statistics
 
 
-def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patterns: Iterable[str] = ()) -> Plan:
-    """Check every task against θ0 and report *every* problem at once (CheckpointError)."""
+def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patterns: Iterable[str] = (),
+               statistics: Iterable[str] = ()) -> Plan:
+    """Check every task against θ0 and report *every* problem at once (CheckpointError).
+
+    Keys matching ``private_patterns`` or ``statistics`` are stored whole per task; a private
+    pattern that matches nothing is a mistake, a statistics pattern need not match (no BatchNorm).
+    """
     patterns = list(private_patterns)
-    is_private = lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)  # noqa: E731
+    stats = list(statistics)
+    is_private = lambda key: matches(key, patterns) or matches(key, stats)  # noqa: E731
     shared = [k for k in base.keys() if not is_private(k)]
     problems: list[str] = []
     private: dict[str, list[str]] = {}
@@ -244,13 +263,14 @@ def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patter
         raise CheckpointError(f"{len(problems)} problem(s) with the task checkpoints:\n  " + "\n  ".join(problems))
     merged = sorted(k for k in shared if base.info(k).dtype in FLOAT_DTYPES)
     carried = sorted(k for k in shared if base.info(k).dtype not in FLOAT_DTYPES)
-    return Plan(merged, carried, private)
+    stat_keys = sorted({k for keys in private.values() for k in keys if matches(k, stats) and not matches(k, patterns)})
+    return Plan(merged, carried, private, stat_keys)
 
 
 def nonfinite_problem(path: str, key: str, arr: np.ndarray) -> str | None:
-    """A message if ``arr`` holds NaN or Inf."""
+    """A message if ``arr`` holds NaN or Inf (checked in its own dtype: a finite F64 is finite)."""
     if arr.dtype.kind == "f" or arr.dtype == DTYPES.get("BF16"):
-        bad = ~np.isfinite(arr.astype(np.float32, copy=False))
+        bad = ~np.isfinite(arr if arr.dtype.kind == "f" else arr.astype(np.float32))
         if bad.any():
             return f"{path}: {key!r} has {int(bad.sum())} NaN/Inf value(s)"
     return None

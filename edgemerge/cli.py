@@ -96,11 +96,14 @@ def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--masks", type=click.Choice(["tall", "none"]), default="tall", show_default=True, help="Per-task TALL masks, or one merged model.")
 @click.option("--lambdas", default="0.2,0.3,0.4,0.5,0.6", show_default=True, help="TALL λ grid, comma separated.")
 @click.option("--private", multiple=True, metavar="PATTERN", help="Keys stored whole per task, e.g. 'head.*' (repeat).")
-@click.option("--vector-dtype", type=click.Choice(["F32", "F16", "BF16"]), default="F32", show_default=True, help="Storage dtype of τ_MTL.")
+@click.option("--statistics", type=click.Choice(["per-task", "merge"]), default="per-task", show_default=True,
+              help="Running statistics (BatchNorm running_mean/var): kept whole per task, or merged like weights.")
+@click.option("--vector-dtype", type=click.Choice(["auto", "F32", "F16", "BF16"]), default="auto", show_default=True,
+              help="Storage dtype of τ_MTL (auto: θ0's, F32 when its float params mix dtypes).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle file to write (.safetensors).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge(base, tasks, method, params, masks, lambdas, private, vector_dtype, output, as_json, quiet) -> None:
+def merge(base, tasks, method, params, masks, lambdas, private, statistics, vector_dtype, output, as_json, quiet) -> None:
     """Merge task checkpoints of BASE into one bundle."""
     from .pipeline import MergeConfig, merge as run_merge
 
@@ -109,7 +112,7 @@ def merge(base, tasks, method, params, masks, lambdas, private, vector_dtype, ou
     except ValueError:
         raise ConfigError(f"--lambdas {lambdas!r} must be comma-separated numbers") from None
     cfg = MergeConfig(base=base, tasks=_parse_tasks(tasks), method=method, params=_parse_kv(params, "--param"),
-                      masks=masks, lambdas=grid, private=tuple(private), vector_dtype=vector_dtype)
+                      masks=masks, lambdas=grid, private=tuple(private), statistics=statistics, vector_dtype=vector_dtype)
     with progress_bar(quiet or as_json) as prog:
         report = run_merge(cfg, output, progress=prog)
     if as_json:

@@ -23,13 +23,15 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .bundle import write_bundle
-from .checkpoints import Checkpoint, Plan, nonfinite_problem, open_checkpoint, plan_merge
+from .checkpoints import (
+    STAT_POLICIES, STATISTICS, VARIANCES, Checkpoint, Plan, matches, nonfinite_problem, open_checkpoint, plan_merge,
+)
 from .errors import CheckpointError, ConfigError
 from .io import Lazy
 from .methods import Method, get_method
@@ -56,7 +58,8 @@ class MergeConfig:
     masks: str = "tall"
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     private: tuple[str, ...] = ()
-    vector_dtype: str = "F32"
+    statistics: str = "per-task"                   # running statistics: kept per task, or merged
+    vector_dtype: str = "auto"                     # τ_MTL storage: θ0's float dtype (F32 if mixed)
     chunk_elems: int = 1 << 20
 
     def validate(self) -> tuple[Method, dict[str, Any]]:
@@ -71,8 +74,10 @@ class MergeConfig:
         lams = tuple(float(x) for x in self.lambdas)
         if not lams or len(lams) > 254 or any(not (math.isfinite(x) and x >= 0) for x in lams) or list(lams) != sorted(set(lams)):
             raise ConfigError(f"TALL λ grid {self.lambdas!r} must be 1-254 distinct, increasing, non-negative numbers")
-        if self.vector_dtype not in VECTOR_DTYPES:
-            raise ConfigError(f"vector dtype {self.vector_dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+        if self.vector_dtype not in ("auto", *VECTOR_DTYPES):
+            raise ConfigError(f"vector dtype {self.vector_dtype!r} is not one of auto, {', '.join(VECTOR_DTYPES)}")
+        if self.statistics not in STAT_POLICIES:
+            raise ConfigError(f"statistics policy {self.statistics!r} is not one of {', '.join(STAT_POLICIES)}")
         if self.chunk_elems < 1024:
             raise ConfigError("chunk_elems must be at least 1024")
         return method, params
@@ -193,10 +198,16 @@ class Inputs:
         self._check(self.base, u.param, raw0)
         b = raw0.astype(np.float32)
         taus = np.empty((len(self.ckpts), u.stop - u.start), dtype=np.float32)
-        for i, c in enumerate(self.ckpts):
-            raw = c.read(u.param, u.start, u.stop)
-            self._check(c, u.param, raw)
-            np.subtract(raw.astype(np.float32, copy=False), b, out=taus[i])
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i, c in enumerate(self.ckpts):
+                raw = c.read(u.param, u.start, u.stop)
+                self._check(c, u.param, raw)
+                np.subtract(raw.astype(np.float32, copy=False), b, out=taus[i])
+                if self.checking and (c.path, u.param) not in self.problems and not np.isfinite(taus[i]).all():
+                    if nonfinite_problem(c.path, u.param, raw) is None and nonfinite_problem(self.base.path, u.param, raw0) is None:
+                        self.problems[(c.path, u.param)] = (
+                            f"{c.path}: {u.param!r}: τ = θ_t − θ0 is outside the float32 range edgemerge merges in "
+                            f"(|θ| up to {float(np.max(np.abs(raw.astype(np.float64)))):.3g})")
         return b, taus
 
     def _check(self, c: Checkpoint, key: str, raw: np.ndarray) -> None:
@@ -210,7 +221,7 @@ class Inputs:
         self.checking = False
         if self.problems:
             msgs = sorted(self.problems.values())
-            raise CheckpointError(f"{len(msgs)} tensor(s) hold NaN/Inf:\n  " + "\n  ".join(msgs))
+            raise CheckpointError(f"{len(msgs)} tensor(s) hold NaN/Inf or overflow float32:\n  " + "\n  ".join(msgs))
 
 
 # -- the merge ----------------------------------------------------------------------------------
@@ -252,7 +263,9 @@ def merge(
         for name, path in config.tasks.items():
             tasks[name] = open_checkpoint(path)
             stack.callback(tasks[name].close)
-        plan = plan_merge(base, tasks, config.private)
+        plan = plan_merge(base, tasks, config.private, STATISTICS if config.statistics == "per-task" else ())
+        vector_dtype = config.vector_dtype if config.vector_dtype != "auto" else auto_vector_dtype(plan, base)
+        config = replace(config, vector_dtype=vector_dtype)
         hasher = stack.enter_context(ThreadPoolExecutor(1))  # hashing overlaps the passes (2nd core)
         hashes = {n: hasher.submit(c.sha256) for n, c in [("__base__", base), *tasks.items()]}
         scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".edgemerge-", dir=os.path.dirname(os.path.abspath(output))))
@@ -278,7 +291,9 @@ def merge(
         unchanged = _unchanged(plan, base, scratch, config.chunk_elems)
         if unchanged and choice is not None:
             _kept_densities(reports, stats, choice, unchanged, base, scratch, config.chunk_elems)
-        stored = Plan([p for p in plan.merged if p not in unchanged], sorted([*plan.carried, *unchanged]), plan.private)
+        stored = Plan([p for p in plan.merged if p not in unchanged], sorted([*plan.carried, *unchanged]), plan.private,
+                      plan.statistics)
+        check_rebuilt(stored, base, scratch, choice, list(config.tasks), config.chunk_elems)
         _write(output, config, method, params, stored, inputs, scratch, choice, reports, sources, progress)
     return MergeReport(
         output, method.name, params, reports, time.perf_counter() - t0, os.path.getsize(output),
@@ -310,6 +325,44 @@ def _kept_densities(reports: list[TaskReport], stats: TallStats, choice: list[in
                 count -= np.bincount(scratch.read_bucket(i, p, s, min(n, s + chunk)), minlength=len(count))
         total = int(count.sum())
         r.density = float(count[choice[i] + 1:].sum() / total) if total else 0.0
+
+
+def auto_vector_dtype(plan: Plan, base: Checkpoint) -> str:
+    """τ_MTL in θ0's float dtype: F16 or BF16 when every merged param is, else F32."""
+    dtypes = {base.info(p).dtype for p in plan.merged}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in ("F16", "BF16") else "F32"
+
+
+def check_rebuilt(plan: Plan, base: Checkpoint, scratch: Scratch, choice: list[int] | None, tasks: list[str],
+                  chunk: int) -> None:
+    """Refuse, before anything is written, a bundle that would rebuild an invalid θ_t for a task:
+    a non-finite value (θ0 + τ_MTL overflowing θ0's dtype) or a variance ≤ 0 (merged statistics).
+    Every task's θ_t holds θ0 or θ0 + τ_MTL per element, so one pass over θ0 and τ_MTL suffices."""
+    problems: dict[tuple[str, str], list] = {}
+    for p in plan.merged:
+        info = base.info(p)
+        is_var = matches(p, VARIANCES)
+        for s in range(0, info.numel, chunk):
+            e = min(info.numel, s + chunk)
+            with np.errstate(over="ignore", invalid="ignore"):
+                rebuilt = (base.read(p, s, e).astype(np.float32) + scratch.read_vector(p, s, e)).astype(DTYPES[info.dtype])
+                rebuilt = rebuilt.astype(np.float32)
+            bad = ~np.isfinite(rebuilt) | ((rebuilt <= 0) if is_var else False)
+            if not bad.any():
+                continue
+            for i, t in enumerate(tasks):
+                on = bad if choice is None else bad & (scratch.read_bucket(i, p, s, e) > choice[i])
+                if on.any():
+                    entry = problems.setdefault((t, p), [0, np.inf])
+                    entry[0] += int(on.sum())
+                    entry[1] = min(entry[1], float(np.nanmin(np.where(on, rebuilt, np.inf))))
+    if problems:
+        lines = [f"task {t!r}, {p!r}: {n} rebuilt value(s) {'≤ 0 for a variance' if matches(p, VARIANCES) else 'not finite'}"
+                 f" (smallest {m:.4g})" for (t, p), (n, m) in sorted(problems.items())]
+        raise CheckpointError(
+            f"{len(lines)} task weight(s) would be invalid; nothing was written. Running statistics are not task vectors: "
+            "keep them per task (statistics='per-task', the default; CLI --statistics per-task), or lower the method's "
+            "scale (--param scale=...):\n  " + "\n  ".join(lines))
 
 
 def _source_bytes(path: str) -> int:
@@ -474,7 +527,7 @@ def _write(output, config, method, params, plan, inputs: Inputs, scratch, choice
     masks = None if choice is None else {t: {p: mask_t(i, p) for p in plan.merged} for i, t in enumerate(names)}
     task_entries = {
         r.name: {
-            "lambda": r.lam, "density": r.density, "recon_error": r.error,
+            "lambda": r.lam, "density": r.density, "recon_error": r.error if math.isfinite(r.error) else None,
             "source": {"file": os.path.basename(os.path.normpath(config.tasks[r.name])), "sha256": sources[r.name]},
         }
         for r in reports
@@ -498,6 +551,7 @@ def _write(output, config, method, params, plan, inputs: Inputs, scratch, choice
         method={"name": method.name, "params": params, "paper": method.paper},
         mask_info={"lambda_grid": list(config.lambdas), "selection": "none" if choice is None else ("validation" if any(r.scores for r in reports) else "reconstruction")},
         extra={"base": {"file": os.path.basename(os.path.normpath(config.base)), "sha256": sources["__base__"]},
-               "options": {"private_patterns": list(config.private)}},
+               "options": {"private_patterns": list(config.private),
+                           "statistics": {"policy": config.statistics, "per_task": plan.statistics}}},
         progress=step,
     )

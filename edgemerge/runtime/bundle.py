@@ -239,13 +239,17 @@ def _sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))).hexdigest()
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
 def parse_manifest(path: str, header: Header) -> dict[str, Any]:
     """Check the manifest's own structure (the tensors are checked by ``Bundle``)."""
     raw = header.metadata.get(MANIFEST_KEY)
     _expect(raw is not None, path, f"not an edgemerge bundle (no {MANIFEST_KEY!r} metadata)")
     try:
-        m = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        m = json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise FormatError(f"{path}: manifest is not valid JSON ({exc})") from None
     _expect(isinstance(m, dict) and m.get("format") == FORMAT_NAME, path, f"manifest 'format' must be {FORMAT_NAME!r}")
     version = m.get("format_version")

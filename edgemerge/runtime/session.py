@@ -9,9 +9,13 @@ Two modes (``docs/runtime.md`` has the measurements behind the default):
   are graph inputs. Their buffers are allocated once and wrapped as OrtValues without a copy;
   ``switch`` rewrites them in place with the mask kernel. No session work per switch, memory of
   one model; ONNX Runtime cannot pre-pack weights that are inputs, so inference is slower.
-- ``"sessions"``: one session per task over the *plain* graph, θ_t handed over with
-  ``SessionOptions.add_initializer`` (zero-copy). Full graph optimization and pre-packing, but a
-  session per task (built on first use) and N copies of the managed weights in memory.
+- ``"sessions"``: one session per task over the *plain* graph. Its managed initializers are
+  turned into external-data references (a small in-memory skeleton) and θ_t is handed over with
+  ``SessionOptions.add_external_initializers``, which ONNX Runtime applies *before* any graph
+  optimization. (``add_initializer`` is not used: constant folding, Conv+BN fusion and layout
+  transforms read the file's θ0 values, not the override, and served θ0 for some weights.) Full
+  optimization and pre-packing, but a session per task (built on first use) and N copies of the
+  managed weights in memory.
 
 Thread safety: ``run`` may be called from many threads while another calls ``switch``; a switch
 waits for the runs in flight and blocks new ones until the weights are complete, so no run ever
@@ -37,6 +41,16 @@ from .kernel import apply_mask
 MODES = ("inputs", "sessions")
 BASE_ID_KEY = "edgemerge.base_id"
 WEIGHTS_KEY = "edgemerge.weights"
+# SessionOptions cannot be copied; a per-task session gets a fresh one with these copied over.
+# For anything else (custom ops, providers' own options) pass a callable that returns new options.
+_OPTION_ATTRS = ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
+                 "execution_order", "enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse",
+                 "log_severity_level", "log_verbosity_level", "logid", "use_deterministic_compute")
+_CONFIG_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning", "session.disable_prepacking",
+                "session.set_denormal_as_zero", "session.use_env_allocators", "session.intra_op_thread_affinities",
+                "session.disable_cpu_ep_fallback", "session.qdq_matmulnbits_accuracy_level")
+SPIN_KEY = "session.intra_op.allow_spinning"
+EXTERNAL_LOCATION = "edgemerge-task-weights"  # never opened: every such initializer is supplied in memory
 _ORT_TYPES = {"tensor(float)": "F32", "tensor(float16)": "F16", "tensor(bfloat16)": "BF16", "tensor(double)": "F64",
               "tensor(int64)": "I64", "tensor(int32)": "I32", "tensor(int8)": "I8", "tensor(uint8)": "U8", "tensor(bool)": "BOOL"}
 
@@ -173,6 +187,9 @@ class TaskSession(Switchable):
 
     def __init__(self, bundle: Bundle | str, onnx_path: str, mode: str = "inputs",
                  providers: Sequence[str] | None = None, session_options=None):
+        """``session_options``: an ``onnxruntime.SessionOptions`` (in ``sessions`` mode each task's
+        session gets a fresh copy of its documented attributes and config keys) or a callable that
+        returns a new one per session, for settings that cannot be copied."""
         if mode not in MODES:
             raise ConfigError(f"unknown runtime mode {mode!r}; valid: {', '.join(MODES)}")
         self.bundle = open_bundle(bundle) if isinstance(bundle, str) else bundle
@@ -181,7 +198,7 @@ class TaskSession(Switchable):
         self._providers = list(providers or ["CPUExecutionProvider"])
         self._options = session_options
         self._init_switching()
-        probe = self._new_session({})
+        probe = self._new_session()
         self._check_base(probe)
         self.weights, self.data_inputs = self._match_inputs(probe)
         self.output_names = [o.name for o in probe.get_outputs()]
@@ -195,24 +212,46 @@ class TaskSession(Switchable):
                     self._buffers[n] = np.array(self.bundle.base(n))
             self._values = {n: self._ort.OrtValue.ortvalue_from_numpy(b) for n, b in self._buffers.items()}
         else:
+            del probe  # it holds θ0's weights; each task gets its own session from the skeleton
+            self._skeleton = _skeleton(self.onnx_path, self.weights)
             self._sessions: dict[str, object] = {}
-            self._keep: dict[str, dict[str, np.ndarray]] = {}
 
     # -- checks ---------------------------------------------------------------------------------
-    def _new_session(self, initializers: Mapping[str, object]):
-        opts = self._options
-        if opts is None or initializers:
-            opts = self._ort.SessionOptions()
+    def _session_options(self):
+        """A fresh SessionOptions for one session: the caller's (copied, or from their callable)."""
+        given = self._options
+        if callable(given):
+            return given()
+        opts = self._ort.SessionOptions()
+        if given is not None:
+            for attr in _OPTION_ATTRS:
+                setattr(opts, attr, getattr(given, attr))
+            for key in _CONFIG_KEYS:
+                try:
+                    opts.add_session_config_entry(key, given.get_session_config_entry(key))
+                except RuntimeError:  # not set by the caller
+                    pass
+        try:
+            opts.get_session_config_entry(SPIN_KEY)
+        except RuntimeError:
             # ONNX Runtime's workers spin-wait after a run; that steals the cores the mask kernel
             # needs right after inference (switch 1.5-2x slower, bench/switch_bench.py), while
-            # inference itself barely changes. Pass session_options to choose otherwise.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            for name, value in initializers.items():
-                opts.add_initializer(name, value)
+            # inference itself barely changes. Set the key in session_options to choose otherwise.
+            opts.add_session_config_entry(SPIN_KEY, "0")
+        return opts
+
+    def _new_session(self, weights: Mapping[str, np.ndarray] | None = None):
+        """A session over the file, or -- with ``weights`` -- over the skeleton with those weights."""
+        opts = self._session_options()
+        model: object = self.onnx_path
+        if weights is not None:
+            names = list(weights)
+            opts.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
+            model = self._skeleton
         try:
-            return self._ort.InferenceSession(self.onnx_path, sess_options=opts, providers=self._providers)
+            return self._ort.InferenceSession(model, sess_options=opts, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.onnx_path}: ONNX Runtime could not load the model ({exc})") from None
+            raise BackendError(f"{self.onnx_path}: ONNX Runtime could not load the model: {_first_line(exc)}{_dtype_hint(exc)}") from None
 
     def _check_base(self, session) -> None:
         meta = session.get_modelmeta().custom_metadata_map
@@ -238,6 +277,7 @@ class TaskSession(Switchable):
             graph_w = initializer_specs(self.onnx_path)
         else:
             graph_w = {n: (_ORT_TYPES.get(graph[n].type, graph[n].type), graph[n].shape) for n in weights if n in graph}
+        _check_graph_kind(self.onnx_path, self.mode, weights, graph_w, graph)
         problems = []
         for n in weights:
             if n not in graph_w:
@@ -277,10 +317,9 @@ class TaskSession(Switchable):
         return time.perf_counter() - t0
 
     def _build_task_session(self, task: str):
-        arrays = {n: np.ascontiguousarray(w) for n, w in self.bundle.task_weights(task).items() if n in self.weights}
-        arrays = {n: (a if a.flags.writeable else a.copy()) for n, a in arrays.items()}
-        self._keep[task] = arrays  # add_initializer does not copy: the arrays must outlive the session
-        return self._new_session({n: self._ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()})
+        # add_external_initializers copies the data into the session, so nothing is kept here
+        weights = self.bundle.task_weights(task)
+        return self._new_session({n: np.ascontiguousarray(weights[n]) for n in self.weights})
 
     # -- inference ------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray, task: str | None = None) -> list[np.ndarray]:
@@ -307,3 +346,53 @@ class TaskSession(Switchable):
         for n, a in inputs.items():
             feeds[n] = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
         return [v.numpy() for v in self._session.run_with_ort_values(self.output_names, feeds)]
+
+
+def _skeleton(path: str, weights: Sequence[str]) -> bytes:
+    """The plain graph with the managed initializers' data replaced by external-data references
+    (never opened: ``add_external_initializers`` supplies them before any optimization runs)."""
+    try:
+        import onnx
+        import onnx.numpy_helper
+    except ImportError:
+        raise BackendError("sessions mode needs onnx: pip install 'edgemerge[onnx]'") from None
+    model = onnx.load(path)
+    wanted = set(weights)
+    for init in model.graph.initializer:
+        if init.name not in wanted:
+            continue
+        nbytes = onnx.numpy_helper.to_array(init).nbytes
+        for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            init.ClearField(fld)
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(nbytes))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    return model.SerializeToString()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _dtype_hint(exc: Exception) -> str:
+    text = str(exc)
+    for onnx_type, name in (("tensor(bfloat16)", "bfloat16"), ("tensor(float16)", "float16")):
+        if onnx_type in text:
+            return (f" -- this provider has no {name} kernel for a node of this graph; export the model in float32 "
+                    f"(a {name} bundle can be cast: edgemerge extract, then merge with float32 checkpoints) or use a provider "
+                    f"with {name} support (CUDA, TensorRT)")
+    return ""
+
+
+def _check_graph_kind(path: str, mode: str, weights: list[str], graph_w: Mapping, graph_inputs: Mapping) -> None:
+    """One line, not one per weight, when the graph is the other kind than the mode needs."""
+    if not weights or any(n in graph_w for n in weights):
+        return
+    if mode == "sessions" and any(n in graph_inputs for n in weights):
+        raise FormatError(f"{path} is a switchable graph (weights are inputs); mode='sessions' needs the plain graph "
+                          "(model.plain.onnx), or use mode='inputs' with this one")
+    if mode == "inputs":
+        raise FormatError(f"{path} has none of its weights as graph inputs (a plain graph?); mode='inputs' needs the switchable graph "
+                          "(model.switchable.onnx), or use mode='sessions' with this one")
