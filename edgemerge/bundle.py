@@ -42,6 +42,7 @@ def write_bundle(
     masks: Mapping[str, Mapping[str, TensorLike]] | None = None,
     private: Mapping[str, Mapping[str, TensorLike]] | None = None,
     vector_dtype: str = "F32",
+    aliases: Mapping[str, str] | None = None,
     method: Mapping[str, Any] | None = None,
     mask_info: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -53,6 +54,7 @@ def write_bundle(
     ``base`` holds every parameter of θ0; those that also appear in ``vector`` are *merged*
     (θ_t = θ0 + m_t ⊙ τ_MTL), the rest are *carried* unchanged. ``masks`` (task -> param ->
     packed uint8) must cover every merged param of every task, or be None for "no masks".
+    ``aliases`` maps a tied name to the param it is one tensor with (stored once, under that param).
     """
     names = [check_task_name(t) for t in tasks]
     if vector_dtype not in VECTOR_DTYPES:
@@ -79,6 +81,10 @@ def write_bundle(
     extra_vectors = sorted(set(vector) - set(base))
     if extra_vectors:
         raise FormatError(f"vector tensors without a base parameter: {', '.join(extra_vectors)}")
+    aliases = dict(aliases or {})
+    for a, c in aliases.items():
+        if c not in base or a in base:
+            raise FormatError(f"alias {a!r} -> {c!r}: the alias must not be a param and its target must be one")
     private = private or {}
     for t, keys in private.items():
         if t not in tasks:
@@ -95,6 +101,7 @@ def write_bundle(
         "vector_dtype": vector_dtype,
         "method": dict(method or {}),
         "mask": {"policy": "tall" if masks is not None else "none", "bit_order": BIT_ORDER, **dict(mask_info or {})},
+        **({"aliases": dict(sorted(aliases.items()))} if aliases else {}),
         **dict(extra or {}),
     }
     try:  # strict JSON: a bare NaN or Infinity is refused by other readers, so never written

@@ -39,6 +39,7 @@ class Checkpoint:
 
     path: str
     _info: dict[str, TensorInfo]
+    aliases: dict[str, str] = {}    # tied names (alias -> canonical key), not in keys(): read once
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -165,7 +166,10 @@ class TorchCheckpoint(Checkpoint):
             obj = obj["state_dict"]  # Lightning-style wrapper
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
-        self._arrays = {str(k): _torch_to_numpy(v) for k, v in obj.items()}
+        from .runtime.torch_backend import tied_names
+
+        self.aliases = tied_names(obj)
+        self._arrays = {str(k): _torch_to_numpy(v) for k, v in obj.items() if str(k) not in self.aliases}
         self._info = {k: TensorInfo(dtype_name(a.dtype), tuple(a.shape)) for k, a in self._arrays.items()}
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
@@ -227,10 +231,11 @@ class Plan:
                                             # (the merge adds float params that no task changed)
     private: dict[str, list[str]] = field(default_factory=dict)  # task -> keys stored whole
     statistics: list[str] = field(default_factory=list)            # of those, running statistics
+    aliases: dict[str, str] = field(default_factory=dict)          # tied name -> the key stored
 
 
 def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patterns: Iterable[str] = (),
-               statistics: Iterable[str] = ()) -> Plan:
+               statistics: Iterable[str] = (), ties: Mapping[str, str] | None = None) -> Plan:
     """Check every task against θ0 and report *every* problem at once (CheckpointError).
 
     Keys matching ``private_patterns`` or ``statistics`` are stored whole per task; a private
@@ -241,12 +246,15 @@ def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patter
     is_private = lambda key: matches(key, patterns) or matches(key, stats)  # noqa: E731
     shared = [k for k in base.keys() if not is_private(k)]
     problems: list[str] = []
+    aliases = tie_aliases(base, tasks, dict(ties or {}), problems)
+    shared = [k for k in shared if k not in aliases]
     private: dict[str, list[str]] = {}
     for task, ckpt in tasks.items():
         keys = set(ckpt.keys())
         private[task] = sorted(k for k in keys if is_private(k))
         for k in sorted(set(shared) - keys):
             problems.append(f"{ckpt.path}: task {task!r} lacks {k!r}")
+        keys -= set(aliases)
         for k in sorted(keys - set(base.keys())):
             if not is_private(k):
                 problems.append(f"{ckpt.path}: task {task!r} has {k!r}, which the base lacks (mark task-private tensors with --private PATTERN)")
@@ -264,7 +272,35 @@ def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patter
     merged = sorted(k for k in shared if base.info(k).dtype in FLOAT_DTYPES)
     carried = sorted(k for k in shared if base.info(k).dtype not in FLOAT_DTYPES)
     stat_keys = sorted({k for keys in private.values() for k in keys if matches(k, stats) and not matches(k, patterns)})
-    return Plan(merged, carried, private, stat_keys)
+    return Plan(merged, carried, private, stat_keys, {a: c for a, c in sorted(aliases.items()) if c in shared})
+
+
+def tie_aliases(base: Checkpoint, tasks: Mapping[str, Checkpoint], ties: dict[str, str], problems: list[str]) -> dict[str, str]:
+    """alias -> canonical over all inputs: shared storage found in torch files, plus ``ties``
+    given by the caller for files that hold both copies (checked byte-identical in every input).
+    A name tied in one input must be tied (or absent) in every other."""
+    aliases = dict(base.aliases)
+    for ckpt in tasks.values():
+        for a, c in ckpt.aliases.items():
+            aliases.setdefault(a, c)
+    for a, c in ties.items():
+        if a == c or c in ties:
+            raise ConfigError(f"tie {a}={c}: name the tensor to drop first, then the one to keep (no chains)")
+        aliases[a] = c
+    for a, c in sorted(aliases.items()):
+        for ckpt in [base, *tasks.values()]:
+            if a in ckpt.aliases:
+                if ckpt.aliases[a] != c:
+                    problems.append(f"{ckpt.path}: {a!r} is tied to {ckpt.aliases[a]!r} here but to {c!r} elsewhere")
+                continue
+            if a not in ckpt.keys():
+                continue
+            if c not in ckpt.keys():
+                problems.append(f"{ckpt.path}: {a!r} is tied to {c!r}, which this file lacks")
+            elif ckpt.info(a) != ckpt.info(c) or not np.array_equal(ckpt.read(a).view(np.uint8), ckpt.read(c).view(np.uint8)):
+                problems.append(f"{ckpt.path}: {a!r} differs from {c!r}, so they are not tied in this file "
+                                f"(untied in fine-tuning? then drop the tie{'' if a not in ties else ' given'})")
+    return aliases
 
 
 def nonfinite_problem(path: str, key: str, arr: np.ndarray) -> str | None:

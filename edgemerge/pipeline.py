@@ -59,6 +59,7 @@ class MergeConfig:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     private: tuple[str, ...] = ()
     statistics: str = "per-task"                   # running statistics: kept per task, or merged
+    ties: dict[str, str] = field(default_factory=dict)  # alias -> kept key, for files holding both copies
     vector_dtype: str = "auto"                     # τ_MTL storage: θ0's float dtype (F32 if mixed)
     chunk_elems: int = 1 << 20
 
@@ -263,7 +264,7 @@ def merge(
         for name, path in config.tasks.items():
             tasks[name] = open_checkpoint(path)
             stack.callback(tasks[name].close)
-        plan = plan_merge(base, tasks, config.private, STATISTICS if config.statistics == "per-task" else ())
+        plan = plan_merge(base, tasks, config.private, STATISTICS if config.statistics == "per-task" else (), config.ties)
         vector_dtype = config.vector_dtype if config.vector_dtype != "auto" else auto_vector_dtype(plan, base)
         config = replace(config, vector_dtype=vector_dtype)
         hasher = stack.enter_context(ThreadPoolExecutor(1))  # hashing overlaps the passes (2nd core)
@@ -292,7 +293,7 @@ def merge(
         if unchanged and choice is not None:
             _kept_densities(reports, stats, choice, unchanged, base, scratch, config.chunk_elems)
         stored = Plan([p for p in plan.merged if p not in unchanged], sorted([*plan.carried, *unchanged]), plan.private,
-                      plan.statistics)
+                      plan.statistics, plan.aliases)
         check_rebuilt(stored, base, scratch, choice, list(config.tasks), config.chunk_elems)
         _write(output, config, method, params, stored, inputs, scratch, choice, reports, sources, progress)
     return MergeReport(
@@ -548,6 +549,7 @@ def _write(output, config, method, params, plan, inputs: Inputs, scratch, choice
         masks=masks,
         private={t: {k: private_t(tasks[t], k) for k in plan.private.get(t, [])} for t in names},
         vector_dtype=config.vector_dtype,
+        aliases=plan.aliases,
         method={"name": method.name, "params": params, "paper": method.paper},
         mask_info={"lambda_grid": list(config.lambdas), "selection": "none" if choice is None else ("validation" if any(r.scores for r in reports) else "reconstruction")},
         extra={"base": {"file": os.path.basename(os.path.normpath(config.base)), "sha256": sources["__base__"]},

@@ -28,8 +28,9 @@ ENTRY = struct.Struct("<IIIIQQQiIII8I8x")        # 96 bytes
 TASK = struct.Struct("<II")                      # name offset, name length in the names blob
 NONE = 0xFFFFFFFF
 KINDS = {"base": 0, "vector": 1, "mask": 2, "private": 3}
-CODES = {"F32": 0, "F16": 1, "Q16": 2, "U8": 3, "I64": 4, "I32": 5, "F64": 6, "I8": 7, "BOOL": 8, "I16": 9}
-CODE_DTYPE = {0: "<f4", 1: "<f2", 2: "<i2", 3: "u1", 4: "<i8", 5: "<i4", 6: "<f8", 7: "i1", 8: "?", 9: "<i2"}
+CODES = {"F32": 0, "F16": 1, "Q16": 2, "U8": 3, "I64": 4, "I32": 5, "F64": 6, "I8": 7, "BOOL": 8, "I16": 9,
+         "BF16": 10, "U16": 11, "U32": 12, "U64": 13}
+CODE_DTYPE = {CODES[n]: DTYPES[n] for n in CODES if n != "Q16"} | {CODES["Q16"]: np.dtype("<i2")}
 ENCODINGS = ("F32", "F16", "Q16")
 MAX_DIMS = 8
 assert HEADER.size == 64 and ENTRY.size == 96

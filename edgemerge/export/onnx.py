@@ -85,12 +85,26 @@ def build_model(factory: Callable, bundle: Bundle, task: str | None, example_inp
     if example is None:
         raise ConfigError("no example inputs: return (module, example_inputs) from the factory or pass example_inputs")
     example = example if isinstance(example, tuple) else (example,)
-    state = {k: torch.from_numpy(v) for k, v in _distinct(weights).items()}
+    from ..runtime.dtypes import dtype_name
+    from ..runtime.torch_backend import to_torch
+
+    from ..runtime.torch_backend import tied_names
+
+    model_state = model.state_dict(keep_vars=True)
+    ties = tied_names(model_state)              # the model's own ties (tie_weights): alias -> first name
+    root = lambda k: ties.get(k, k)  # noqa: E731
+    for alias, target in bundle.aliases.items():  # tied in the bundle, separate in this model: load both
+        if alias in model_state and target in weights and root(alias) != root(target):
+            weights[alias] = weights[target]
+    state = {k: to_torch(v, dtype_name(v.dtype), "cpu") for k, v in _distinct(weights).items()}
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise FormatError(f"the model has weights the bundle lacks: {', '.join(result.missing_keys[:10])}")
+    loaded = {root(k) for k in state}
+    missing = [k for k in result.missing_keys if root(k) not in loaded]  # a tie-mate of a loaded weight is loaded
+    if missing:
+        raise FormatError(f"the model has weights the bundle lacks: {', '.join(missing[:10])}")
     if result.unexpected_keys:
         raise FormatError(f"the bundle has tensors the model lacks: {', '.join(result.unexpected_keys[:10])}")
+    model.edgemerge_ties = ties
     return model.eval(), example, weights
 
 
@@ -105,10 +119,12 @@ def _distinct(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out, seen = {}, set()
     for k in sorted(weights):
         a = np.array(weights[k])
+        # nudge the bit pattern of the first element: works alike for every int and float dtype,
+        # bfloat16 (numpy kind 'V') included; only the export sees it
+        bits = a.reshape(-1).view(f"u{a.dtype.itemsize}") if a.size and a.dtype.kind != "b" else None
         nudge = 1
-        while a.size and (a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).digest()) in seen and a.dtype.kind in "fiu":
-            flat = a.reshape(-1)
-            flat[0] = flat[0] + nudge if a.dtype.kind in "iu" else np.nextafter(flat[0], np.float32(np.inf)) + nudge
+        while bits is not None and (a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).digest()) in seen:
+            bits[0] = bits[0] + np.array(nudge, bits.dtype)
             nudge += 1
         seen.add((a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).digest()))
         out[k] = a
@@ -125,7 +141,37 @@ def _restore_exact(proto, exact: dict[str, np.ndarray]) -> None:
             raise FormatError(f"initializer {init.name!r} has shape {list(init.dims)}, the weight {list(a.shape)}")
         for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             init.ClearField(fld)
-        init.raw_data = a.astype(a.dtype.newbyteorder("<")).tobytes()
+        init.raw_data = a.reshape(-1).view(np.uint8).tobytes()  # edgemerge dtypes are little-endian
+
+
+def _rename_tied(proto, ties: dict[str, str], managed: set[str]) -> None:
+    """The exporter writes a tied tensor once, under one of its names; give it the bundle's name
+    (else the switchable graph would keep it as a θ0 constant and a refit would not find it)."""
+    groups: dict[str, set[str]] = {}
+    for alias, first in ties.items():
+        groups.setdefault(first, {first}).add(alias)
+    rename = {}
+    for names in groups.values():
+        wanted = sorted(names & managed)
+        for init in proto.graph.initializer:
+            if init.name in names and init.name not in managed and wanted:
+                rename[init.name] = wanted[0]
+    if not rename:
+        return
+    for init in proto.graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for graph in _graphs(proto.graph):
+        for node in graph.node:
+            node.input[:] = [rename.get(n, n) for n in node.input]
+
+
+def _graphs(graph):
+    """A graph and every subgraph (If/Loop/Scan bodies) inside it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _graphs(g)
 
 
 def _atomic_save(model, path: str) -> None:
@@ -186,8 +232,10 @@ def export_onnx(
     if dynamic_axes is None:
         dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
     proto = _export_plain(model, example, "", input_names, output_names, dynamic_axes, opset)
-    _restore_exact(proto, exact)
     managed = [p.name for p in bundle.params] + bundle.private_keys[task or bundle.tasks[0]]
+    managed += [a for a in bundle.aliases if a in exact]  # tied in the bundle, separate in the model
+    _rename_tied(proto, model.edgemerge_ties, set(managed))
+    _restore_exact(proto, exact)
     inits = {i.name: i for i in proto.graph.initializer}
     unused = [n for n in managed if n not in inits]
     _check_renamed(bundle, unused, inits, task)

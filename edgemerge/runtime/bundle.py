@@ -108,6 +108,7 @@ class Bundle:
         self.vector_dtype: str = manifest["vector_dtype"]
         self.mask_policy: str = manifest["mask"]["policy"]
         self.private_keys: dict[str, list[str]] = {t: list(manifest["private"].get(t, [])) for t in self.tasks}
+        self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
         self.checksums: dict[str, str] = self._parse_checksums()
         self._validate_tensors()
         self._mm = map_file(path)
@@ -146,6 +147,10 @@ class Bundle:
                 e = h.tensors.get(private_name(t, k))
                 _expect(e is not None, self.path, f"private tensor {private_name(t, k)!r} is missing")
                 seen.add(e.name)
+        names = {p.name for p in self.params}
+        for a, c in self.aliases.items():
+            _expect(c in names and a not in names, self.path,
+                    f"alias {a!r} -> {c!r}: the target must be a param and the alias must not")
         extra = sorted(set(h.tensors) - seen)
         _expect(not extra, self.path, f"tensors not described by the manifest: {', '.join(extra[:5])}")
 
@@ -159,6 +164,10 @@ class Bundle:
         if task not in self.tasks:
             raise TaskError(f"{self.path}: {unknown_name('task', task, self.tasks)}")
         return task
+
+    def resolve(self, name: str) -> str:
+        """The stored param for ``name`` (itself, or the param a tied name is one tensor with)."""
+        return self.aliases.get(name, name)
 
     def base(self, param: str) -> np.ndarray:
         return self._view(base_name(param))
@@ -267,6 +276,9 @@ def parse_manifest(path: str, header: Header) -> dict[str, Any]:
         except FormatError as exc:
             raise FormatError(f"{path}: {exc}") from None
     _expect(len(set(names)) == len(names), path, "manifest lists a task twice")
+    aliases = m.get("aliases", {})
+    _expect(isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()),
+            path, "manifest 'aliases' must map tied names to param names")
     _expect(set(m["private"]) <= set(names), path, "manifest 'private' names a task that is not listed")
     _expect(all(isinstance(v, list) and all(isinstance(k, str) for k in v) for v in m["private"].values()), path,
             "manifest 'private' must map tasks to lists of tensor names")

@@ -202,14 +202,15 @@ class TaskSession(Switchable):
         self._check_base(probe)
         self.weights, self.data_inputs = self._match_inputs(probe)
         self.output_names = [o.name for o in probe.get_outputs()]
-        self._params = {p.name: p for p in self.bundle.params}
+        # graph weight name -> its bundle param (a tied name resolves to the param it is stored as)
+        by_name = {p.name: p for p in self.bundle.params}
+        self._params = {n: by_name[self.bundle.resolve(n)] for n in self.weights if self.bundle.resolve(n) in by_name}
         if mode == "inputs":
             self._session = probe
-            self._buffers = {n: np.empty(self._params[n].shape, DTYPES[self._params[n].dtype])
-                             for n in self.weights if n in self._params and self._params[n].role == "merged"}
-            for n in self.weights:
-                if n in self._params and self._params[n].role == "carried":
-                    self._buffers[n] = np.array(self.bundle.base(n))
+            self._buffers = {n: np.empty(p.shape, DTYPES[p.dtype]) for n, p in self._params.items() if p.role == "merged"}
+            for n, p in self._params.items():
+                if p.role == "carried":
+                    self._buffers[n] = np.array(self.bundle.base(p.name))
             self._values = {n: self._ort.OrtValue.ortvalue_from_numpy(b) for n, b in self._buffers.items()}
         else:
             del probe  # it holds θ0's weights; each task gets its own session from the skeleton
@@ -270,6 +271,7 @@ class TaskSession(Switchable):
         except json.JSONDecodeError:
             raise FormatError(f"{self.onnx_path}: {WEIGHTS_KEY} metadata is not JSON") from None
         params = {p.name: p for p in self.bundle.params}
+        params.update({a: params[t] for a, t in self.bundle.aliases.items() if t in params})
         graph = {i.name: i for i in session.get_inputs()}
         if self.mode == "sessions":
             from .onnx_graph import initializer_specs
@@ -305,8 +307,9 @@ class TaskSession(Switchable):
         t0 = time.perf_counter()
         if self.mode == "inputs":
             for n, buf in self._buffers.items():
+                p = self._params[n].name
                 if self._params[n].role == "merged":
-                    apply_mask(self.bundle.base(n), self.bundle.vector(n), self.bundle.packed_mask(task, n), buf)
+                    apply_mask(self.bundle.base(p), self.bundle.vector(p), self.bundle.packed_mask(task, p), buf)
             private = self.bundle.private(task)
             for n in self.weights:
                 if n in private:
@@ -319,7 +322,7 @@ class TaskSession(Switchable):
     def _build_task_session(self, task: str):
         # add_external_initializers copies the data into the session, so nothing is kept here
         weights = self.bundle.task_weights(task)
-        return self._new_session({n: np.ascontiguousarray(weights[n]) for n in self.weights})
+        return self._new_session({n: np.ascontiguousarray(weights[self.bundle.resolve(n)]) for n in self.weights})
 
     # -- inference ------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray, task: str | None = None) -> list[np.ndarray]:

@@ -59,7 +59,7 @@ def torch_dtype(name: str):
 def to_torch(arr: np.ndarray, dtype: str, device) -> Any:
     """A bundle view (read-only, possibly bfloat16 via ml_dtypes) as a torch tensor on ``device``."""
     torch = _torch()
-    flat = np.ascontiguousarray(arr)
+    flat = np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes 0-d arrays 1-d
     if dtype == "BF16":  # torch does not know ml_dtypes' bfloat16: move the bits as int16
         flat = flat.view(np.int16)
     with warnings.catch_warnings():  # read-only mmap: torch warns, we only ever read from it
@@ -68,6 +68,23 @@ def to_torch(arr: np.ndarray, dtype: str, device) -> Any:
     if dtype == "BF16":
         t = t.view(torch.bfloat16)
     return t.to(device, copy=True)
+
+
+def tied_names(state: dict) -> dict[str, str]:
+    """alias -> canonical for tensors that are one tensor under two names (same storage, offset,
+    shape, strides and dtype), as torch.save keeps a tied embedding / output layer. The first
+    name in the state dict's order is canonical."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for k, t in state.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in first:
+            aliases[str(k)] = first[ident]
+        else:
+            first[ident] = str(k)
+    return aliases
 
 
 def apply_mask_torch(base, vector, packed, out, block: int = BLOCK) -> None:
@@ -162,6 +179,14 @@ def _set_tensor(model, name: str, value) -> None:
         mod._buffers[attr] = value
 
 
+def _tie(model, name: str, tensor) -> None:
+    """Make ``name`` the very same Parameter/buffer object as ``tensor`` (as tie_weights does), so
+    any later rebinding of one is seen by the other."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    (mod._parameters if attr in mod._parameters else mod._buffers)[attr] = tensor
+
+
 class TorchTaskModel(Switchable):
     """A torch model plus a bundle; ``switch(task)`` then call it like the model."""
 
@@ -173,6 +198,10 @@ class TorchTaskModel(Switchable):
         self.model = model.eval()
         state = model.state_dict(keep_vars=True)
         self.device = next(iter(state.values())).device if state else torch.device("cpu")
+        for alias, target in self.bundle.aliases.items():  # one tensor in the bundle: make it one here
+            if alias in state and target in state and tied_names({target: state[target], alias: state[alias]}) == {}:
+                _tie(model, alias, state[target])
+        state = model.state_dict(keep_vars=True)
         self._check_model(state, strict)
         merged = [p.name for p in self.bundle.params if p.role == "merged"]
         numpy_ok = self.device.type == "cpu" and all(self.bundle.param(n).dtype in _NUMPY_OK for n in merged)
@@ -212,9 +241,10 @@ class TorchTaskModel(Switchable):
         private = {k for keys in self.bundle.private_keys.values() for k in keys}
         problems += [f"task tensor {k!r} is not in the model" for k in sorted(private - set(state))]
         if strict:
-            covered = private | {p.name for p in self.bundle.params}
+            ties = tied_names(state)  # a model tensor tied to a covered one is rewritten with it
+            covered = {ties.get(k, k) for k in private | {p.name for p in self.bundle.params}}
             problems += [f"model tensor {k!r} is not in the bundle and would keep its constructor values "
-                         "(pass strict=False if that is intended)" for k in state if k not in covered]
+                         "(pass strict=False if that is intended)" for k in state if ties.get(k, k) not in covered]
         if problems:
             raise FormatError(f"the model does not match {self.bundle.path}:\n  " + "\n  ".join(problems))
 

@@ -21,7 +21,8 @@
 #define NONE 0xFFFFFFFFu
 enum { KIND_BASE = 0, KIND_VECTOR = 1, KIND_MASK = 2, KIND_PRIVATE = 3 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_Q16 = 2, DT_U8 = 3 };
-static const uint32_t ITEMSIZE[10] = {4, 2, 2, 1, 8, 4, 8, 1, 1, 2};
+#define N_DTYPES 14u  /* codes 0-13, docs/format.md */
+static const uint32_t ITEMSIZE[N_DTYPES] = {4, 2, 2, 1, 8, 4, 8, 1, 1, 2, 2, 2, 4, 8};
 
 typedef struct {
     uint32_t kind, dtype, task, param;
@@ -79,7 +80,7 @@ static int parse(image_t *im, const uint8_t *img, uint64_t size, char *err, size
         e->offset = rd64(p + 16); e->nbytes = rd64(p + 24); e->numel = rd64(p + 32);
         e->frac = (int32_t)rd32(p + 40); e->ndim = rd32(p + 44); e->name_off = rd32(p + 48); e->name_len = rd32(p + 52);
         for (j = 0; j < MAX_DIMS; j++) e->dims[j] = rd32(p + 56 + 4 * j);
-        if (e->kind > 3 || e->dtype > 9 || e->ndim > MAX_DIMS) return fail(err, cap, "bad kind, dtype or ndim", (uint32_t)i);
+        if (e->kind > 3 || e->dtype >= N_DTYPES || e->ndim > MAX_DIMS) return fail(err, cap, "bad kind, dtype or ndim", (uint32_t)i);
         if ((uint64_t)e->name_off + e->name_len > im->names_len) return fail(err, cap, "name out of bounds", (uint32_t)i);
         for (j = 0; j < e->ndim; j++) {
             if (e->dims[j] && numel > UINT64_MAX / e->dims[j]) return fail(err, cap, "shape overflows", (uint32_t)i);
