@@ -213,7 +213,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # Running statistics are not task vectors (summing N tasks' variance changes can make a variance
 # negative): by default each task keeps its own, stored whole like a head. Names follow torch's
 # BatchNorm/InstanceNorm buffers and Keras' moving averages.
-STATISTICS = ("*running_mean", "*running_var", "*moving_mean", "*moving_variance")
+STATISTICS = ("*running_mean", "*running_var", "*num_batches_tracked", "*moving_mean", "*moving_variance")
 VARIANCES = ("*running_var", "*moving_variance")
 STAT_POLICIES = ("per-task", "merge")
 

@@ -213,8 +213,8 @@ class TaskSession(Switchable):
                     self._buffers[n] = np.array(self.bundle.base(p.name))
             self._values = {n: self._ort.OrtValue.ortvalue_from_numpy(b) for n, b in self._buffers.items()}
         else:
-            del probe  # it holds θ0's weights; each task gets its own session from the skeleton
-            self._skeleton = _skeleton(self.onnx_path, self.weights)
+            del probe  # it holds θ0's weights; each task gets its own session from a skeleton
+            self._graph = _load_graph(self.onnx_path)
             self._sessions: dict[str, object] = {}
 
     # -- checks ---------------------------------------------------------------------------------
@@ -248,11 +248,12 @@ class TaskSession(Switchable):
         if weights is not None:
             names = list(weights)
             opts.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
-            model = self._skeleton
+            model = _skeleton(self._graph, weights)
         try:
             return self._ort.InferenceSession(model, sess_options=opts, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.onnx_path}: ONNX Runtime could not load the model: {_first_line(exc)}{_dtype_hint(exc)}") from None
+            hint = _dtype_hint({p.dtype for p in self.bundle.params}, self._providers)
+            raise BackendError(f"{self.onnx_path}: ONNX Runtime could not load the model: {_first_line(exc)}{hint}") from None
 
     def _check_base(self, session) -> None:
         meta = session.get_modelmeta().custom_metadata_map
@@ -295,7 +296,8 @@ class TaskSession(Switchable):
                 else:
                     problems.append(f"weight {n!r} (graph) is not in the bundle for task {task!r}")
                     continue
-                if dtype != want[0] or not _shape_ok(shape, want[1]):
+                resizable = self.mode == "sessions" and n in self.bundle.private_keys[task]
+                if dtype != want[0] or not (resizable and len(shape) == len(want[1]) or _shape_ok(shape, want[1])):
                     problems.append(f"weight {n!r}: graph has {dtype} {list(shape)}, bundle task {task!r} has {want[0]} {list(want[1])}")
         if problems:
             raise FormatError(f"{self.onnx_path} does not match {self.bundle.path}:\n  " + "\n  ".join(dict.fromkeys(problems)))
@@ -351,27 +353,46 @@ class TaskSession(Switchable):
         return [v.numpy() for v in self._session.run_with_ort_values(self.output_names, feeds)]
 
 
-def _skeleton(path: str, weights: Sequence[str]) -> bytes:
-    """The plain graph with the managed initializers' data replaced by external-data references
-    (never opened: ``add_external_initializers`` supplies them before any optimization runs)."""
+def _onnx():
     try:
         import onnx
-        import onnx.numpy_helper
     except ImportError:
         raise BackendError("sessions mode needs onnx: pip install 'edgemerge[onnx]'") from None
-    model = onnx.load(path)
-    wanted = set(weights)
+    return onnx
+
+
+def _load_graph(path: str):
+    return _onnx().load(path)
+
+
+def _skeleton(graph, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The plain graph with the managed initializers' data replaced by external-data references
+    (never opened: ``add_external_initializers`` supplies them before any optimization runs), each
+    with the shape of the weight given -- a task head may have another size than the file's."""
+    onnx = _onnx()
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    resized = False
     for init in model.graph.initializer:
-        if init.name not in wanted:
+        if init.name not in weights:
             continue
-        nbytes = onnx.numpy_helper.to_array(init).nbytes
+        a = weights[init.name]
+        resized |= tuple(init.dims) != a.shape
         for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             init.ClearField(fld)
         del init.external_data[:]
+        init.dims[:] = a.shape
         init.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(nbytes))):
+        for key, value in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(a.nbytes))):
             entry = init.external_data.add()
             entry.key, entry.value = key, value
+    if resized:  # stale static shapes downstream of a resized head would contradict it
+        del model.graph.value_info[:]
+        for out in model.graph.output:
+            for k, dim in enumerate(out.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value"):
+                    dim.ClearField("dim_value")
+                    dim.dim_param = f"{out.name}_dim{k}"
     return model.SerializeToString()
 
 
@@ -379,14 +400,14 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _dtype_hint(exc: Exception) -> str:
-    text = str(exc)
-    for onnx_type, name in (("tensor(bfloat16)", "bfloat16"), ("tensor(float16)", "float16")):
-        if onnx_type in text:
-            return (f" -- this provider has no {name} kernel for a node of this graph; export the model in float32 "
-                    f"(a {name} bundle can be cast: edgemerge extract, then merge with float32 checkpoints) or use a provider "
-                    f"with {name} support (CUDA, TensorRT)")
-    return ""
+def _dtype_hint(dtypes: set[str], providers: Sequence[str]) -> str:
+    """The likely cause when a half-precision graph does not load: the provider lacks kernels."""
+    name = "bfloat16" if "BF16" in dtypes else "float16" if "F16" in dtypes else None
+    if name is None:
+        return ""
+    return (f" -- the weights are {name} and {', '.join(providers)} has no {name} kernel for some node of this graph "
+            f"(ONNX Runtime's CPU provider has few): export the model in float32 (merge float32 checkpoints), "
+            f"or use a provider with {name} support (CUDA, TensorRT)")
 
 
 def _check_graph_kind(path: str, mode: str, weights: list[str], graph_w: Mapping, graph_inputs: Mapping) -> None:

@@ -35,7 +35,7 @@ from .session import Switchable
 KERNELS = ("auto", "numpy", "torch", "triton")
 ALIGN = 128  # elements; every parameter's slice of a flat buffer starts here (a multiple of 8 bits)
 BLOCK = 1 << 24  # elements per block of the torch-ops kernel (bounds its temporaries)
-_NUMPY_OK = ("F32", "F16", "F64")
+_NUMPY_OK = ("F32", "F16", "BF16", "F64")
 
 
 def _torch():
@@ -85,6 +85,17 @@ def tied_names(state: dict) -> dict[str, str]:
         else:
             first[ident] = str(k)
     return aliases
+
+
+def numpy_view(t) -> np.ndarray:
+    """A numpy array sharing a CPU tensor's storage (bfloat16 through its int16 bits, as ml_dtypes)."""
+    torch = _torch()
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        from .dtypes import DTYPES
+
+        return t.view(torch.int16).numpy().view(DTYPES["BF16"])
+    return t.numpy()
 
 
 def apply_mask_torch(base, vector, packed, out, block: int = BLOCK) -> None:
@@ -222,7 +233,7 @@ class TorchTaskModel(Switchable):
         if self._flat is not None:
             for n in merged:
                 _set_tensor(model, n, self._flat.view(n))
-        self._outs = {n: state[n].detach().numpy() for n in merged} if self._flat is None else {}
+        self._outs = {n: numpy_view(state[n]) for n in merged} if self._flat is None else {}
         self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, self.device)
                              for k, v in self.bundle.private(t).items()} for t in self.bundle.tasks}
         self._init_switching()

@@ -1,0 +1,457 @@
+"""The conformance matrix: real architectures × dtypes × checkpoint formats × merge methods, through
+every path edgemerge has, each task's output compared with a torch forward of θ_t.
+
+Used by ``tests/test_conformance.py`` (asserts every cell) and ``bench/conformance.py`` (writes the
+table in docs/conformance.md). Architectures are Hugging Face ``transformers`` classes built from
+tiny configs (random init, no download), each fine-tuned a few real Adam steps per task so task
+vectors look like fine-tuning: GPT-2 (tied embeddings, Conv1D), BERT (``.bin``, task heads of
+different sizes, integer buffers), Llama (RMSNorm, rotary, GQA), ResNet (BatchNorm, 0-d
+``num_batches_tracked``), ViT (the edge-typical transformer; every Linear exported as a MatMul of a
+transposed weight, which ONNX Runtime folds). The θ_t a cell checks against is rebuilt here from the
+bundle's raw bytes (read with the ``safetensors`` library, not edgemerge) by docs/format.md §4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import torch
+import transformers as tf
+from safetensors.numpy import load_file as st_load_numpy
+from safetensors.torch import save_file as st_save
+
+from edgemerge.errors import BackendError, EdgemergeError
+from edgemerge.pipeline import MergeConfig, merge
+from edgemerge.runtime import open_bundle
+from edgemerge.runtime.torch_backend import tied_names
+
+METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare", "dare_ties", "consensus_ta", "consensus_ties")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("safetensors", "sharded", "torch")
+N_TASKS = 3
+# ORT vs torch, max |y - ref| / max |ref|. fp32: the goal. fp16: both sides round every op's output
+# to 11 significant bits (eps 2^-10 ≈ 9.8e-4) but in different orders and accumulation widths;
+# after a few layers that is a few ulps of the largest logit: 8 ulps.
+TOLERANCE = {"fp32": 1e-5, "fp16": 8 * 2.0 ** -10}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _logits_of(cls):
+    """``cls`` whose forward returns the logits tensor (state-dict names unchanged)."""
+
+    def forward(self, *args):
+        names = self.edgemerge_inputs
+        return cls.forward(self, **dict(zip(names, args)), return_dict=True).logits
+
+    return type(cls.__name__ + "Logits", (cls,), {"forward": forward})
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    make: Callable[[int], torch.nn.Module]          # n_labels -> module (random init)
+    inputs: tuple[str, ...]
+    example: Callable[[], tuple]                    # fixed example inputs (float ones are cast per dtype)
+    private: tuple[str, ...] = ()                   # task heads
+    heads: tuple[int, ...] = (0,) * N_TASKS          # per task labels (0: no head)
+    torch_file: str = "model.pt"
+    what: str = ""
+
+
+def _ids(vocab=97, shape=(2, 7)):
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, vocab, shape, generator=g)
+
+
+def _mask(shape=(2, 7)):
+    m = torch.ones(shape, dtype=torch.long)
+    m[1, -2:] = 0  # one padded row: masks must reach the attention
+    return m
+
+
+def _pixels():
+    return (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7)),)
+
+
+def _build(cls, config, inputs):
+    def make(n_labels: int):
+        torch.manual_seed(0)
+        kwargs = {"num_labels": n_labels} if n_labels else {}
+        m = _logits_of(cls)(config(**kwargs))
+        m.edgemerge_inputs = inputs
+        return m
+
+    return make
+
+
+_TEXT = dict(vocab_size=97, hidden_act="gelu", attn_implementation="eager")
+ARCHS: dict[str, Arch] = {
+    "gpt2": Arch("gpt2", _build(tf.GPT2LMHeadModel, lambda **k: tf.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=32, use_cache=False, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", **k), ("input_ids", "attention_mask")),
+        ("input_ids", "attention_mask"), lambda: (_ids(), _mask()), what="tied wte = lm_head, Conv1D (x @ W)"),
+    "bert": Arch("bert", _build(tf.BertForSequenceClassification, lambda **k: tf.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **_TEXT, **k), ("input_ids", "attention_mask")),
+        ("input_ids", "attention_mask"), lambda: (_ids(), _mask()), private=("classifier.*",), heads=(2, 3, 4),
+        torch_file="pytorch_model.bin", what=".bin, heads of 2/3/4 classes, integer buffers"),
+    "llama": Arch("llama", _build(tf.LlamaForCausalLM, lambda **k: tf.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+        vocab_size=97, max_position_embeddings=32, use_cache=False, tie_word_embeddings=False,
+        attn_implementation="eager", **k), ("input_ids", "attention_mask")),
+        ("input_ids", "attention_mask"), lambda: (_ids(), _mask()), what="RMSNorm, rotary, grouped-query attention"),
+    "resnet": Arch("resnet", _build(tf.ResNetForImageClassification, lambda **k: tf.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **k), ("pixel_values",)),
+        ("pixel_values",), _pixels, private=("classifier.*",), heads=(3, 3, 5),
+        what="BatchNorm (running stats, 0-d num_batches_tracked), Conv+BN fusion"),
+    "vit": Arch("vit", _build(tf.ViTForImageClassification, lambda **k: tf.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **k), ("pixel_values",)),
+        ("pixel_values",), _pixels, private=("classifier.*",), heads=(4, 4, 4),
+        what="Linear as MatMul(x, Transpose(W)) (folded by ONNX Runtime), LayerNorm"),
+}
+
+
+def _cast_inputs(example: tuple, dtype) -> tuple:
+    return tuple(a.to(dtype) if a.is_floating_point() else a for a in example)
+
+
+def _finetune(model, arch: Arch, seed: int, steps: int = 3, lr: float = 3e-3) -> None:
+    """A few real Adam steps on random labels (BatchNorm in train mode moves its statistics)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        x = tuple(a if not a.is_floating_point() else torch.randn(a.shape, generator=g) for a in arch.example())
+        out = model(*x)
+        target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g)
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), target.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _without_ties(state: dict) -> dict:
+    """What ``save_pretrained`` writes to safetensors: a tied tensor once, under its first name."""
+    drop = tied_names(state)
+    return {k: v.contiguous() for k, v in state.items() if k not in drop}
+
+
+def _write(state: dict, directory: Path, fmt: str, arch: Arch) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt == "torch":
+        path = directory / arch.torch_file
+        torch.save(state, path)  # keeps shared storage: tied names stay one tensor
+        return str(path)
+    flat = _without_ties(state)
+    if fmt == "safetensors":
+        path = directory / "model.safetensors"
+        st_save(flat, str(path))
+        return str(path)
+    keys = list(flat)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        st_save({k: flat[k] for k in ks}, str(directory / name))
+    index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(directory)
+
+
+@dataclass
+class Suite:
+    """θ0 and N_TASKS fine-tuned checkpoints of one architecture in one dtype, in every format."""
+
+    arch: Arch
+    dtype: str
+    root: Path
+    paths: dict[str, dict[str, str]] = field(default_factory=dict)   # format -> {"__base__"|task: path}
+
+
+def build_suite(arch: Arch, dtype: str, root: Path) -> Suite:
+    suite = Suite(arch, dtype, root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = arch.make(arch.heads[0])
+        base_f32 = {k: v.clone() for k, v in base.state_dict().items() if not _matches(k, arch.private)}
+        states = {"__base__": base.to(DTYPES[dtype]).state_dict()}
+        for t in range(N_TASKS):
+            m = arch.make(arch.heads[t])
+            torch.manual_seed(10 + t)
+            if arch.private:  # a fresh head per task, sized for its labels
+                for mod_name, mod in m.named_modules():
+                    if any(_matches(mod_name + ".weight", [p]) for p in arch.private) and hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+            m.load_state_dict(base_f32, strict=False)
+            _finetune(m, arch, t)
+            states[f"t{t}"] = m.to(DTYPES[dtype]).state_dict()
+    for fmt in FORMATS:
+        suite.paths[fmt] = {name: _write(sd, root / fmt / name, fmt, arch) for name, sd in states.items()}
+    return suite
+
+
+def _matches(key: str, patterns) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def merge_cell(suite: Suite, method: str, fmt: str) -> str:
+    paths = suite.paths[fmt]
+    out = suite.root / "bundles" / f"{method}.{fmt}.safetensors"
+    out.parent.mkdir(exist_ok=True)
+    cfg = MergeConfig(paths["__base__"], {t: paths[t] for t in paths if t != "__base__"}, method, private=suite.arch.private)
+    merge(cfg, out)
+    return str(out)
+
+
+# -- the normative rule, independently ------------------------------------------------------------
+
+
+def rule_weights(bundle_path: str, task: str) -> dict[str, np.ndarray]:
+    """θ_task by docs/format.md §4 from the raw tensors (the safetensors library's reader)."""
+    raw = st_load_numpy(bundle_path)
+    with open(bundle_path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        manifest = json.loads(json.loads(f.read(n))["__metadata__"]["edgemerge.manifest"])
+    out = {}
+    for p in manifest["params"]:
+        b = raw[f"base/{p['name']}"]
+        if p["role"] == "carried":
+            out[p["name"]] = b
+            continue
+        v = raw[f"vector/{p['name']}"]
+        if manifest["mask"]["policy"] == "tall":
+            bits = np.unpackbits(raw[f"mask/{task}/{p['name']}"], count=b.size, bitorder="big").astype(bool).reshape(b.shape)
+        else:
+            bits = np.ones(b.shape, bool)
+        with np.errstate(over="ignore"):
+            summed = (b.astype(np.float32) + v.astype(np.float32)).astype(b.dtype)
+        out[p["name"]] = np.where(bits, summed, b)
+    for k in manifest["private"].get(task, []):
+        out[k] = raw[f"task/{task}/{k}"]
+    return out
+
+
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    a = np.ascontiguousarray(a).reshape(a.shape)
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def model_with(arch: Arch, dtype: str, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    head = next((w.shape[0] for k, w in weights.items() if _matches(k, arch.private) and k.endswith("weight")), 0)
+    m = arch.make(head).to(DTYPES[dtype]).eval()
+    missing, unexpected = m.load_state_dict({k: _to_torch(v) for k, v in weights.items()}, strict=False)
+    ties = tied_names(m.state_dict(keep_vars=True))
+    assert not unexpected and all(k in ties for k in missing), (missing, unexpected)
+    return m
+
+
+def reference(arch: Arch, dtype: str, weights: dict[str, np.ndarray]) -> np.ndarray:
+    m = model_with(arch, dtype, weights)
+    with torch.no_grad():
+        return m(*_cast_inputs(arch.example(), DTYPES[dtype])).float().numpy()
+
+
+def factory_for(arch: Arch, dtype: str):
+    def factory(task, shapes):
+        head = next((s[0] for k, s in shapes.items() if _matches(k, arch.private) and k.endswith("weight")), 0)
+        return arch.make(head).to(DTYPES[dtype]), _cast_inputs(arch.example(), DTYPES[dtype])
+
+    return factory
+
+
+def ort_feeds(arch: Arch, dtype: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, a in zip(arch.inputs, _cast_inputs(arch.example(), DTYPES[dtype])):
+        out[name] = (a.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if a.dtype == torch.bfloat16 else a.numpy())
+    return out
+
+
+def relative(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(y.astype(np.float32) - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def same_bytes(a, b) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+# -- one cell ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """What one cell found per path: 'exact', a max relative difference, or an edgemerge error."""
+
+    arch: str
+    dtype: str
+    method: str
+    paths: dict[str, str] = field(default_factory=dict)
+    worst: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_cell(suite: Suite, method: str, exported: dict, emflat: str | None) -> Result:
+    """Every path for one (arch, dtype, method); ``exported`` holds the ONNX export of this suite."""
+    from edgemerge.export.flat import rebuild, write_flat
+    from edgemerge.runtime.session import TaskSession
+    from edgemerge.runtime.torch_backend import TorchTaskModel
+
+    t0 = time.perf_counter()
+    arch, dtype = suite.arch, suite.dtype
+    r = Result(arch.name, dtype, method)
+    bundles = {fmt: merge_cell(suite, method, fmt) for fmt in FORMATS}
+    path = bundles["safetensors"]
+    bundle = open_bundle(path, verify=True)
+    r.paths["merge+verify"] = "exact"
+    ref_tensors = st_load_numpy(path)
+    for fmt in ("sharded", "torch"):  # the input format never changes a byte of the bundle's tensors
+        other = st_load_numpy(bundles[fmt])
+        if set(other) != set(ref_tensors) or not all(same_bytes(other[k], ref_tensors[k]) for k in other):
+            r.failures.append(f"bundle from {fmt} differs from the one from safetensors")
+    r.paths["formats"] = "identical" if not any("differs" in f for f in r.failures) else "DIFFER"
+    rules = {t: rule_weights(path, t) for t in bundle.tasks}
+    refs = {t: reference(arch, dtype, rules[t]) for t in bundle.tasks}
+    # extract: the bytes a user gets equal the rule
+    ok = all(same_bytes(np.asarray(bundle.task_weights(t)[k]), rules[t][k]) for t in bundle.tasks for k in rules[t])
+    ok &= all(set(bundle.task_weights(t)) == set(rules[t]) for t in bundle.tasks)
+    r.paths["extract"] = "exact" if ok else "DIFFER"
+    if not ok:
+        r.failures.append("extract differs from the normative rule")
+    _onnx_paths(r, bundle, exported, refs, arch, dtype, TaskSession)
+    _torch_paths(r, bundle, rules, refs, arch, dtype, TorchTaskModel)
+    _flat_path(r, bundle, rules, emflat, write_flat, rebuild)
+    bundle.close()
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+def _onnx_paths(r: Result, bundle, exported: dict, refs, arch, dtype, TaskSession) -> None:
+    if "error" in exported:
+        r.paths["export onnx"] = "error: " + exported["error"]
+        return
+    r.paths["export onnx"] = "ok"
+    feeds = ort_feeds(arch, dtype)
+    for mode, graph in (("inputs", exported["switchable"]), ("sessions", exported["plain"])):
+        key = f"TaskSession {mode}"
+        try:
+            s = TaskSession(bundle, graph, mode=mode)
+            worst = 0.0
+            for t in [*bundle.tasks, bundle.tasks[0]]:  # and back: no drift
+                s.switch(t)
+                worst = max(worst, relative(s.run(feeds)[0], refs[t]))
+        except EdgemergeError as exc:  # a runtime that cannot serve this dtype must say so, naming the fix
+            msg = str(exc)
+            half = "bfloat16" if "bfloat16" in msg else "float16" if "float16" in msg else None
+            r.paths[key] = f"refused: ORT CPU has no {half} kernel for a node" if half else f"ERROR: {msg[:120]}"
+            if not (isinstance(exc, BackendError) and half and dtype != "fp32" and "export the model in float32" in msg):
+                r.failures.append(f"{key}: {msg[:300]}")
+            continue
+        r.worst[key] = worst
+        r.paths[key] = f"{worst:.1e}"
+        if worst > TOLERANCE[dtype]:
+            r.failures.append(f"{key}: max relative difference {worst:.3g} > {TOLERANCE[dtype]:g}")
+
+
+def _torch_paths(r: Result, bundle, rules, refs, arch, dtype, TorchTaskModel) -> None:
+    for kernel in ("numpy", "torch"):
+        key = f"TorchTaskModel {kernel}"
+        model = arch.make(next((w.shape[0] for k, w in rules[bundle.tasks[0]].items()
+                                if _matches(k, arch.private) and k.endswith("weight")), 0)).to(DTYPES[dtype])
+        try:
+            tm = TorchTaskModel(bundle, model, kernel=kernel)
+        except BackendError as exc:
+            r.paths[key] = "refused: " + str(exc).split(";")[0][-60:]
+            if "kernel='torch'" not in str(exc):
+                r.failures.append(f"{key}: refusal does not name the fix: {exc}")
+            continue
+        exact = True
+        for t in [*bundle.tasks, bundle.tasks[0]]:
+            tm.switch(t)
+            state = tm.model.state_dict()
+            exact &= all(same_bytes(_np(state[k]), rules[t][k]) for k in rules[t])
+            with torch.no_grad():
+                y = tm(*_cast_inputs(arch.example(), DTYPES[dtype])).float().numpy()
+            exact &= same_bytes(y, refs[t])
+        r.paths[key] = "exact" if exact else "DIFFER"
+        if not exact:
+            r.failures.append(f"{key}: weights or outputs differ from torch with θ_t")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _flat_path(r: Result, bundle, rules, emflat: str | None, write_flat, rebuild) -> None:
+    img = bundle.path + ".img"
+    write_flat(bundle, img)
+    exact = True
+    for t in bundle.tasks:
+        ref = rebuild(img, t)
+        exact &= all(same_bytes(v.reshape(rules[t][k].shape).astype(rules[t][k].dtype), rules[t][k]) for k, v in ref.items())
+        if emflat is not None:
+            out = img + f".{t}.f32"
+            subprocess.run([emflat, img, t, out], check=True, capture_output=True)
+            got = np.fromfile(out, "<f4")
+            want = np.concatenate([v.reshape(-1) for v in ref.values()]) if ref else np.zeros(0, "<f4")
+            exact &= same_bytes(got, want.astype("<f4"))
+    r.paths["flat + C applier" if emflat else "flat (numpy)"] = "exact" if exact else "DIFFER"
+    if not exact:
+        r.failures.append("flat image rebuild differs from θ_t")
+
+
+def export_suite(suite: Suite, bundle_path: str) -> dict:
+    """Switchable + plain graphs for this (arch, dtype), shared by every method's bundle (same θ0)."""
+    from edgemerge.export.onnx import export_onnx
+
+    try:
+        e = export_onnx(bundle_path, factory_for(suite.arch, suite.dtype), str(suite.root / "onnx"),
+                        input_names=list(suite.arch.inputs), output_names=["logits"])
+    except EdgemergeError as exc:
+        return {"error": str(exc)}
+    return {"switchable": e.switchable, "plain": e.plain, "unused": e.unused}
+
+
+def compile_emflat(directory: Path) -> str | None:
+    cc = next((c for c in ("cc", "gcc", "clang") if subprocess.run(["which", c], capture_output=True).returncode == 0), None)
+    if cc is None:
+        return None
+    out = directory / "emflat_apply"
+    subprocess.run([cc, "-std=c99", "-O2", "-ffp-contract=off", "-o", str(out), str(ROOT / "edgemerge/devices/c/emflat.c")],
+                   check=True)
+    return str(out)
+
+
+def run_matrix(root: Path, archs=tuple(ARCHS), dtypes=tuple(DTYPES), methods=METHODS, log=None) -> list[Result]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    emflat = compile_emflat(root)
+    results = []
+    for a in archs:
+        for d in dtypes:
+            suite = build_suite(ARCHS[a], d, root / f"{a}-{d}")
+            exported = None
+            for m in methods:
+                if exported is None:
+                    exported = export_suite(suite, merge_cell(suite, m, "safetensors"))
+                res = run_cell(suite, m, exported, emflat)
+                results.append(res)
+                if log:
+                    log(res)
+    return results
