@@ -197,9 +197,9 @@ class Inputs:
         """(θ0 chunk, τ stack[N, n]) in float32."""
         raw0 = self.base.read(u.param, u.start, u.stop)
         self._check(self.base, u.param, raw0)
-        b = raw0.astype(np.float32)
         taus = np.empty((len(self.ckpts), u.stop - u.start), dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
+            b = raw0.astype(np.float32)
             for i, c in enumerate(self.ckpts):
                 raw = c.read(u.param, u.start, u.stop)
                 self._check(c, u.param, raw)
