@@ -80,10 +80,44 @@ def main() -> None:
         rows.append([name, f"{1e3 * t:.1f} ms", f"{t / copy:.2f}×"])
     text = table(["implementation", "time", "vs memcpy"], rows)
     print(text)
+    del out
+    half = half_precision(base, vec, packed, args.rounds)
+    print(half)
     print(f"machine: {machine()}")
     if not args.no_write:
         write_section("Mask kernel", f"`python bench/kernel_bench.py` — {n / 1e6:.0f} M float32 parameters, 30% of mask bits set, "
-                      f"best of {args.rounds} interleaved rounds, commit {git_rev()}.\n\nMachine: {machine()}.\n\n{text}")
+                      f"best of {args.rounds} interleaved rounds, commit {git_rev()}.\n\nMachine: {machine()}.\n\n{text}\n\n"
+                      "**Half-precision θ0** (same run, same parameters and mask): `apply_mask` per (θ0, τ) dtype "
+                      "pair, per byte it moves (θ0 + τ read, θ_t written, mask read), against the float32 pass. "
+                      "The numpy row is what float16/bfloat16 switches ran before the C half kernel.\n\n" + half)
+
+
+def half_precision(base32: np.ndarray, vec32: np.ndarray, packed: np.ndarray, rounds: int) -> str:
+    """apply_mask for every (θ0, τ) dtype pair, interleaved, per byte moved vs the float32 pair."""
+    from edgemerge.runtime.dtypes import DTYPES
+
+    pairs = [("F32", "F32"), ("F16", "F16"), ("F16", "F32"), ("BF16", "BF16"), ("BF16", "F32")]
+    arrays = {}
+    for b, v in pairs:
+        bb = base32 if b == "F32" else base32.astype(DTYPES[b])
+        vv = vec32 if v == "F32" else vec32.astype(DTYPES[v])
+        arrays[(b, v)] = (bb, vv, np.empty_like(bb))
+    runs = [(f"{b} θ0, {v} τ ({kernel.kernel_name(DTYPES[b], DTYPES[v])})", (b, v), False) for b, v in pairs]
+    runs.append(("F16 θ0, F16 τ, numpy path (before)", ("F16", "F16"), True))
+    best = {name: float("inf") for name, _, _ in runs}
+    for _ in range(rounds):
+        for name, key, numpy_path in runs:
+            bb, vv, oo = arrays[key]
+            fn = (lambda: _apply_blocked(bb, vv, packed, oo)) if numpy_path else (lambda: apply_mask(bb, vv, packed, oo))
+            best[name] = min(best[name], best_of(fn, 1))
+    for key, (bb, vv, oo) in arrays.items():
+        assert oo.tobytes() == apply_mask_reference(bb, vv, packed).tobytes(), key
+    moved = {name: sum(a.nbytes for a in arrays[key]) + packed.nbytes for name, key, _ in runs}
+    f32 = runs[0][0]
+    per_byte32 = best[f32] / moved[f32]
+    rows = [[name, f"{1e3 * best[name]:.1f} ms", f"{moved[name] / 1e6:.0f} MB", f"{moved[name] / best[name] / 1e9:.1f} GB/s",
+             f"{best[name] / moved[name] / per_byte32:.2f}×"] for name, _, _ in runs]
+    return table(["θ0 / τ (kernel)", "time", "bytes moved", "throughput", "time per byte vs F32"], rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def _cmask_or_skip():
 
 @pytest.mark.parametrize("path", ["c", "numba", "numpy"])
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001, (1 << 20) + 13])
-@pytest.mark.parametrize("dtypes", [("F32", "F32"), ("F32", "F16"), ("BF16", "BF16"), ("F16", "F32")])
+@pytest.mark.parametrize("dtypes", [("F32", "F32"), ("F32", "F16"), ("BF16", "BF16"), ("F16", "F32"), ("F16", "F16"),
+                                    ("BF16", "F32")])
 def test_kernel_paths_match_reference(monkeypatch, path, n, dtypes):
     if path == "numba":
         pytest.importorskip("numba")
@@ -91,3 +92,58 @@ def test_large_arrays_split_across_threads_match(monkeypatch):
     out = np.empty_like(base)
     kernel.apply_mask(base, vec, packed, out)
     assert out.tobytes() == kernel.apply_mask_reference(base, vec, packed).tobytes()
+
+
+def _bit_patterns(rng, n, name):
+    """Random bit patterns of a float dtype: every exponent, subnormals, ±inf, NaN, -0.0."""
+    dt = DTYPES[name]
+    raw = rng.integers(0, 1 << (8 * dt.itemsize), n, dtype=np.uint64).astype(f"u{dt.itemsize}")
+    return raw.view(dt)
+
+
+def _scaled(rng, n, name):
+    """Values whose sums land near every rounding boundary, overflow and underflow included."""
+    return (rng.standard_normal(n) * np.exp2(rng.integers(-30, 17, n))).astype(np.float32).astype(DTYPES[name])
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("pair", [("F16", "F16"), ("F16", "F32"), ("BF16", "BF16"), ("BF16", "F32")])
+def test_c_half_kernel_is_the_reference_bit_for_bit(simd, pair):
+    """float16 / bfloat16 θ0: round-to-nearest-even, subnormals, overflow to inf, NaN as numpy and
+    ml_dtypes give it -- every start/stop and output alignment, SIMD and scalar loops."""
+    c = _cmask_or_skip()
+    rng = np.random.default_rng(11)
+    n = 50_003
+    kinds = {"F32": 0, "F16": 1, "BF16": 2}
+    c.use_simd(simd)
+    try:
+        for gen in (_bit_patterns, _scaled):
+            base, vec = gen(rng, n, pair[0]), gen(rng, n, pair[1])
+            packed = np.packbits(rng.random(n) < 0.5)
+            with np.errstate(all="ignore"):
+                ref = kernel.apply_mask_reference(base, vec, packed).view(np.uint16)
+                # IEEE 754 leaves open which NaN a sum of two NaNs returns; bundles hold no NaN
+                both_nan = np.isnan(base.astype(np.float32)) & np.isnan(vec.astype(np.float32))
+            raw = np.zeros(n + 8, np.uint16)
+            for shift in (0, 1, 3):
+                out = raw[shift : shift + n]
+                for s, e in [(0, n), (3, n - 5), (13, 14), (8, 200), (100, 100)]:
+                    out[:] = 0xABCD
+                    c.apply_half(base.view(np.uint16), vec if pair[1] == "F32" else vec.view(np.uint16), packed, out,
+                                 s, e, kinds[pair[0]], kinds[pair[1]])
+                    ok = (out[s:e] == ref[s:e]) | both_nan[s:e]
+                    assert ok.all(), (gen.__name__, shift, s, e, np.flatnonzero(~ok)[:5])
+                    assert (out[:s] == 0xABCD).all() and (out[e:] == 0xABCD).all()
+    finally:
+        c.use_simd(True)
+
+
+def test_half_pairs_take_the_c_kernel():
+    _cmask_or_skip()
+    for pair in [("F16", "F16"), ("F16", "F32"), ("BF16", "BF16"), ("BF16", "F32")]:
+        assert kernel.kernel_name(DTYPES[pair[0]], DTYPES[pair[1]]) in ("c-avx2", "c-scalar")
+    assert kernel.kernel_name(DTYPES["F16"], DTYPES["BF16"]) == "numpy"  # a pair the C kernel does not take
+    c = _cmask_or_skip()
+    x = np.zeros(16, np.uint16)
+    with pytest.raises(ValueError, match="do not match"):
+        c.apply_half(x, x, np.zeros(2, np.uint8), x.copy(), 0, 16, 1, 2)  # a bfloat16 vector on a float16 base

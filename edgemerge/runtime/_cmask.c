@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -52,6 +53,121 @@ static void span_avx2(const float *b, const float *v, const uint8_t *m, float *o
 }
 #endif
 
+/* -- float16 / bfloat16 bases ---------------------------------------------------------------------
+ * out[i] = R(bit ? W(b[i]) + V(v[i]) : W(b[i])): W widens the base to float32 (exact), V the vector
+ * (float32, or the base's half type), R rounds once to the base's type, round-to-nearest-even --
+ * the reference's np.where(mask, b32 + v32, b32).astype(dtype). NaN results follow numpy (float16:
+ * the top payload bits, kept a NaN) and ml_dtypes (bfloat16: +-0x7FC0); the AVX2 loops hand any
+ * group of 8 holding a NaN to the scalar code, because F16C sets the quiet bit where numpy does not. */
+enum { K_F32 = 0, K_F16 = 1, K_BF16 = 2 };
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 31) return bits_f32(sign | 0x7f800000u | (m << 13));
+    if (e) return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+    if (!m) return bits_f32(sign);
+    e = 113;  /* subnormal: shift the leading 1 into the implicit bit */
+    while (!(m & 0x400u)) m <<= 1, e--;
+    return bits_f32(sign | (e << 23) | ((m & 0x3ffu) << 13));
+}
+
+static inline uint16_t f2h(float x) {
+    uint32_t f = f32_bits(x), a = f & 0x7fffffffu;
+    uint16_t sign = (uint16_t)((f >> 16) & 0x8000u);
+    if (a > 0x7f800000u) {  /* NaN: keep the top payload bits, stay a NaN */
+        uint16_t m = (uint16_t)((a & 0x7fffffu) >> 13);
+        return (uint16_t)(sign | 0x7c00u | (m ? m : 1u));
+    }
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* >= 65520 rounds to infinity */
+    if (a >= 0x38800000u) {  /* a normal half: rebias the exponent, round at bit 13 */
+        uint32_t r = a - 0x38000000u;
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    if (a < 0x33000000u) return sign;  /* below 2^-25: zero (2^-25 itself ties to even 0 below) */
+    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, shift = 126u - e;  /* value * 2^24 = m >> shift */
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    q += (rem > half) || (rem == half && (q & 1u));
+    return (uint16_t)(sign | q);
+}
+
+static inline float bf2f(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+static inline uint16_t f2bf(float x) {
+    uint32_t f = f32_bits(x);
+    if ((f & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((f >> 16) & 0x8000u) | 0x7fc0u);
+    f += 0x7fffu + ((f >> 16) & 1u);
+    return (uint16_t)(f >> 16);
+}
+
+static inline float widen(const void *p, Py_ssize_t i, int kind) {
+    if (kind == K_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return kind == K_F16 ? h2f(h) : bf2f(h);
+}
+
+static void span_half_scalar(const uint16_t *b, const void *v, const uint8_t *m, uint16_t *o,
+                             Py_ssize_t s, Py_ssize_t e, int bk, int vk) {
+    for (Py_ssize_t i = s; i < e; i++) {
+        float r = widen(b, i, bk);
+        if ((m[i >> 3] >> (7 - (i & 7))) & 1) r += widen(v, i, vk);
+        o[i] = bk == K_F16 ? f2h(r) : f2bf(r);
+    }
+}
+
+#ifdef EM_AVX2
+__attribute__((target("avx2,f16c")))
+static inline __m256 load8(const void *p, Py_ssize_t i, int kind) {
+    if (kind == K_F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (kind == K_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,f16c")))
+static inline __m256 select8(const uint16_t *b, const void *v, Py_ssize_t i, int bits8, int bk, int vk) {
+    /* lanes 0..7 take bits 7..0 of bits8 (big bit order) */
+    const __m256i pos = _mm256_setr_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+    __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits8), pos), pos);
+    __m256 bv = load8(b, i, bk);
+    return _mm256_blendv_ps(bv, _mm256_add_ps(bv, load8(v, i, vk)), _mm256_castsi256_ps(on));
+}
+
+__attribute__((target("avx2,f16c")))
+static inline __m128i round8(__m256 r, int bk) {
+    if (bk == K_F16) return _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* bfloat16: round to nearest even on the bit pattern, keep the high halves */
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    __m256i u = _mm256_castps_si256(r);
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+}
+
+__attribute__((target("avx2,f16c")))
+static void span_half_avx2(const uint16_t *b, const void *v, const uint8_t *m, uint16_t *o,
+                           Py_ssize_t s, Py_ssize_t e, int bk, int vk) {
+    Py_ssize_t i = s;
+    /* scalar head up to an element that starts a mask byte and a 32-byte aligned output (the
+       output address is even, so both line up within 128 elements) */
+    while (i < e && ((i & 7) || ((uintptr_t)(o + i) & 31)))
+        span_half_scalar(b, v, m, o, i, i + 1, bk, vk), i++;
+    for (; i + 16 <= e; i += 16) {  /* 16 elements: two mask bytes, one NaN test, one 32-byte store */
+        __m256 lo = select8(b, v, i, m[i >> 3], bk, vk), hi = select8(b, v, i + 8, m[(i >> 3) + 1], bk, vk);
+        if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(lo, lo, _CMP_UNORD_Q), _mm256_cmp_ps(hi, hi, _CMP_UNORD_Q)))) {
+            span_half_scalar(b, v, m, o, i, i + 16, bk, vk);  /* a NaN: numpy's rounding, scalar */
+            continue;
+        }
+        __m256i out = _mm256_set_m128i(round8(hi, bk), round8(lo, bk));
+        _mm256_stream_si256((__m256i *)(o + i), out);
+    }
+    _mm_sfence();
+    span_half_scalar(b, v, m, o, i, e, bk, vk);
+}
+#endif
+
 static int has_avx2(void) {
 #ifdef EM_AVX2
     __builtin_cpu_init();
@@ -61,7 +177,16 @@ static int has_avx2(void) {
 #endif
 }
 
-static int avx2 = 0;
+static int avx2 = 0, f16c = 0;
+
+static int has_f16c(void) {
+#ifdef EM_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
 
 static PyObject *apply_f32(PyObject *self, PyObject *args) {
     Py_buffer b, v, m, o;
@@ -91,13 +216,61 @@ static PyObject *apply_f32(PyObject *self, PyObject *args) {
     return res;
 }
 
+static PyObject *apply_half(PyObject *self, PyObject *args) {
+    Py_buffer b, v, m, o;
+    Py_ssize_t s, e;
+    int bk, vk;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnii", &b, &v, &m, &o, &s, &e, &bk, &vk))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = b.len / 2;
+    Py_ssize_t vsize = vk == K_F32 ? 4 : 2;
+    if ((bk != K_F16 && bk != K_BF16) || (vk != K_F32 && vk != bk) || b.len % 2 || v.len != n * vsize ||
+        o.len != b.len || m.len != (n + 7) / 8 || s < 0 || e > n || s > e) {
+        PyErr_SetString(PyExc_ValueError, "apply_half: kinds, buffer sizes or range do not match");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef EM_AVX2
+        if (avx2 && f16c)
+            span_half_avx2(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
+        else
+#endif
+            span_half_scalar(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
+        Py_END_ALLOW_THREADS
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&m);
+    PyBuffer_Release(&o);
+    return res;
+}
+
 static PyObject *simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(avx2 ? "avx2+stream" : "scalar");
 }
 
+static PyObject *use_simd(PyObject *self, PyObject *arg) {  /* tests: run the scalar loops too */
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    avx2 = on && has_avx2();
+    f16c = on && has_f16c();
+    Py_RETURN_NONE;
+}
+
+static PyObject *simd_half(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(avx2 && f16c ? "avx2+f16c+stream" : "scalar");
+}
+
 static PyMethodDef methods[] = {
     {"apply_f32", apply_f32, METH_VARARGS, "apply_f32(base, vec, mask, out, start, stop): the select, float32"},
+    {"apply_half", apply_half, METH_VARARGS,
+     "apply_half(base, vec, mask, out, start, stop, base_kind, vec_kind): the select for float16/bfloat16 bases "
+     "(kinds: 0 float32, 1 float16, 2 bfloat16; the vector is float32 or the base's kind)"},
     {"simd", simd, METH_NOARGS, "which loop runs on this CPU"},
+    {"simd_half", simd_half, METH_NOARGS, "which loop apply_half runs on this CPU"},
+    {"use_simd", use_simd, METH_O, "use_simd(flag): False runs the scalar loops (for tests)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -105,5 +278,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cmask", NULL, -1, m
 
 PyMODINIT_FUNC PyInit__cmask(void) {
     avx2 = has_avx2();
+    f16c = has_f16c();
     return PyModule_Create(&module);
 }

@@ -7,7 +7,9 @@ computed in float32 and rounded once to θ0's dtype. (A select, not ``θ0 + m·�
 turns θ0 = -0.0 into +0.0 where the mask is off, and the C applier and GPU kernels must agree.)
 
 Implementations, all bit-identical (tested): ``apply_mask_reference`` (plain numpy, the
-definition); ``apply_mask`` (the one to call) picks, for float32, the first of: the C kernel
+definition); ``apply_mask`` (the one to call) picks, for float16 and bfloat16 θ0 (τ in float32 or
+θ0's type), the C kernel's half loop (AVX2 + F16C, non-temporal stores; scalar elsewhere), and for
+float32 the first of: the C kernel
 (``_cmask.c``, built with the package where a compiler was found) when it has its AVX2 loop with
 non-temporal stores, run by one thread per core on slices of the array; a fused numba loop; the C
 kernel's scalar loop; else (and for other dtypes) a blocked numpy pass that keeps temporaries small.
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
+from .dtypes import DTYPES
 
 BLOCK = 1 << 20  # elements per numpy block (a multiple of 8, so blocks start on mask bytes)
 SPLIT = 1 << 18  # arrays at least this long are split across threads for the C kernel
@@ -108,24 +111,42 @@ def _cmask():
     return _C or None
 
 
-def _apply_c(c, base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+def _apply_c(run, n: int) -> None:
+    """``run(start, stop)`` over [0, n), split across one thread per core for large arrays."""
     global _POOL
-    n, workers = base.size, os.cpu_count() or 1
+    workers = os.cpu_count() or 1
     if n < SPLIT or workers == 1:
-        c.apply_f32(base, vector, packed, out, 0, n)
+        run(0, n)
         return
     with _POOL_LOCK:  # sessions may switch from several threads; one pool for the process
         if _POOL is None:
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="edgemerge-kernel")
     cuts = [n * k // workers for k in range(workers + 1)]
-    list(_POOL.map(lambda k: c.apply_f32(base, vector, packed, out, cuts[k], cuts[k + 1]), range(workers)))
+    list(_POOL.map(lambda k: run(cuts[k], cuts[k + 1]), range(workers)))
 
 
-def kernel_name(dtype=np.float32) -> str:
-    """Which implementation ``apply_mask`` runs for ``dtype``: 'c-avx2', 'numba', 'c-scalar' or 'numpy'."""
-    if np.dtype(dtype) != np.float32:
-        return "numpy"
+# the C kernel's half-precision kinds; a vector is float32 or the base's own type
+_HALF_KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
+if "BF16" in DTYPES:
+    _HALF_KINDS[DTYPES["BF16"]] = 2
+
+
+def _half_pair(dtype, vector_dtype) -> tuple[int, int] | None:
+    """(base kind, vector kind) for the C half kernel, or None when it does not take the pair."""
+    bk, vk = _HALF_KINDS.get(np.dtype(dtype)), _HALF_KINDS.get(np.dtype(vector_dtype))
+    return (bk, vk) if bk in (1, 2) and vk in (0, bk) else None
+
+
+def kernel_name(dtype=np.float32, vector_dtype=None) -> str:
+    """Which implementation ``apply_mask`` runs for a θ0 of ``dtype`` and a τ of ``vector_dtype``
+    (default: the same): 'c-avx2', 'numba', 'c-scalar' or 'numpy'."""
+    dtype = np.dtype(dtype)
+    vector_dtype = dtype if vector_dtype is None else np.dtype(vector_dtype)
     c = _cmask()
+    if dtype != np.float32 or vector_dtype != np.float32:
+        if c is None or _half_pair(dtype, vector_dtype) is None:
+            return "numpy"
+        return "c-avx2" if c.simd_half() != "scalar" else "c-scalar"
     if c is not None and c.simd() != "scalar":
         return "c-avx2"
     return "numba" if _fused() is not None else "c-scalar" if c is not None else "numpy"
@@ -139,10 +160,16 @@ def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, 
         packed = np.full(packed_nbytes(base.size), 0xFF, dtype=np.uint8)
     elif packed.size != packed_nbytes(base.size):
         unpack_bits(packed, base.size)  # raises the FormatError with the counts
-    name = kernel_name() if base.dtype == vector.dtype == np.float32 and base.size else "numpy"
+    name = kernel_name(base.dtype, vector.dtype) if base.size else "numpy"
     b, v, o = (np.ascontiguousarray(a).reshape(-1) for a in (base, vector, out))
     if name in ("c-avx2", "c-scalar"):
-        _apply_c(_cmask(), b, v, np.ascontiguousarray(packed), o)
+        c, m = _cmask(), np.ascontiguousarray(packed)
+        pair = _half_pair(base.dtype, vector.dtype)
+        if pair is None:
+            _apply_c(lambda s, e: c.apply_f32(b, v, m, o, s, e), b.size)
+        else:  # the buffer protocol does not know bfloat16: hand over the bits
+            b16, v16, o16 = b.view(np.uint16), v if pair[1] == 0 else v.view(np.uint16), o.view(np.uint16)
+            _apply_c(lambda s, e: c.apply_half(b16, v16, m, o16, s, e, *pair), b.size)
     elif name == "numba":
         _fused()(b, v, packed, o)
     else:
