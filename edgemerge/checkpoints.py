@@ -81,6 +81,20 @@ def file_sha256(path: str, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def pread_elements(f, path: str, key: str, dt: np.dtype, data_offset: int, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a tensor whose bytes start at ``data_offset`` in the open file
+    ``f``: positional reads into a fresh array (page cache, not this process's RSS)."""
+    out = np.empty(stop - start, dtype=dt)
+    view = memoryview(out.view(np.uint8))
+    done, offset = 0, data_offset + start * dt.itemsize
+    while done < out.nbytes:
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got <= 0:
+            raise FormatError(f"{path}: tensor {key!r} truncated while reading")
+        done += got
+    return out
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """One .safetensors file; tensors are read with positional reads (page cache, not RSS)."""
 
@@ -92,16 +106,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
         e = self.header.tensors[key]
-        dt = DTYPES[e.dtype]
-        out = np.empty(stop - start, dtype=dt)
-        view = memoryview(out.view(np.uint8))
-        done, offset = 0, self.header.data_start + e.start + start * dt.itemsize
-        while done < out.nbytes:
-            got = os.preadv(self._f.fileno(), [view[done:]], offset + done)
-            if got <= 0:
-                raise FormatError(f"{self.path}: tensor {key!r} truncated while reading")
-            done += got
-        return out
+        return pread_elements(self._f, self.path, key, DTYPES[e.dtype], self.header.data_start + e.start, start, stop)
 
     def close(self) -> None:
         self._f.close()
@@ -140,7 +145,14 @@ class ShardedCheckpoint(Checkpoint):
 
 
 class TorchCheckpoint(Checkpoint):
-    """A torch state dict, loaded with ``weights_only=True`` (memory-mapped where the file allows)."""
+    """A torch state dict, loaded with ``weights_only=True``.
+
+    A zip-format file (torch.save since 1.6, Hugging Face ``pytorch_model.bin``) is loaded
+    memory-mapped only to learn where each tensor's bytes lie in the file; the tensors are then
+    dropped and read like safetensors, with positional reads, so a merge from ``.pt``/``.bin``
+    holds no more than one from safetensors. Legacy pickles, big-endian files and non-contiguous
+    views are kept in memory as loaded.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -169,11 +181,70 @@ class TorchCheckpoint(Checkpoint):
         from .runtime.torch_backend import tied_names
 
         self.aliases = tied_names(obj)
-        self._arrays = {str(k): _torch_to_numpy(v) for k, v in obj.items() if str(k) not in self.aliases}
-        self._info = {k: TensorInfo(dtype_name(a.dtype), tuple(a.shape)) for k, a in self._arrays.items()}
+        state = {str(k): v for k, v in obj.items() if str(k) not in self.aliases}
+        self._offsets = file_offsets(path, state)       # key -> where its bytes start in the file
+        self._arrays = {k: _torch_to_numpy(v) for k, v in state.items() if k not in self._offsets}
+        self._info = {k: TensorInfo(_torch_dtype_name(v), tuple(v.shape)) for k, v in state.items()}
+        self._f = open(path, "rb") if self._offsets else None
+        del obj, state  # the mapping goes with the tensors: nothing of the file stays resident
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        if key in self._offsets:
+            return pread_elements(self._f, self.path, key, DTYPES[self._info[key].dtype], self._offsets[key], start, stop)
         return self._arrays[key].reshape(-1)[start:stop]
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _torch_dtype_name(t) -> str:
+    import torch
+
+    return "BF16" if t.dtype == torch.bfloat16 else dtype_name(t.numpy().dtype)
+
+
+def file_offsets(path: str, state: Mapping) -> dict[str, int]:
+    """Byte offset in a torch zip file of each contiguous tensor of a memory-mapped ``state``.
+
+    A memory-mapped load maps the whole file once and points each storage at its record, so
+    ``storage pointer - mapping base`` is the record's offset. The base is the one candidate that
+    puts every storage on a record and whose file bytes equal each tensor's first and last bytes.
+    Anything else (not a zip file, big-endian, a layout this does not recognize): {} -- the caller
+    keeps the tensors in memory, as loaded.
+    """
+    import torch
+
+    try:
+        reader = torch._C.PyTorchFileReader(path)
+        records = reader.get_all_records()
+        if reader.has_record("byteorder") and bytes(reader.get_record("byteorder")).strip() != b"little":
+            return {}
+        starts = sorted(reader.get_record_offset(r) for r in records if r.startswith("data/"))
+    except Exception:  # legacy pickle files, or a torch without this reader
+        return {}
+    tensors = {k: t for k, t in state.items() if t.numel() and t.is_contiguous() and t.device.type == "cpu"}
+    if not tensors or not starts:
+        return {}
+    ptrs = {k: t.untyped_storage().data_ptr() for k, t in tensors.items()}
+    lowest, valid = min(ptrs.values()), set(starts)
+    with open(path, "rb") as f:
+        for first in starts:
+            base = lowest - first
+            if not all(p - base in valid for p in ptrs.values()):
+                continue
+            offsets = {k: ptrs[k] - base + t.storage_offset() * t.element_size() for k, t in tensors.items()}
+            if all(_same_ends(f, offsets[k], t) for k, t in tensors.items()):
+                return offsets
+    return {}
+
+
+def _same_ends(f, offset: int, t) -> bool:
+    """The file's bytes at ``offset`` start and end like the tensor's (up to 4 KiB each)."""
+    raw = _torch_to_numpy(t).reshape(-1).view(np.uint8)
+    n = min(raw.size, 4096)
+    return os.pread(f.fileno(), n, offset) == raw[:n].tobytes() and \
+        os.pread(f.fileno(), n, offset + raw.size - n) == raw[raw.size - n:].tobytes()
 
 
 def _torch_to_numpy(t) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -88,6 +89,16 @@ def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
     return tasks
 
 
+def _parse_ties(items) -> dict[str, str]:
+    ties = {}
+    for item in items:
+        alias, sep, kept = item.partition("=")
+        if not sep or not alias or not kept:
+            raise ConfigError(f"--tie {item!r} must be ALIAS=KEPT, e.g. lm_head.weight=transformer.wte.weight")
+        ties[alias] = kept
+    return ties
+
+
 @main.command()
 @click.argument("base", type=click.Path())
 @click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=PATH", help="A task checkpoint (repeat).")
@@ -96,14 +107,17 @@ def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--masks", type=click.Choice(["tall", "none"]), default="tall", show_default=True, help="Per-task TALL masks, or one merged model.")
 @click.option("--lambdas", default="0.2,0.3,0.4,0.5,0.6", show_default=True, help="TALL λ grid, comma separated.")
 @click.option("--private", multiple=True, metavar="PATTERN", help="Keys stored whole per task, e.g. 'head.*' (repeat).")
+@click.option("--tie", "ties", multiple=True, metavar="ALIAS=KEPT",
+              help="Two names of one tensor in files that hold both copies (e.g. lm_head.weight=transformer.wte.weight): "
+                   "stored once (repeat). Ties in torch files are found by themselves.")
 @click.option("--statistics", type=click.Choice(["per-task", "merge"]), default="per-task", show_default=True,
               help="Running statistics (BatchNorm running_mean/var): kept whole per task, or merged like weights.")
 @click.option("--vector-dtype", type=click.Choice(["auto", "F32", "F16", "BF16"]), default="auto", show_default=True,
-              help="Storage dtype of τ_MTL (auto: θ0's, F32 when its float params mix dtypes).")
+              help="Storage dtype of τ_MTL (auto: θ0's, that of most of its float elements).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle file to write (.safetensors).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge(base, tasks, method, params, masks, lambdas, private, statistics, vector_dtype, output, as_json, quiet) -> None:
+def merge(base, tasks, method, params, masks, lambdas, private, ties, statistics, vector_dtype, output, as_json, quiet) -> None:
     """Merge task checkpoints of BASE into one bundle."""
     from .pipeline import MergeConfig, merge as run_merge
 
@@ -112,7 +126,8 @@ def merge(base, tasks, method, params, masks, lambdas, private, statistics, vect
     except ValueError:
         raise ConfigError(f"--lambdas {lambdas!r} must be comma-separated numbers") from None
     cfg = MergeConfig(base=base, tasks=_parse_tasks(tasks), method=method, params=_parse_kv(params, "--param"),
-                      masks=masks, lambdas=grid, private=tuple(private), statistics=statistics, vector_dtype=vector_dtype)
+                      masks=masks, lambdas=grid, private=tuple(private), statistics=statistics, vector_dtype=vector_dtype,
+                      ties=_parse_ties(ties))
     with progress_bar(quiet or as_json) as prog:
         report = run_merge(cfg, output, progress=prog)
     if as_json:
@@ -147,6 +162,11 @@ def inspect(bundle, as_json) -> None:
         return
     console.print(f"[bold]{s['path']}[/]  format v{s['format_version']}, method {s['method'].get('name')}, "
                   f"masks {s['mask']['policy']}, τ_MTL {s['vector_dtype']}, {s['n_params']:,} merged params")
+    for alias, kept in s["aliases"].items():
+        console.print(f"tied: {escape(alias)} is stored as {escape(kept)}")
+    stats = s["statistics"] or {}
+    if stats.get("per_task"):
+        console.print(f"running statistics kept per task: {len(stats['per_task'])} tensors")
     t = Table("task", "λ_t", "density", "recon error")
     for task in s["tasks"]:
         lam = "-" if task["lambda"] is None else f"{task['lambda']:g}"

@@ -46,4 +46,6 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
         "ratio_vs_source_dtype": file_bytes / separate_src if separate_src else float("nan"),
         "ratio_vs_fp32": file_bytes / separate_f32 if separate_f32 else float("nan"),
         "base_id": bundle.base_id,
+        "aliases": dict(bundle.aliases),
+        "statistics": m.get("options", {}).get("statistics"),
     }

@@ -31,6 +31,7 @@ import numpy as np
 from .bundle import write_bundle
 from .checkpoints import (
     STAT_POLICIES, STATISTICS, VARIANCES, Checkpoint, Plan, matches, nonfinite_problem, open_checkpoint, plan_merge,
+    pread_elements,
 )
 from .errors import CheckpointError, ConfigError
 from .io import Lazy
@@ -60,7 +61,7 @@ class MergeConfig:
     private: tuple[str, ...] = ()
     statistics: str = "per-task"                   # running statistics: kept per task, or merged
     ties: dict[str, str] = field(default_factory=dict)  # alias -> kept key, for files holding both copies
-    vector_dtype: str = "auto"                     # τ_MTL storage: θ0's float dtype (F32 if mixed)
+    vector_dtype: str = "auto"                     # τ_MTL storage: θ0's float dtype (of most elements)
     chunk_elems: int = 1 << 20
 
     def validate(self) -> tuple[Method, dict[str, Any]]:
@@ -149,14 +150,7 @@ def _pwrite(f, offset: int, arr: np.ndarray) -> None:
 
 
 def _pread(f, offset: int, count: int, dtype) -> np.ndarray:
-    out = np.empty(count, dtype=dtype)
-    view, done = memoryview(out.view(np.uint8)), 0
-    while done < out.nbytes:
-        n = os.preadv(f.fileno(), [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"scratch file {f.name} is short")
-        done += n
-    return out
+    return pread_elements(f, f.name, "(scratch)", np.dtype(dtype), offset, 0, count)
 
 
 # -- chunking -----------------------------------------------------------------------------------
@@ -329,9 +323,13 @@ def _kept_densities(reports: list[TaskReport], stats: TallStats, choice: list[in
 
 
 def auto_vector_dtype(plan: Plan, base: Checkpoint) -> str:
-    """τ_MTL in θ0's float dtype: F16 or BF16 when every merged param is, else F32."""
-    dtypes = {base.info(p).dtype for p in plan.merged}
-    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in ("F16", "BF16") else "F32"
+    """τ_MTL in θ0's float dtype: that of most merged elements (a bf16 model with a float32 rotary
+    buffer is a bf16 model); F64 is stored as F32."""
+    counts: dict[str, int] = {}
+    for p in plan.merged:
+        counts[base.info(p).dtype] = counts.get(base.info(p).dtype, 0) + base.info(p).numel
+    top = max(counts, key=lambda d: (counts[d], d)) if counts else "F32"
+    return top if top in ("F16", "BF16") else "F32"
 
 
 def check_rebuilt(plan: Plan, base: Checkpoint, scratch: Scratch, choice: list[int] | None, tasks: list[str],

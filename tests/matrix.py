@@ -65,6 +65,7 @@ class Arch:
     heads: tuple[int, ...] = (0,) * N_TASKS          # per task labels (0: no head)
     torch_file: str = "model.pt"
     what: str = ""
+    persist: tuple[str, ...] = ()   # buffers saved with the weights, as older checkpoints of the family have them
 
 
 def _ids(vocab=97, shape=(2, 7)):
@@ -82,12 +83,16 @@ def _pixels():
     return (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7)),)
 
 
-def _build(cls, config, inputs):
+def _build(cls, config, inputs, persist=()):
     def make(n_labels: int):
         torch.manual_seed(0)
         kwargs = {"num_labels": n_labels} if n_labels else {}
         m = _logits_of(cls)(config(**kwargs))
         m.edgemerge_inputs = inputs
+        for name in persist:  # e.g. BERT's int64 position_ids, Llama's rotary inv_freq: in the state dict
+            owner, _, attr = name.rpartition(".")
+            mod = m.get_submodule(owner)
+            mod.register_buffer(attr, getattr(mod, attr), persistent=True)
         return m
 
     return make
@@ -101,14 +106,16 @@ ARCHS: dict[str, Arch] = {
         ("input_ids", "attention_mask"), lambda: (_ids(), _mask()), what="tied wte = lm_head, Conv1D (x @ W)"),
     "bert": Arch("bert", _build(tf.BertForSequenceClassification, lambda **k: tf.BertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **_TEXT, **k), ("input_ids", "attention_mask")),
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **_TEXT, **k), ("input_ids", "attention_mask"),
+        ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")),
         ("input_ids", "attention_mask"), lambda: (_ids(), _mask()), private=("classifier.*",), heads=(2, 3, 4),
-        torch_file="pytorch_model.bin", what=".bin, heads of 2/3/4 classes, integer buffers"),
+        torch_file="pytorch_model.bin", what=".bin, heads of 2/3/4 classes, int64 buffers (position_ids, token_type_ids)"),
     "llama": Arch("llama", _build(tf.LlamaForCausalLM, lambda **k: tf.LlamaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
         vocab_size=97, max_position_embeddings=32, use_cache=False, tie_word_embeddings=False,
-        attn_implementation="eager", **k), ("input_ids", "attention_mask")),
-        ("input_ids", "attention_mask"), lambda: (_ids(), _mask()), what="RMSNorm, rotary, grouped-query attention"),
+        attn_implementation="eager", **k), ("input_ids", "attention_mask"), ("model.rotary_emb.inv_freq",)),
+        ("input_ids", "attention_mask"), lambda: (_ids(), _mask()),
+        what="RMSNorm, rotary (inv_freq saved: a float buffer no task changes), grouped-query attention"),
     "resnet": Arch("resnet", _build(tf.ResNetForImageClassification, lambda **k: tf.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **k), ("pixel_values",)),
         ("pixel_values",), _pixels, private=("classifier.*",), heads=(3, 3, 5),

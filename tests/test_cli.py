@@ -112,3 +112,35 @@ def test_verify_detects_one_flipped_bit(torch_suite, tmp_path):
     out.write_bytes(bytes(data))
     p = cli("verify", out, check=False)
     assert p.returncode == 2 and "checksum mismatch" in p.stderr
+
+
+def test_cli_ties_statistics_and_inspect(tmp_path):
+    """--tie stores two names of one tensor once and inspect says so; merged statistics whose
+    variance would go negative exit 2 with one message naming the tensor and the fix."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((9, 4)).astype(np.float32)
+    base = {"emb.weight": emb, "head.weight": emb.copy(), "bn.running_var": np.ones(4, np.float32)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    args = []
+    for t in range(3):
+        e = emb + 0.1 * rng.standard_normal(emb.shape).astype(np.float32)
+        save_file({"emb.weight": e, "head.weight": e.copy(), "bn.running_var": np.full(4, 0.6, np.float32)},
+                  str(tmp_path / f"t{t}.safetensors"))
+        args += ["--task", f"t{t}={tmp_path / f't{t}.safetensors'}"]
+    out = tmp_path / "b.safetensors"
+    cli("merge", tmp_path / "base.safetensors", *args, "--method", "task_arithmetic", "--tie", "head.weight=emb.weight",
+        "-o", out, "--quiet")
+    b = open_bundle(out)
+    assert b.aliases == {"head.weight": "emb.weight"} and "bn.running_var" in b.private_keys["t0"]
+    shown = cli("inspect", out).stdout
+    assert "tied: head.weight is stored as emb.weight" in shown and "running statistics kept per task: 1" in shown
+    p = cli("merge", tmp_path / "base.safetensors", *args, "--method", "task_arithmetic", "--statistics", "merge",
+            "--masks", "none", "-o", tmp_path / "bad.safetensors", "--quiet", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "'bn.running_var'" in p.stderr + p.stdout and "--statistics per-task" in p.stderr + p.stdout
+    assert not (tmp_path / "bad.safetensors").exists()
+    p = cli("merge", tmp_path / "base.safetensors", *args, "--tie", "head.weight", "-o", tmp_path / "x.safetensors",
+            check=False)
+    assert p.returncode != 0 and "must be ALIAS=KEPT" in p.stderr + p.stdout

@@ -188,23 +188,38 @@ static int has_f16c(void) {
 #endif
 }
 
-static PyObject *apply_f32(PyObject *self, PyObject *args) {
+/* apply_f32 / apply_half: parse, check every size against the element count, run with the GIL released */
+static PyObject *apply(PyObject *args, int half) {
     Py_buffer b, v, m, o;
     Py_ssize_t s, e;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nn", &b, &v, &m, &o, &s, &e))
+    int bk = K_F32, vk = K_F32;
+    int ok = half ? PyArg_ParseTuple(args, "y*y*y*w*nnii", &b, &v, &m, &o, &s, &e, &bk, &vk)
+                  : PyArg_ParseTuple(args, "y*y*y*w*nn", &b, &v, &m, &o, &s, &e);
+    if (!ok)
         return NULL;
     PyObject *res = NULL;
-    Py_ssize_t n = b.len / 4;
-    if (b.len % 4 || v.len != b.len || o.len != b.len || m.len != (n + 7) / 8 || s < 0 || e > n || s > e) {
-        PyErr_SetString(PyExc_ValueError, "apply_f32: buffer sizes or range do not match");
+    Py_ssize_t size = half ? 2 : 4, n = b.len / size, vsize = vk == K_F32 ? 4 : 2;
+    int kinds_ok = half ? (bk == K_F16 || bk == K_BF16) && (vk == K_F32 || vk == bk) : 1;
+    if (!kinds_ok || b.len % size || v.len != n * vsize || o.len != b.len || m.len != (n + 7) / 8 || s < 0 || e > n || s > e) {
+        PyErr_SetString(PyExc_ValueError, half ? "apply_half: kinds, buffer sizes or range do not match"
+                                               : "apply_f32: buffer sizes or range do not match");
     } else {
         Py_BEGIN_ALLOW_THREADS
+        if (half) {
 #ifdef EM_AVX2
-        if (avx2)
-            span_avx2(b.buf, v.buf, m.buf, o.buf, s, e);
-        else
+            if (avx2 && f16c)
+                span_half_avx2(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
+            else
 #endif
-            span_scalar(b.buf, v.buf, m.buf, o.buf, s, e);
+                span_half_scalar(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
+        } else {
+#ifdef EM_AVX2
+            if (avx2)
+                span_avx2(b.buf, v.buf, m.buf, o.buf, s, e);
+            else
+#endif
+                span_scalar(b.buf, v.buf, m.buf, o.buf, s, e);
+        }
         Py_END_ALLOW_THREADS
         res = Py_None;
         Py_INCREF(res);
@@ -216,36 +231,8 @@ static PyObject *apply_f32(PyObject *self, PyObject *args) {
     return res;
 }
 
-static PyObject *apply_half(PyObject *self, PyObject *args) {
-    Py_buffer b, v, m, o;
-    Py_ssize_t s, e;
-    int bk, vk;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnii", &b, &v, &m, &o, &s, &e, &bk, &vk))
-        return NULL;
-    PyObject *res = NULL;
-    Py_ssize_t n = b.len / 2;
-    Py_ssize_t vsize = vk == K_F32 ? 4 : 2;
-    if ((bk != K_F16 && bk != K_BF16) || (vk != K_F32 && vk != bk) || b.len % 2 || v.len != n * vsize ||
-        o.len != b.len || m.len != (n + 7) / 8 || s < 0 || e > n || s > e) {
-        PyErr_SetString(PyExc_ValueError, "apply_half: kinds, buffer sizes or range do not match");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-#ifdef EM_AVX2
-        if (avx2 && f16c)
-            span_half_avx2(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
-        else
-#endif
-            span_half_scalar(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
-        Py_END_ALLOW_THREADS
-        res = Py_None;
-        Py_INCREF(res);
-    }
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&v);
-    PyBuffer_Release(&m);
-    PyBuffer_Release(&o);
-    return res;
-}
+static PyObject *apply_f32(PyObject *self, PyObject *args) { return apply(args, 0); }
+static PyObject *apply_half(PyObject *self, PyObject *args) { return apply(args, 1); }
 
 static PyObject *simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(avx2 ? "avx2+stream" : "scalar");

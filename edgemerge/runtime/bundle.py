@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
-from .kernel import apply_mask_reference
+from .kernel import apply_mask
 from .safetensors import Header, map_file, read_header, tensor_view
 
 FORMAT_NAME = "edgemerge.bundle"
@@ -202,10 +202,8 @@ class Bundle:
         base = self.base(param.name)
         if param.role == "carried":
             return base
-        packed = self.packed_mask(task, param.name)
-        if packed is None:
-            packed = np.full(packed_nbytes(param.numel), 0xFF, dtype=np.uint8)
-        return apply_mask_reference(base, self.vector(param.name), packed)
+        out = np.empty(param.shape, dtype=base.dtype)  # the fast kernels are bit-identical to the rule
+        return apply_mask(base, self.vector(param.name), self.packed_mask(task, param.name), out)
 
     def task_weights(self, task: str) -> dict[str, np.ndarray]:
         """The full state dict of task ``task``: rebuilt params, carried buffers, private tensors."""

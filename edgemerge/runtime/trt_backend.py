@@ -101,7 +101,7 @@ class TrtTaskSession(Switchable):
         if self.engine is None:
             raise BackendError(f"{engine_path}: TensorRT could not deserialize the engine (built by another version or GPU?)")
         self.refitter = trt.Refitter(self.engine, self._logger)
-        refittable = set(self.refitter.get_all_weights())
+        refittable = self._refittable = set(self.refitter.get_all_weights())
         merged = [p.name for p in self.bundle.params if p.role == "merged"]
         private = sorted({k for ks in self.bundle.private_keys.values() for k in ks} & refittable)
         problems = match_refit_names(refittable, merged)
@@ -118,12 +118,16 @@ class TrtTaskSession(Switchable):
             self._flat = FlatWeights(self.bundle, merged, device, kernel)
             for n in merged:  # registered once: the buffers persist, a switch rewrites them in place
                 self._set(n, self._flat.view(n))
+            for alias, n in self.bundle.aliases.items():  # a tied name the graph kept: the same buffer
+                if alias in refittable and n in merged:
+                    self._set(alias, self._flat.view(n))
         else:  # TensorRT 8.5 / 8.6: host weights, rebuilt by the numpy kernel into buffers kept here
             self._host = {n: np.empty(self.bundle.param(n).shape, DTYPES[self.bundle.param(n).dtype]) for n in merged}
         self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, device)
                                  if self._device_mode else np.array(v)
                              for k, v in self.bundle.private(t).items() if k in private} for t in self.bundle.tasks}
-        self._carried_names = {p.name for p in self.bundle.params if p.role == "carried"} & refittable
+        carried = {p.name for p in self.bundle.params if p.role == "carried"}
+        self._carried_names = (carried | {a for a, n in self.bundle.aliases.items() if n in carried}) & refittable
         self._carried: dict[str, Any] = {}  # θ0 of carried weights TensorRT asked for, kept alive
         self.context = self.engine.create_execution_context()
         self._context_lock = threading.Lock()
@@ -155,7 +159,7 @@ class TrtTaskSession(Switchable):
             if n not in self._carried:
                 from .torch_backend import to_torch
 
-                b, dtype = self.bundle.base(n), self.bundle.param(n).dtype
+                b, dtype = self.bundle.base(self.bundle.resolve(n)), self.bundle.param(self.bundle.resolve(n)).dtype
                 self._carried[n] = to_torch(b, dtype, self.torch.device("cuda")) if self._device_mode else np.array(b)
             self._set(n, self._carried[n])
         return list(self.refitter.get_missing_weights()) if again else list(missing)
@@ -170,6 +174,9 @@ class TrtTaskSession(Switchable):
             for n, buf in self._host.items():
                 apply_mask(self.bundle.base(n), self.bundle.vector(n), self.bundle.packed_mask(task, n), buf)
                 self._set(n, buf)
+            for alias, n in self.bundle.aliases.items():
+                if n in self._host and alias in self._refittable:
+                    self._set(alias, self._host[n])
         for k, v in self._private[task].items():
             self._set(k, v)
         missing = self._refill(self.refitter.get_missing_weights())
