@@ -89,6 +89,14 @@ def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
     return tasks
 
 
+def bundle_kernels(b, kernel_name) -> str:
+    """The mask kernel(s) a switch of this bundle runs, per θ0 dtype (e.g. 'c-avx2 (F16)')."""
+    from .runtime.dtypes import DTYPES
+
+    dtypes = sorted({p.dtype for p in b.params if p.role == "merged"})
+    return ", ".join(f"{kernel_name(DTYPES[d], DTYPES[b.vector_dtype])} ({d})" for d in dtypes) or "none (nothing merged)"
+
+
 def _parse_ties(items) -> dict[str, str]:
     ties = {}
     for item in items:
@@ -435,7 +443,7 @@ def bench(bundle, onnx_path, inputs, mode, rounds, as_json) -> None:
     res["onnx_bytes"] = os.path.getsize(onnx_path)
     res["peak_rss_bytes"] = peak_rss_bytes()
     res["mode"] = mode
-    res["kernel"] = kernel_name()  # which mask kernel this install runs (float32)
+    res["kernel"] = bundle_kernels(s.bundle, kernel_name)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return

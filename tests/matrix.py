@@ -351,7 +351,8 @@ def _onnx_paths(r: Result, bundle, exported: dict, refs, arch, dtype, TaskSessio
     if "error" in exported:
         r.paths["export onnx"] = "error: " + exported["error"]
         return
-    r.paths["export onnx"] = "ok"
+    r.paths["export onnx"] = "ok" if not exported["problems"] else "INCOMPLETE"
+    r.failures += [f"export onnx: {p}" for p in exported["problems"]]
     feeds = ort_feeds(arch, dtype)
     for mode, graph in (("inputs", exported["switchable"]), ("sessions", exported["plain"])):
         key = f"TaskSession {mode}"
@@ -433,7 +434,28 @@ def export_suite(suite: Suite, bundle_path: str) -> dict:
                         input_names=list(suite.arch.inputs), output_names=["logits"])
     except EdgemergeError as exc:
         return {"error": str(exc)}
-    return {"switchable": e.switchable, "plain": e.plain, "unused": e.unused}
+    return {"switchable": e.switchable, "plain": e.plain, "unused": e.unused,
+            "problems": graph_problems(e.switchable, bundle_path, suite.arch)}
+
+
+def graph_problems(switchable: str, bundle_path: str, arch: Arch) -> list[str]:
+    """What would make a switch silently partial: a float bundle weight that is not a graph input
+    (the exporter merges byte-identical initializers, so a weight can vanish into another's name;
+    integer buffers such as num_batches_tracked are legitimately unused by an eval graph), or an
+    initializer named like a model tensor (it would stay θ0 for every task)."""
+    import onnx
+
+    g = onnx.load(switchable).graph
+    inputs, inits = {i.name for i in g.input}, {i.name for i in g.initializer}
+    b = open_bundle(bundle_path)
+    floats = {"F32", "F16", "BF16", "F64"}
+    managed = {p.name for p in b.params if p.dtype in floats}
+    managed |= {k for t, keys in b.private_keys.items() for k in keys if b.header.tensors[f"task/{t}/{k}"].dtype in floats}
+    ties = tied_names(arch.make(arch.heads[0]).state_dict(keep_vars=True))
+    model_keys = set(arch.make(arch.heads[0]).state_dict()) - set(ties)
+    problems = [f"bundle weight {n!r} is not an input of the switchable graph" for n in sorted(managed - inputs)]
+    problems += [f"initializer {n!r} is a model tensor left as a constant" for n in sorted(inits & model_keys)]
+    return problems
 
 
 def compile_emflat(directory: Path) -> str | None:

@@ -141,6 +141,16 @@ def test_cli_ties_statistics_and_inspect(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "'bn.running_var'" in p.stderr + p.stdout and "--statistics per-task" in p.stderr + p.stdout
     assert not (tmp_path / "bad.safetensors").exists()
+    from edgemerge.cli import bundle_kernels
+    from edgemerge.runtime.kernel import kernel_name
+
+    assert bundle_kernels(b, kernel_name) == f"{kernel_name()} (F32)"
+    save_file({"w": np.ones(64, np.float16)}, str(tmp_path / "h0.safetensors"))
+    save_file({"w": np.full(64, 2, np.float16)}, str(tmp_path / "h1.safetensors"))
+    cli("merge", tmp_path / "h0.safetensors", "--task", f"a={tmp_path / 'h1.safetensors'}", "-o", tmp_path / "h.safetensors",
+        "--quiet", "--method", "task_arithmetic")
+    # an fp16 bundle (τ in F16 too) names the kernel its switches run, not the float32 one
+    assert bundle_kernels(open_bundle(tmp_path / "h.safetensors"), kernel_name) == f"{kernel_name(np.float16)} (F16)"
     p = cli("merge", tmp_path / "base.safetensors", *args, "--tie", "head.weight", "-o", tmp_path / "x.safetensors",
             check=False)
     assert p.returncode != 0 and "must be ALIAS=KEPT" in p.stderr + p.stdout
