@@ -108,6 +108,13 @@ def write_bundle(
         meta = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}
     except ValueError as exc:
         raise FormatError(f"{os.fspath(path)}: manifest holds a non-finite number ({exc}); nothing was written") from None
-    write_safetensors(path, tensors, meta, progress=progress)
-    open_bundle(path).close()  # the reader's checks are the writer's last check
+    # the reader's checks are the writer's last check, on the temp file, before it replaces `path`
+    write_safetensors(path, tensors, meta, progress=progress, check=lambda tmp: _reads_back(tmp, os.fspath(path)))
     return manifest
+
+
+def _reads_back(tmp: str, path: str) -> None:
+    try:
+        open_bundle(tmp).close()
+    except FormatError as exc:
+        raise FormatError(f"{str(exc).replace(tmp, path)} -- the bundle reader would refuse it, so nothing was written") from None

@@ -196,9 +196,10 @@ def inspect(bundle, as_json) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="safetensors file to write θ_t to.")
 def extract(bundle, task, output) -> None:
     """Write θ_t of one task as a plain safetensors state dict."""
-    from .io import write_safetensors
+    from .io import refuse_inputs, write_safetensors
     from .runtime import open_bundle
 
+    refuse_inputs(output, [bundle], "bundle")
     with open_bundle(bundle) as b:
         b.check_task(task)
         weights = b.task_weights(task)

@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Mapping, Union
 
 import numpy as np
 
-from .errors import EdgemergeError, FormatError
+from .errors import ConfigError, EdgemergeError, FormatError
 from .runtime.dtypes import DTYPES, dtype_name
+from .runtime.safetensors import MAX_HEADER_BYTES, bad_name
 
 CHECKSUM_KEY = "edgemerge.sha256"
 
@@ -78,8 +79,13 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     checksums: bool = True,
     progress: Callable[[str, int], None] | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """Write ``tensors`` to ``path`` atomically; return the per-tensor sha256 hex digests.
+
+    Every rule the reader enforces on names and header size is checked before a byte is written;
+    ``check(temp_path)`` (e.g. the bundle reader) runs on the complete file before it replaces
+    ``path``, so a file the reader would refuse never replaces anything.
 
     With ``checksums`` the metadata gains ``edgemerge.sha256``: a JSON object name -> sha256 of
     the tensor's bytes. Digests have a fixed length, so the header is written with placeholders,
@@ -91,6 +97,10 @@ def write_safetensors(
     ['a']
     """
     path = os.fspath(path)
+    bad = sorted(repr(n) for n in tensors if not isinstance(n, str) or bad_name(n))
+    if bad:
+        raise FormatError(f"{path}: tensor names must be non-empty, without control characters: {', '.join(bad[:5])}; "
+                          "nothing was written")
     specs = {name: _spec(name, t) for name, t in tensors.items()}
     order = layout_order(specs)
     meta = dict(metadata or {})
@@ -100,8 +110,12 @@ def write_safetensors(
     if checksums:
         meta[CHECKSUM_KEY] = json.dumps(digests, sort_keys=True, separators=(",", ":"))
     head = _header_bytes(specs, order, meta)
+    if len(head) - 8 > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: the header would be {len(head) - 8:,} bytes, over the {MAX_HEADER_BYTES:,}-byte cap of "
+                          f"safetensors readers ({len(specs):,} tensors); nothing was written. Split the model or merge "
+                          "fewer tasks per bundle")
     try:
-        with atomic_output(path) as tmp, open(tmp, "r+b") as f:
+        with atomic_output(path, check) as tmp, open(tmp, "r+b") as f:
             f.write(head)
             for name in order:
                 arr = _materialize(name, tensors[name], *specs[name])
@@ -126,9 +140,10 @@ def write_safetensors(
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path next to ``path``; on success fsync it, rename it over ``path`` and fsync
-    the folder. On any error the temp file is removed and an existing ``path`` is untouched.
+def atomic_output(path: str | os.PathLike, check: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Yield a temp path next to ``path``; on success fsync it, run ``check(temp)`` if given, rename
+    it over ``path`` and fsync the folder. On any error -- ``check`` raising included -- the temp
+    file is removed and an existing ``path`` is untouched.
 
     >>> import tempfile; d = tempfile.mkdtemp()
     >>> with atomic_output(d + "/x.bin") as tmp:
@@ -144,6 +159,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -169,3 +186,17 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def refuse_inputs(output: str | os.PathLike, inputs, what: str = "input") -> None:
+    """ConfigError when ``output`` is one of ``inputs`` (the same file, through any link; for a
+    folder input, any file in it): a writer must never replace what it reads."""
+    output = os.fspath(output)
+    if not os.path.exists(output):
+        return
+    for item in inputs:
+        item = os.fspath(item)
+        files = [os.path.join(item, f) for f in os.listdir(item)] if os.path.isdir(item) else [item]
+        for f in files:
+            if os.path.exists(f) and os.path.samefile(output, f):
+                raise ConfigError(f"refusing to write {output}: it is the {what} {f}; choose another output path")

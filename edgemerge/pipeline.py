@@ -34,7 +34,7 @@ from .checkpoints import (
     pread_elements,
 )
 from .errors import CheckpointError, ConfigError
-from .io import Lazy
+from .io import Lazy, refuse_inputs
 from .methods import Method, get_method
 from .methods.parts import Chunk
 from .runtime.bits import pack_bits, packed_nbytes
@@ -250,6 +250,7 @@ def merge(
     """
     method, params = config.validate()
     output = os.fspath(output)
+    refuse_inputs(output, [config.base, *config.tasks.values()])
     t0 = time.perf_counter()
     with ExitStack() as stack:
         base = open_checkpoint(config.base)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, FormatError
-from ..io import atomic_output
+from ..io import atomic_output, refuse_inputs
 from ..runtime.bundle import Bundle, open_bundle
 from ..runtime.dtypes import DTYPES
 
@@ -78,6 +78,7 @@ def write_flat(bundle: Bundle | str, path: str, encoding: str = "F32", align: in
     if align not in (64, 4096):
         raise ConfigError("flat image alignment must be 64 or 4096 bytes")
     b = open_bundle(bundle) if isinstance(bundle, str) else bundle
+    refuse_inputs(path, [b.path], "bundle")
     pieces: list[tuple[int, int, int, int, int, np.ndarray, str, tuple]] = []  # kind,dtype,task,param,frac,data,name,shape
     errors: dict[str, dict[str, float]] = {}
     for p in b.params:

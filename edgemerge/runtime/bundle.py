@@ -28,12 +28,12 @@ MANIFEST_KEY = "edgemerge.manifest"
 CHECKSUM_KEY = "edgemerge.sha256"
 MASK_POLICIES = ("tall", "none")
 ROLES = ("merged", "carried")
-_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
 def check_task_name(name: str) -> str:
     """Task names become tensor-name parts and file names: letters, digits, ``_ . + -`` only."""
-    if not isinstance(name, str) or not _TASK_RE.match(name):
+    if not isinstance(name, str) or not _TASK_RE.fullmatch(name):  # match() + $ would take "a\n"
         raise FormatError(
             f"task name {name!r} is not allowed: use 1-128 letters, digits, '_', '.', '+' or '-', starting with a letter or digit"
         )

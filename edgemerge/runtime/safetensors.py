@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import FormatError
 from .dtypes import DTYPES
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same cap the safetensors library uses
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap (MAX_HEADER_SIZE), not 100 MiB
 METADATA_KEY = "__metadata__"
 
 
@@ -57,13 +57,13 @@ class Header:
     file_size: int
 
 
-def _bad_name(name: str) -> bool:
+def bad_name(name: str) -> bool:
     return not name or any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
 def _parse_entry(path: str, name: str, raw: object) -> TensorEntry:
     where = f"{path}: tensor {name!r}"
-    if _bad_name(name):
+    if bad_name(name):
         raise FormatError(f"{where}: empty name or control characters in the name")
     if not isinstance(raw, dict) or set(raw) - {"dtype", "shape", "data_offsets"} or len(raw) != 3:
         raise FormatError(f"{where}: entry must have exactly dtype, shape and data_offsets")
