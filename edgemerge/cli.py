@@ -408,13 +408,16 @@ def _load_inputs(items: tuple[str, ...]) -> dict[str, Any] | Any:
 @click.option("--input", "inputs", multiple=True, required=True, metavar="[NAME=]FILE.npy")
 @click.option("--mode", type=click.Choice(["inputs", "sessions"]), default="inputs", show_default=True)
 @click.option("-o", "--output", type=click.Path(), help="Save the first output as .npy.")
-def run(bundle, onnx_path, task, inputs, mode, output) -> None:
+@click.option("--verify", "verify", type=click.Choice(["first-use", "open", "off"]), default="first-use", show_default=True,
+              help="Check each tensor's sha256 when first read, all at open, or not at all (trust the storage).")
+def run(bundle, onnx_path, task, inputs, mode, output, verify) -> None:
     """Run one task of BUNDLE on ONNX Runtime."""
     import numpy as np
 
+    from .runtime import open_bundle
     from .runtime.session import TaskSession
 
-    s = TaskSession(bundle, onnx_path, mode=mode)
+    s = TaskSession(open_bundle(bundle, verify=verify), onnx_path, mode=mode)
     outs = s.run(_load_inputs(inputs), task=task)
     if output:
         np.save(output, outs[0])
@@ -430,13 +433,16 @@ def run(bundle, onnx_path, task, inputs, mode, output) -> None:
 @click.option("--mode", type=click.Choice(["inputs", "sessions"]), default="inputs", show_default=True)
 @click.option("--rounds", default=3, show_default=True, help="Passes through all tasks.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, onnx_path, inputs, mode, rounds, as_json) -> None:
+@click.option("--verify", "verify", type=click.Choice(["first-use", "open", "off"]), default="first-use", show_default=True,
+              help="Check each tensor's sha256 when first read, all at open, or not at all (trust the storage).")
+def bench(bundle, onnx_path, inputs, mode, rounds, as_json, verify) -> None:
     """Switch latency, inference latency, storage and peak RSS on this machine."""
     from .measure import bench_session, memcpy_seconds, peak_rss_bytes, percentile
+    from .runtime import open_bundle
     from .runtime.kernel import kernel_name
     from .runtime.session import TaskSession
 
-    s = TaskSession(bundle, onnx_path, mode=mode)
+    s = TaskSession(open_bundle(bundle, verify=verify), onnx_path, mode=mode)
     res = bench_session(s, _load_inputs(inputs), rounds=rounds)
     res["memcpy_p50_ms"] = 1e3 * percentile(memcpy_seconds(s.bundle), 50)
     res["switch_vs_memcpy"] = res["switch_p50_ms"] / res["memcpy_p50_ms"] if res["memcpy_p50_ms"] else float("nan")

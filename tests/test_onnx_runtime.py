@@ -161,7 +161,7 @@ def test_cli_export_run_bench(exported, tmp_path):
     assert res["switches"] == 6 and res["runs"] == 30 and res["switch_p50_ms"] > 0 and res["peak_rss_bytes"] > 0
     from edgemerge.runtime.kernel import kernel_name
 
-    assert res["kernel"] == kernel_name()  # the subprocess runs the same install
+    assert res["kernel"] == f"{kernel_name()} (F32)"  # the subprocess runs the same install; per θ0 dtype
 
 
 def test_identical_initializers_stay_separate_weights(tmp_path):

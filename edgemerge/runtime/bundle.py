@@ -11,12 +11,13 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError, TaskError, unknown_name
+from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .kernel import apply_mask
@@ -28,6 +29,7 @@ MANIFEST_KEY = "edgemerge.manifest"
 CHECKSUM_KEY = "edgemerge.sha256"
 MASK_POLICIES = ("tall", "none")
 ROLES = ("merged", "carried")
+VERIFY_POLICIES = ("first-use", "open", "off")
 _TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
@@ -97,9 +99,18 @@ def _check_tensor(header: Header, name: str, dtype: str, shape: tuple[int, ...],
 
 
 class Bundle:
-    """A validated, memory-mapped bundle. Views are read-only and valid until ``close()``."""
+    """A validated, memory-mapped bundle. Views are read-only and valid until ``close()``.
 
-    def __init__(self, path: str, header: Header, manifest: dict[str, Any]):
+    ``verify`` (docs/runtime.md, "Integrity"): ``"first-use"`` (default) hashes each tensor the
+    first time anything reads it and refuses it if it does not match its checksum; ``"open"``
+    hashes every tensor when the bundle is opened; ``"off"`` trusts the storage. The file must not
+    be changed in place while open: edgemerge's writers replace files atomically (a new inode, so
+    an open bundle keeps its bytes); a truncation or rewrite in place is detected at the next switch.
+    """
+
+    def __init__(self, path: str, header: Header, manifest: dict[str, Any], verify: str = "first-use"):
+        if verify not in VERIFY_POLICIES:
+            raise ConfigError(unknown_name("verify policy", verify, VERIFY_POLICIES))
         self.path = path
         self.header = header
         self.manifest = manifest
@@ -111,6 +122,11 @@ class Bundle:
         self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
         self.checksums: dict[str, str] = self._parse_checksums()
         self._validate_tensors()
+        self.verify_policy = verify
+        self._verified: set[str] = set()
+        self._verify_lock = threading.Lock()
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self._mm = map_file(path)
 
     # -- validation -------------------------------------------------------------------------
@@ -158,7 +174,30 @@ class Bundle:
     def _view(self, name: str) -> np.ndarray:
         if self._mm is None:
             raise FormatError(f"{self.path}: bundle is closed")
-        return tensor_view(self._mm, self.header, name)
+        view = tensor_view(self._mm, self.header, name)
+        if self.verify_policy == "first-use" and name not in self._verified and self.checksums:
+            with self._verify_lock:
+                if name not in self._verified:
+                    if _sha256(view) != self.checksums[name]:
+                        raise FormatError(f"{self.path}: tensor {name!r} does not match its checksum (damaged storage?); "
+                                          "nothing was served from it. `edgemerge verify` lists every damaged tensor; "
+                                          "restore the file")
+                    self._verified.add(name)
+        return view
+
+    def check_file(self) -> None:
+        """FormatError if the open file was truncated or rewritten in place (same inode, another
+        size or mtime): reading on could crash with SIGBUS or serve other bytes than were checked.
+        A file replaced by a new one (atomic write, rename) is fine: the mapping keeps the old."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        dev, ino, size, mtime = self._identity
+        if (st.st_dev, st.st_ino) == (dev, ino) and (st.st_size, st.st_mtime_ns) != (size, mtime):
+            what = f"truncated to {st.st_size} of {size} bytes" if st.st_size < size else "rewritten in place"
+            raise FormatError(f"{self.path} was {what} while open; it is not served any more. Replace bundles "
+                              "atomically (write a new file, then rename it) and open the new one")
 
     def check_task(self, task: str) -> str:
         if task not in self.tasks:
@@ -208,6 +247,7 @@ class Bundle:
     def task_weights(self, task: str) -> dict[str, np.ndarray]:
         """The full state dict of task ``task``: rebuilt params, carried buffers, private tensors."""
         self.check_task(task)
+        self.check_file()
         out = {p.name: self.task_weight(task, p) for p in self.params}
         out.update(self.private(task))
         return out
@@ -224,8 +264,11 @@ class Bundle:
     def verify(self) -> None:
         """Re-hash every tensor; FormatError naming each damaged tensor."""
         _expect(bool(self.checksums), self.path, "bundle has no checksums to verify against")
-        bad = [n for n in sorted(self.header.tensors) if _sha256(self._view(n)) != self.checksums[n]]
+        if self._mm is None:
+            raise FormatError(f"{self.path}: bundle is closed")
+        bad = [n for n in sorted(self.header.tensors) if _sha256(tensor_view(self._mm, self.header, n)) != self.checksums[n]]
         _expect(not bad, self.path, f"checksum mismatch (damaged data) in tensor(s): {', '.join(bad)}")
+        self._verified.update(self.header.tensors)
 
     def close(self) -> None:
         if self._mm is not None:
@@ -287,11 +330,13 @@ def parse_manifest(path: str, header: Header) -> dict[str, Any]:
     return m
 
 
-def open_bundle(path: str | os.PathLike, verify: bool = False) -> Bundle:
-    """Open and validate a bundle; with ``verify`` also re-hash all data against the checksums."""
+def open_bundle(path: str | os.PathLike, verify: bool | str = "first-use") -> Bundle:
+    """Open and validate a bundle. ``verify``: "first-use" (default: each tensor is checked against
+    its sha256 the first time it is read), "open" or True (every tensor now), "off" or False."""
     path = os.fspath(path)
+    policy = {True: "open", False: "off"}.get(verify, verify) if isinstance(verify, bool) else verify
     header = read_header(path)
-    bundle = Bundle(path, header, parse_manifest(path, header))
-    if verify:
+    bundle = Bundle(path, header, parse_manifest(path, header), "first-use" if policy == "open" else policy)
+    if policy == "open":
         bundle.verify()
     return bundle

@@ -147,6 +147,7 @@ class Switchable:
         """Make ``task`` current; returns the seconds the weight rebuild took."""
         self.bundle.check_task(task)
         with self._lock.write():
+            self.bundle.check_file()
             return self._switch_locked(task)
 
     def _locked(self, task: str | None, fn):
@@ -163,6 +164,7 @@ class Switchable:
                 return fn()
         with self._lock.write(downgrade=True):
             if self.current != task:
+                self.bundle.check_file()
                 self._switch_locked(task)
         try:
             return fn()
