@@ -111,7 +111,7 @@ def test_malformed_images_are_rejected_not_crashed_on(bundle, applier, tmp_path,
 def test_unknown_task(bundle, applier, tmp_path):
     write_flat(bundle, tmp_path / "img.bin")
     p = run_c(applier, tmp_path / "img.bin", "nope", tmp_path / "out.bin")
-    assert p.returncode == 1 and "unknown task" in p.stderr
+    assert p.returncode == 1 and "unknown task 'nope'; valid: task0 task1 task2" in p.stderr, p.stderr
 
 
 def test_float_param_no_task_changed_travels_as_base_only(applier, tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, FormatError
+from ..errors import ConfigError, FormatError, unknown_name
 from ..io import atomic_output, refuse_inputs
 from ..runtime.bundle import Bundle, open_bundle
 from ..runtime.dtypes import DTYPES
@@ -155,11 +155,17 @@ def _up(x: int, a: int) -> int:
 
 
 def read_flat(path: str) -> tuple[list[str], list[Entry], bytes]:
-    """Parse and check everything; FormatError names the entry. Returns (tasks, entries, data)."""
+    """Parse and check everything; FormatError names the entry. Returns (tasks, entries, data).
+
+    The rules are exactly those of the C applier's ``parse`` (edgemerge/devices/c/emflat.c), so
+    the two accept the same images (fuzzed against each other in tests/test_flat_differential.py).
+    """
     with open(path, "rb") as f:
         data = f.read()
+
     def bad(msg: str) -> FormatError:
         return FormatError(f"{path}: {msg}")
+
     if len(data) < HEADER.size:
         raise bad(f"{len(data)} bytes, shorter than the {HEADER.size}-byte header")
     magic, version, hsize, align, n, n_tasks, _flags, table_off, names_off, names_len, size = HEADER.unpack_from(data)
@@ -174,42 +180,79 @@ def read_flat(path: str) -> tuple[list[str], list[Entry], bytes]:
             or names_off + names_len > len(data):
         raise bad("tensor table, task table or names blob out of bounds")
     names = data[names_off:names_off + names_len]
-    tasks = []
+    raw_tasks = []
     for t in range(n_tasks):
         off, ln = TASK.unpack_from(data, tasks_off + TASK.size * t)
         if off + ln > names_len or ln == 0:
             raise bad(f"task {t}: name out of bounds")
-        tasks.append(names[off:off + ln].decode("utf-8", "replace"))
-    entries = []
+        if 0 in names[off:off + ln]:
+            raise bad(f"task {t}: name holds a NUL byte")
+        raw_tasks.append(names[off:off + ln])
+    entries, raw_names = [], []
     for i in range(n):
         kind, code, task, param, off, nbytes, numel, frac, ndim, noff, nlen, *dims = ENTRY.unpack_from(data, table_off + ENTRY.size * i)
+        if kind > 3 or code not in CODE_DTYPE or ndim > MAX_DIMS:
+            raise bad(f"entry {i}: bad kind {kind}, dtype code {code} or ndim {ndim}")
         if noff + nlen > names_len:
             raise bad(f"entry {i}: name out of bounds")
-        name = names[noff:noff + nlen].decode("utf-8", "replace")
-        where = f"entry {i} ({name!r})"
-        if kind > 3 or code not in CODE_DTYPE or ndim > MAX_DIMS:
-            raise bad(f"{where}: bad kind {kind}, dtype code {code} or ndim {ndim}")
-        shape = tuple(dims[:ndim])
-        if math.prod(shape) != numel or numel * np.dtype(CODE_DTYPE[code]).itemsize != nbytes:
-            raise bad(f"{where}: shape {shape}, numel {numel} and {nbytes} bytes disagree")
+        raw_names.append(names[noff:noff + nlen])
+        where = f"entry {i} ({raw_names[-1].decode('utf-8', 'replace')!r})"
+        count = 1
+        for d in dims[:ndim]:  # the C applier's u64 product, checked in the same order
+            if d and count > U64_MAX // d:
+                raise bad(f"{where}: shape overflows")
+            count *= d
+        if count != numel or numel > U64_MAX // 8 or numel * np.dtype(CODE_DTYPE[code]).itemsize != nbytes:
+            raise bad(f"{where}: shape {tuple(dims[:ndim])}, numel {numel} and {nbytes} bytes disagree")
         if off % align or off < names_off + names_len or off + nbytes > len(data):
             raise bad(f"{where}: data at {off}+{nbytes} is misaligned or outside the file")
         if (task != NONE and task >= n_tasks) or (kind in (2, 3)) != (task != NONE):
             raise bad(f"{where}: task index {task} invalid for its kind")
         if not (0 <= frac <= 30):
             raise bad(f"{where}: fraction bits {frac} out of range")
-        entries.append(Entry(kind, code, task, param, off, nbytes, numel, frac, shape, name))
-    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries)
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise bad(f"sections of {n0!r} and {n1!r} overlap")
+        entries.append(Entry(kind, code, task, param, off, nbytes, numel, frac, tuple(dims[:ndim]),
+                             raw_names[-1].decode("utf-8", "surrogateescape")))  # distinct bytes, distinct names
+    _check_links(entries, raw_names, bad)
+    _check_unique(entries, raw_names, raw_tasks, bad)
+    return [t.decode("utf-8", "surrogateescape") for t in raw_tasks], entries, data
+
+
+U64_MAX = (1 << 64) - 1
+FLOAT_CODES = (CODES["F32"], CODES["F16"], CODES["Q16"])
+
+
+def _check_links(entries: list[Entry], raw_names: list[bytes], bad) -> None:
+    """A vector or mask points at a base of the same name; a vector matches its base's element
+    count and both are F32/F16/Q16; a mask is U8 of ceil(numel / 8) bytes."""
     for i, e in enumerate(entries):
-        if e.kind in (1, 2):
-            if e.param >= n or entries[e.param].kind != 0 or entries[e.param].name != e.name:
-                raise bad(f"entry {i} ({e.name!r}): param index {e.param} does not point at its base")
-            if e.kind == 2 and e.nbytes != (entries[e.param].numel + 7) // 8:
-                raise bad(f"entry {i} ({e.name!r}): mask has {e.nbytes} bytes, {entries[e.param].numel} elements need {(entries[e.param].numel + 7) // 8}")
-    return tasks, entries, data
+        if e.kind not in (1, 2):
+            continue
+        where = f"entry {i} ({raw_names[i].decode('utf-8', 'replace')!r})"
+        if e.param >= len(entries) or entries[e.param].kind != 0:
+            raise bad(f"{where}: param index {e.param} does not point at a base entry")
+        b = entries[e.param]
+        if raw_names[i] != raw_names[e.param]:
+            raise bad(f"{where}: name differs from its base's")
+        if e.kind == 1 and (e.numel != b.numel or e.dtype not in FLOAT_CODES or b.dtype not in FLOAT_CODES):
+            raise bad(f"{where}: vector does not match its base (same element count, F32/F16/Q16 both)")
+        if e.kind == 2 and (e.dtype != CODES["U8"] or e.nbytes != (b.numel + 7) // 8):
+            raise bad(f"{where}: mask has {e.nbytes} bytes of code {e.dtype}; {b.numel} elements need {(b.numel + 7) // 8} U8")
+
+
+def _check_unique(entries: list[Entry], raw_names: list[bytes], raw_tasks: list[bytes], bad) -> None:
+    """Non-empty sections never overlap; task names, base names, a param's vector and a
+    (param, task)'s mask are each unique."""
+    spans = sorted((e.offset, e.offset + e.nbytes) for e in entries if e.nbytes)
+    if any(s1 < e0 for (_s0, e0), (s1, _e1) in zip(spans, spans[1:])):
+        raise bad("sections overlap")
+    bases = [raw_names[i] for i, e in enumerate(entries) if e.kind == 0]
+    if len(set(bases)) != len(bases):
+        raise bad("two base entries share a name")
+    links = [(e.kind, e.param, e.task) for e in entries if e.kind in (1, 2)]
+    if len(set(links)) != len(links):
+        raise bad("a param has two vectors, or two masks for one task")
+    if len(set(raw_tasks)) != len(raw_tasks):
+        raise bad("two tasks share a name")
 
 
 def _values(e: Entry, data: bytes) -> np.ndarray:
@@ -223,7 +266,7 @@ def rebuild(path: str, task: str) -> dict[str, np.ndarray]:
     """θ_t of every merged param (float32, flat) -- the reference for the C applier."""
     tasks, entries, data = read_flat(path)
     if task not in tasks:
-        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(tasks)}")
+        raise ConfigError(unknown_name("task", task, tasks))
     t = tasks.index(task)
     vec = {e.param: e for e in entries if e.kind == 1}
     mask = {e.param: e for e in entries if e.kind == 2 and e.task == t}
@@ -234,5 +277,6 @@ def rebuild(path: str, task: str) -> dict[str, np.ndarray]:
         base, v = _values(e, data), _values(vec[i], data)
         bits = np.ones(e.numel, bool) if i not in mask else np.unpackbits(
             np.frombuffer(data, np.uint8, mask[i].nbytes, mask[i].offset), count=e.numel).view(bool)
-        out[e.name] = np.where(bits, base + v, base).astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf in a hand-made image is NaN, as in C
+            out[e.name] = np.where(bits, base + v, base).astype(np.float32)
     return out

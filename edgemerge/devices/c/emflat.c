@@ -48,6 +48,10 @@ static int fail(char *err, size_t cap, const char *msg, uint32_t index) {
     return -1;
 }
 
+static const uint8_t *name_of(const image_t *im, const entry_t *e) { return im->img + im->names_off + e->name_off; }
+static int is_float(uint32_t dtype) { return dtype == DT_F32 || dtype == DT_F16 || dtype == DT_Q16; }
+static int check_unique(image_t *im, char *err, size_t cap);
+
 /* Parse and validate; on success img->entries is malloc'ed (caller frees). */
 static int parse(image_t *im, const uint8_t *img, uint64_t size, char *err, size_t cap) {
     static const uint8_t magic[8] = {'E', 'M', 'F', 'L', 'A', 'T', 0, 1};
@@ -69,6 +73,7 @@ static int parse(image_t *im, const uint8_t *img, uint64_t size, char *err, size
     for (i = 0; i < im->n_tasks; i++) {
         uint32_t off = rd32(img + tasks_off + TASK_SIZE * i), len = rd32(img + tasks_off + TASK_SIZE * i + 4);
         if (len == 0 || (uint64_t)off + len > im->names_len) return fail(err, cap, "task name out of bounds", NONE);
+        if (memchr(img + im->names_off + off, 0, len)) return fail(err, cap, "task name holds a NUL byte", NONE);
     }
     im->entries = (entry_t *)calloc(im->n ? im->n : 1, sizeof(entry_t));
     if (!im->entries) return fail(err, cap, "out of memory", NONE);
@@ -102,18 +107,74 @@ static int parse(image_t *im, const uint8_t *img, uint64_t size, char *err, size
             if (e->param >= im->n || im->entries[e->param].kind != KIND_BASE)
                 return fail(err, cap, "param index does not point at a base entry", (uint32_t)i);
             b = &im->entries[e->param];
-            if (e->kind == KIND_VECTOR && (e->numel != b->numel || (e->dtype != DT_F32 && e->dtype != DT_F16 && e->dtype != DT_Q16)))
-                return fail(err, cap, "vector does not match its base", (uint32_t)i);
+            if (e->name_len != b->name_len || memcmp(name_of(im, e), name_of(im, b), e->name_len) != 0)
+                return fail(err, cap, "name differs from its base's", (uint32_t)i);
+            if (e->kind == KIND_VECTOR && (e->numel != b->numel || !is_float(e->dtype) || !is_float(b->dtype)))
+                return fail(err, cap, "vector does not match its base (same element count, F32/F16/Q16 both)", (uint32_t)i);
             if (e->kind == KIND_MASK && (e->dtype != DT_U8 || e->nbytes != (b->numel + 7) / 8))
                 return fail(err, cap, "mask length is not ceil(numel / 8) of its base", (uint32_t)i);
         }
-        for (j = i + 1; j < im->n; j++) {  /* sections must not overlap */
-            entry_t *o = &im->entries[j];
-            if (e->nbytes && o->nbytes && e->offset < o->offset + o->nbytes && o->offset < e->offset + e->nbytes)
-                return fail(err, cap, "sections overlap", (uint32_t)j);
-        }
     }
-    return 0;
+    return check_unique(im, err, cap);
+}
+
+/* -- the rules that compare entries with each other, in O(n log n) (sorting), not O(n^2) -------- */
+static const image_t *sort_im;  /* the image the comparators read; the tool is single-threaded */
+
+static int by_offset(const void *a, const void *b) {
+    const entry_t *x = &sort_im->entries[*(const uint32_t *)a], *y = &sort_im->entries[*(const uint32_t *)b];
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+static int bytes_cmp(const uint8_t *a, uint32_t la, const uint8_t *b, uint32_t lb) {
+    int c = memcmp(a, b, la < lb ? la : lb);
+    return c ? c : (la > lb) - (la < lb);
+}
+
+static int by_name(const void *a, const void *b) {  /* base entries, by name */
+    const entry_t *x = &sort_im->entries[*(const uint32_t *)a], *y = &sort_im->entries[*(const uint32_t *)b];
+    return bytes_cmp(name_of(sort_im, x), x->name_len, name_of(sort_im, y), y->name_len);
+}
+
+static int by_param_task(const void *a, const void *b) {  /* vectors and masks, by (kind, param, task) */
+    const entry_t *x = &sort_im->entries[*(const uint32_t *)a], *y = &sort_im->entries[*(const uint32_t *)b];
+    if (x->kind != y->kind) return x->kind < y->kind ? -1 : 1;
+    if (x->param != y->param) return x->param < y->param ? -1 : 1;
+    return x->task < y->task ? -1 : x->task > y->task;
+}
+
+static int by_task_name(const void *a, const void *b) {  /* task table rows, by name */
+    const uint8_t *t = sort_im->img + HEADER_SIZE + (uint64_t)ENTRY_SIZE * sort_im->n;
+    uint32_t i = *(const uint32_t *)a, j = *(const uint32_t *)b;
+    return bytes_cmp(sort_im->img + sort_im->names_off + rd32(t + TASK_SIZE * i), rd32(t + TASK_SIZE * i + 4),
+                     sort_im->img + sort_im->names_off + rd32(t + TASK_SIZE * j), rd32(t + TASK_SIZE * j + 4));
+}
+
+/* Sections never overlap (empty ones hold no bytes and may sit anywhere); task names, base names,
+   a param's vector and a (param, task)'s mask are each unique. */
+static int check_unique(image_t *im, char *err, size_t cap) {
+    uint32_t *idx = (uint32_t *)malloc(sizeof(uint32_t) * ((im->n > im->n_tasks ? im->n : im->n_tasks) + 1));
+    uint32_t k, m = 0;
+    const char *problem = NULL;
+    if (!idx) return fail(err, cap, "out of memory", NONE);
+    sort_im = im;
+    for (k = 0; k < im->n; k++) if (im->entries[k].nbytes) idx[m++] = k;
+    qsort(idx, m, sizeof *idx, by_offset);
+    for (k = 1; k < m && !problem; k++) {
+        const entry_t *a = &im->entries[idx[k - 1]], *b = &im->entries[idx[k]];
+        if (b->offset < a->offset + a->nbytes) problem = "sections overlap";
+    }
+    for (m = 0, k = 0; k < im->n; k++) if (im->entries[k].kind == KIND_BASE) idx[m++] = k;
+    qsort(idx, m, sizeof *idx, by_name);
+    for (k = 1; k < m && !problem; k++) if (by_name(&idx[k - 1], &idx[k]) == 0) problem = "two base entries share a name";
+    for (m = 0, k = 0; k < im->n; k++) if (im->entries[k].kind == KIND_VECTOR || im->entries[k].kind == KIND_MASK) idx[m++] = k;
+    qsort(idx, m, sizeof *idx, by_param_task);
+    for (k = 1; k < m && !problem; k++) if (by_param_task(&idx[k - 1], &idx[k]) == 0) problem = "a param has two vectors, or two masks for one task";
+    for (k = 0; k < im->n_tasks; k++) idx[k] = k;
+    qsort(idx, im->n_tasks, sizeof *idx, by_task_name);
+    for (k = 1; k < im->n_tasks && !problem; k++) if (by_task_name(&idx[k - 1], &idx[k]) == 0) problem = "two tasks share a name";
+    free(idx);
+    return problem ? fail(err, cap, problem, NONE) : 0;
 }
 
 static float half_to_float(uint16_t h) {
@@ -154,17 +215,33 @@ int emflat_rebuild(const uint8_t *img, uint64_t size, const char *task, float *o
         uint32_t off = rd32(img + tasks_off + TASK_SIZE * t), len = rd32(img + tasks_off + TASK_SIZE * t + 4);
         if (strlen(task) == len && memcmp(img + im.names_off + off, task, len) == 0) found = (int)t;
     }
-    if (found < 0) { free(im.entries); return fail(err, cap, "unknown task", NONE); }
-    for (i = 0; i < im.n; i++) {
-        const entry_t *b = &im.entries[i], *v = NULL, *m = NULL;
-        if (b->kind != KIND_BASE || (b->dtype != DT_F32 && b->dtype != DT_F16 && b->dtype != DT_Q16)) continue;
-        for (k = 0; k < im.n; k++) {
-            const entry_t *e = &im.entries[k];
-            if (e->param == i && e->kind == KIND_VECTOR) v = e;
-            if (e->param == i && e->kind == KIND_MASK && e->task == (uint32_t)found) m = e;
+    if (found < 0) {  /* name the valid ones, as far as the message buffer holds them */
+        size_t used = (size_t)snprintf(err, cap, "unknown task '%s'; valid:", task);
+        for (t = 0; t < im.n_tasks && used < cap; t++) {
+            uint32_t off = rd32(img + tasks_off + TASK_SIZE * t), len = rd32(img + tasks_off + TASK_SIZE * t + 4);
+            used += (size_t)snprintf(err + used, cap - used, " %.*s", (int)len, (const char *)(img + im.names_off + off));
         }
-        if (!v) continue;  /* a float param without a vector is carried, not merged */
-        if (b->numel > out_cap - pos) { free(im.entries); return fail(err, cap, "output buffer too small", (uint32_t)i); }
+        free(im.entries);
+        return -1;
+    }
+    /* each base's vector and this task's mask, found in one pass (parse made them unique) */
+    uint32_t *vec_of = (uint32_t *)malloc(sizeof(uint32_t) * (im.n + 1)), *mask_of = (uint32_t *)malloc(sizeof(uint32_t) * (im.n + 1));
+    if (!vec_of || !mask_of) { free(vec_of); free(mask_of); free(im.entries); return fail(err, cap, "out of memory", NONE); }
+    for (k = 0; k < im.n; k++) vec_of[k] = mask_of[k] = NONE;
+    for (k = 0; k < im.n; k++) {
+        const entry_t *e = &im.entries[k];
+        if (e->kind == KIND_VECTOR) vec_of[e->param] = (uint32_t)k;
+        if (e->kind == KIND_MASK && e->task == (uint32_t)found) mask_of[e->param] = (uint32_t)k;
+    }
+    for (i = 0; i < im.n; i++) {
+        const entry_t *b = &im.entries[i], *v, *m;
+        if (b->kind != KIND_BASE || vec_of[i] == NONE) continue;  /* a param without a vector is carried */
+        v = &im.entries[vec_of[i]];
+        m = mask_of[i] == NONE ? NULL : &im.entries[mask_of[i]];
+        if (b->numel > out_cap - pos) {
+            free(vec_of); free(mask_of); free(im.entries);
+            return fail(err, cap, "output buffer too small", (uint32_t)i);
+        }
         for (k = 0; k < b->numel; k++) {
             float base = value(&im, b, k);
             int bit = m ? (im.img[m->offset + (k >> 3)] >> (7 - (k & 7))) & 1 : 1;
@@ -173,7 +250,7 @@ int emflat_rebuild(const uint8_t *img, uint64_t size, const char *task, float *o
         pos += b->numel;
     }
     *out_len = pos;
-    free(im.entries);
+    free(vec_of); free(mask_of); free(im.entries);
     return 0;
 }
 
