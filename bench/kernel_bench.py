@@ -80,7 +80,6 @@ def main() -> None:
         rows.append([name, f"{1e3 * t:.1f} ms", f"{t / copy:.2f}×"])
     text = table(["implementation", "time", "vs memcpy"], rows)
     print(text)
-    del out
     half = half_precision(base, vec, packed, args.rounds)
     print(half)
     print(f"machine: {machine()}")

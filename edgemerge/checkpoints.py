@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, FormatError
 from .runtime.dtypes import DTYPES, FLOAT_DTYPES, dtype_name
-from .runtime.safetensors import read_header
+from .runtime.safetensors import bad_name, parse_json, read_header
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -118,16 +117,16 @@ class ShardedCheckpoint(Checkpoint):
     def __init__(self, index_path: str):
         self.path = os.path.dirname(index_path) or "."
         try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            with open(index_path, "rb") as f:
+                weight_map = parse_json(f.read(), index_path)["weight_map"]
+        except (OSError, FormatError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path}: not a readable safetensors index with a 'weight_map' ({exc})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard files")
         self._shards: dict[str, SafetensorsCheckpoint] = {}
         self._where: dict[str, SafetensorsCheckpoint] = {}
         for key, shard in weight_map.items():
-            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or bad_name(shard) or not shard:
                 raise CheckpointError(f"{index_path}: shard name {shard!r} for {key!r} must be a plain file name")
             if shard not in self._shards:
                 self._shards[shard] = SafetensorsCheckpoint(os.path.join(self.path, shard))

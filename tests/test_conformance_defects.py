@@ -60,10 +60,9 @@ def test_statistics_are_kept_per_task_by_default(bn_suite, tmp_path):
     out = tmp_path / "b.safetensors"
     merge(MergeConfig(base, tasks, "task_arithmetic", masks="none"), out)
     b = open_bundle(out)
-    for t, path in tasks.items():
-        own = open_bundle  # noqa: F841 - the task's own statistics, bit for bit
-        from safetensors.numpy import load_file
+    from safetensors.numpy import load_file
 
+    for t, path in tasks.items():  # each task's own statistics, bit for bit
         src = load_file(path)
         w = b.task_weights(t)
         for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):

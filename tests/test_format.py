@@ -147,8 +147,11 @@ def test_reader_rejects_bad_entries(plain, edit, msg):
 
 def test_reader_rejects_non_json(plain):
     data = plain.read_bytes()
-    plain.write_bytes(data[:8] + b"\xff" + data[9:])
+    plain.write_bytes(data[:9] + b"\xff" + data[10:])
     with pytest.raises(FormatError, match="not valid UTF-8 JSON"):
+        read_header(plain)
+    plain.write_bytes(data[:8] + b" " + data[9:])  # JSON allows leading blanks; the safetensors library does not
+    with pytest.raises(FormatError, match="header must start with"):
         read_header(plain)
 
 

@@ -64,8 +64,10 @@ def dequant(q: np.ndarray, f: int) -> np.ndarray:
     return q.astype(np.float32) * np.float32(2.0 ** -f)
 
 
-def _encode(x: np.ndarray, enc: str) -> tuple[np.ndarray, int, int]:
+def _encode(x: np.ndarray, enc: str, name: str = "") -> tuple[np.ndarray, int, int]:
     if enc == "Q16":
+        if not np.isfinite(x).all():
+            raise ConfigError(f"tensor {name!r} holds NaN/Inf, which Q16 fixed point cannot encode; use --encoding F32 or F16")
         q, f = q16(x.astype(np.float32))
         return q, CODES["Q16"], f
     return x.astype("<f4" if enc == "F32" else "<f2"), CODES[enc], 0
@@ -88,7 +90,7 @@ def write_flat(bundle: Bundle | str, path: str, encoding: str = "F32", align: in
             continue
         for kind, src in (("base", b.base(p.name)), ("vector", b.vector(p.name))):
             x = np.asarray(src).astype(np.float32)
-            data, code, f = _encode(x, encoding)
+            data, code, f = _encode(x, encoding, f"{kind}/{p.name}")
             back = dequant(data, f) if code == CODES["Q16"] else data.astype(np.float32)
             err = np.abs(back.astype(np.float64) - x)
             errors[f"{kind}/{p.name}"] = {"max_abs": float(err.max()) if err.size else 0.0,

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -21,7 +20,7 @@ from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .kernel import apply_mask
-from .safetensors import Header, map_file, read_header, tensor_view
+from .safetensors import Header, map_file, parse_json, read_header, tensor_view
 
 FORMAT_NAME = "edgemerge.bundle"
 FORMAT_VERSION = 1
@@ -134,10 +133,7 @@ class Bundle:
         raw = self.header.metadata.get(CHECKSUM_KEY)
         if raw is None:
             return {}
-        try:
-            sums = json.loads(raw)
-        except json.JSONDecodeError:
-            raise FormatError(f"{self.path}: {CHECKSUM_KEY} metadata is not JSON") from None
+        sums = parse_json(raw, f"{self.path}: {CHECKSUM_KEY} metadata")
         ok = isinstance(sums, dict) and all(
             isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()
         )
@@ -289,21 +285,14 @@ def _sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))).hexdigest()
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not strict JSON")
-
-
 def parse_manifest(path: str, header: Header) -> dict[str, Any]:
     """Check the manifest's own structure (the tensors are checked by ``Bundle``)."""
     raw = header.metadata.get(MANIFEST_KEY)
     _expect(raw is not None, path, f"not an edgemerge bundle (no {MANIFEST_KEY!r} metadata)")
-    try:
-        m = json.loads(raw, parse_constant=_no_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise FormatError(f"{path}: manifest is not valid JSON ({exc})") from None
+    m = parse_json(raw, f"{path}: manifest", strict=True)
     _expect(isinstance(m, dict) and m.get("format") == FORMAT_NAME, path, f"manifest 'format' must be {FORMAT_NAME!r}")
     version = m.get("format_version")
-    _expect(type(version) is int, path, "manifest 'format_version' must be an integer")
+    _expect(type(version) is int and version >= 1, path, "manifest 'format_version' must be an integer ≥ 1")
     _expect(version <= FORMAT_VERSION, path,
             f"bundle format v{version} is newer than this edgemerge reads (v{FORMAT_VERSION}); upgrade edgemerge")
     for key, kind in (("tasks", list), ("params", list), ("private", dict), ("mask", dict), ("method", dict)):
@@ -312,11 +301,20 @@ def parse_manifest(path: str, header: Header) -> dict[str, Any]:
     names = []
     for t in m["tasks"]:
         _expect(isinstance(t, dict) and isinstance(t.get("name"), str), path, "manifest task entries need a 'name'")
+        for key, nullable in (("lambda", True), ("density", False), ("recon_error", True)):
+            v = t.get(key)
+            _expect((v is None and nullable) or type(v) in (int, float), path,
+                    f"task {t['name'][:40]!r}: {key!r} must be a number{' or null' if nullable else ''}, got {str(v)[:40]}")
         try:
             names.append(check_task_name(t["name"]))
         except FormatError as exc:
             raise FormatError(f"{path}: {exc}") from None
     _expect(len(set(names)) == len(names), path, "manifest lists a task twice")
+    for key in ("options", "base", "aliases"):  # optional objects a tool reads (inspect, plan)
+        _expect(isinstance(m.get(key, {}), dict), path, f"manifest {key!r} must be an object")
+    stats = m.get("options", {}).get("statistics", {})
+    _expect(isinstance(stats, dict) and isinstance(stats.get("per_task", []), list), path,
+            "manifest options 'statistics' must be an object with a 'per_task' list")
     aliases = m.get("aliases", {})
     _expect(isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()),
             path, "manifest 'aliases' must map tied names to param names")

@@ -28,6 +28,8 @@ from ..errors import FormatError
 from .dtypes import DTYPES
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap (MAX_HEADER_SIZE), not 100 MiB
+MAX_DIMS = 64                    # numpy's
+MAX_ARRAY_BYTES = (1 << 63) - 1
 METADATA_KEY = "__metadata__"
 
 
@@ -57,6 +59,18 @@ class Header:
     file_size: int
 
 
+def parse_json(text: str | bytes, where: str, strict: bool = False):
+    """JSON from a file, or a FormatError naming ``where``: malformed, nested past the parser's
+    depth, an integer of more than 4,300 digits, or (``strict``) NaN/Infinity."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not strict JSON")
+
+    try:
+        return json.loads(text, parse_constant=no_constant) if strict else json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FormatError(f"{where} is not valid JSON ({str(exc)[:100] or type(exc).__name__})") from None
+
+
 def bad_name(name: str) -> bool:
     return not name or any(ord(c) < 32 or ord(c) == 127 for c in name)
 
@@ -68,10 +82,14 @@ def _parse_entry(path: str, name: str, raw: object) -> TensorEntry:
     if not isinstance(raw, dict) or set(raw) - {"dtype", "shape", "data_offsets"} or len(raw) != 3:
         raise FormatError(f"{where}: entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-    if dtype not in DTYPES:
-        raise FormatError(f"{where}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{where}: unknown dtype {str(dtype)[:40]!r}; valid: {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {str(shape)[:80]}")
+    nonzero = math.prod(d for d in shape if d)
+    if len(shape) > MAX_DIMS or nonzero * DTYPES[dtype].itemsize > MAX_ARRAY_BYTES:
+        # numpy's limits: 64 dims, and a size that fits in a signed 64-bit count even where a dim is 0
+        raise FormatError(f"{where}: shape with {len(shape)} dims and {nonzero:.3g} elements is beyond what an array can hold")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -98,10 +116,14 @@ def parse_header(path: str, prefix: bytes, file_size: int) -> Header:
         raise FormatError(f"{path}: header claims {n} bytes but the file has only {file_size - 8} after the size")
     if len(prefix) < 8 + n:
         raise FormatError(f"{path}: header truncated")
+    text = prefix[8 : 8 + n]
+    if not text.startswith(b"{"):  # the safetensors library refuses anything else, leading spaces included
+        raise FormatError(f"{path}: header must start with '{{'")
     try:
-        doc = json.loads(prefix[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: header is not valid UTF-8 JSON ({exc})") from None
+    doc = parse_json(text, f"{path}: header (UTF-8 JSON)")
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: header must be a JSON object")
     metadata = doc.pop(METADATA_KEY, {})

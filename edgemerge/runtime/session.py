@@ -24,7 +24,6 @@ sees a mix of two tasks' weights. Weights are always rebuilt absolutely from θ0
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -37,6 +36,7 @@ from ..errors import BackendError, ConfigError, FormatError
 from .bundle import Bundle, open_bundle
 from .dtypes import DTYPES
 from .kernel import apply_mask
+from .safetensors import parse_json
 
 MODES = ("inputs", "sessions")
 BASE_ID_KEY = "edgemerge.base_id"
@@ -269,10 +269,9 @@ class TaskSession(Switchable):
     def _match_inputs(self, session) -> tuple[list[str], list[str]]:
         """Graph weight names vs the bundle: one error that lists every mismatch."""
         meta = session.get_modelmeta().custom_metadata_map
-        try:
-            weights = list(json.loads(meta.get(WEIGHTS_KEY, "[]")))
-        except json.JSONDecodeError:
-            raise FormatError(f"{self.onnx_path}: {WEIGHTS_KEY} metadata is not JSON") from None
+        weights = parse_json(meta.get(WEIGHTS_KEY, "[]"), f"{self.onnx_path}: {WEIGHTS_KEY} metadata")
+        if not isinstance(weights, list) or not all(isinstance(n, str) for n in weights):
+            raise FormatError(f"{self.onnx_path}: {WEIGHTS_KEY} metadata must be a list of weight names")
         params = {p.name: p for p in self.bundle.params}
         params.update({a: params[t] for a, t in self.bundle.aliases.items() if t in params})
         graph = {i.name: i for i in session.get_inputs()}
