@@ -54,7 +54,8 @@ class Main(click.Group):
         try:
             return super().invoke(ctx)
         except EdgemergeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # the message is text, not markup: "pip install 'edgemerge[onnx]'" must keep its [onnx]
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 
@@ -420,7 +421,11 @@ def run(bundle, onnx_path, task, inputs, mode, output, verify) -> None:
     s = TaskSession(open_bundle(bundle, verify=verify), onnx_path, mode=mode)
     outs = s.run(_load_inputs(inputs), task=task)
     if output:
-        np.save(output, outs[0])
+        from .io import atomic_output
+
+        output = output if output.endswith(".npy") else output + ".npy"  # as np.save names it
+        with atomic_output(output) as tmp, open(tmp, "wb") as f:  # replaced, never written through a link
+            np.save(f, outs[0])
     for name, arr in zip(s.output_names, outs):
         console.print(f"{name}: shape {list(arr.shape)} {arr.dtype}")
         console.print(np.array2string(arr, threshold=20, precision=4))

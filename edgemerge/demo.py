@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import ConfigError, unknown_name
+from .io import atomic_output
 from .pipeline import MergeConfig, merge
 from .runtime import open_bundle
 from .suites.suite import SUITES, predict
@@ -226,7 +227,7 @@ def deploy(bundle, suite, out_dir: str, torch_acc: dict[str, float]) -> dict[str
 
 
 def write_report(r: DemoResult, out: str) -> None:
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with atomic_output(os.path.join(out, "results.json")) as tmp, open(tmp, "w") as f:
         json.dump(asdict(r), f, indent=2)
     methods = ["zero_shot", "finetuned", *MERGED, "tall"]
     from .suites.suite import get_kind
@@ -264,7 +265,7 @@ def write_report(r: DemoResult, out: str) -> None:
               + f" (fine-tuned this run: {', '.join(r.built) or 'none, all cached'}; {r.evaluations} accuracies computed,"
               " the rest from the cache)", "",
               "![accuracy per task](accuracy_per_task.png)", "", "![accuracy vs bytes](accuracy_vs_bytes.png)"]
-    with open(os.path.join(out, "report.md"), "w") as f:
+    with atomic_output(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     _plots(r, out, methods, get_kind(suite).label.split(",")[0])
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -153,7 +154,9 @@ def atomic_output(path: str | os.PathLike, check: Callable[[str], None] | None =
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    prefix = f".{os.path.basename(path)}.{os.getpid()}."
+    remove_stale(directory, f".{os.path.basename(path)}.", ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -161,11 +164,56 @@ def atomic_output(path: str | os.PathLike, check: Callable[[str], None] | None =
             os.fsync(f.fileno())
         if check is not None:
             check(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600; a new file gets what the umask gives
+        os.replace(tmp, path)  # replaces a symlink at `path` too: the file it pointed to is not written
     except BaseException:
         _unlink_quietly(tmp)
         raise
     _fsync_dir(directory)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale(directory: str, prefix: str, suffix: str = "") -> None:
+    """Remove leftovers named ``<prefix><pid>.…<suffix>`` whose process is gone (a writer killed
+    with SIGKILL cannot clean up after itself); anything of a live process is left alone."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        full = os.path.join(directory, name)
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            _unlink_quietly(full)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unlink_quietly(path: str) -> None:

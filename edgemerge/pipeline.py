@@ -34,7 +34,7 @@ from .checkpoints import (
     pread_elements,
 )
 from .errors import CheckpointError, ConfigError
-from .io import Lazy, refuse_inputs
+from .io import Lazy, refuse_inputs, remove_stale
 from .methods import Method, get_method
 from .methods.parts import Chunk
 from .runtime.bits import pack_bits, packed_nbytes
@@ -264,7 +264,9 @@ def merge(
         config = replace(config, vector_dtype=vector_dtype)
         hasher = stack.enter_context(ThreadPoolExecutor(1))  # hashing overlaps the passes (2nd core)
         hashes = {n: hasher.submit(c.sha256) for n, c in [("__base__", base), *tasks.items()]}
-        scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=".edgemerge-", dir=os.path.dirname(os.path.abspath(output))))
+        out_dir = os.path.dirname(os.path.abspath(output))
+        remove_stale(out_dir, ".edgemerge-")  # scratch of merges that were killed (named by their pid)
+        scratch_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f".edgemerge-{os.getpid()}-", dir=out_dir))
         tall = config.masks == "tall" or method.consensus  # consensus votes with TALL masks
         scratch = Scratch(scratch_dir, plan, base, len(tasks), tall)
         stack.callback(scratch.close)

@@ -154,3 +154,10 @@ def test_cli_ties_statistics_and_inspect(tmp_path):
     p = cli("merge", tmp_path / "base.safetensors", *args, "--tie", "head.weight", "-o", tmp_path / "x.safetensors",
             check=False)
     assert p.returncode != 0 and "must be ALIAS=KEPT" in p.stderr + p.stdout
+
+
+def test_error_messages_keep_their_brackets(tmp_path):
+    """An install hint such as pip install 'edgemerge[onnx]' reaches the user whole (rich would
+    read [onnx] as markup and drop it)."""
+    p = cli("inspect", tmp_path / "missing[onnx].safetensors", check=False)
+    assert p.returncode == 2 and "missing[onnx].safetensors" in p.stderr, p.stderr

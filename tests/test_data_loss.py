@@ -115,3 +115,50 @@ def test_extract_and_export_flat_refuse_to_write_over_the_bundle(suite, tmp_path
     assert bundle.read_bytes() == before
     open_bundle(bundle, verify=True)
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_mode_the_umask_gives(suite, tmp_path, umask):
+    base, tasks = suite
+    old = os.umask(umask)
+    try:
+        merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(suite, tmp_path):
+    base, tasks = suite
+    dead, live = _dead_pid(), os.getppid()
+    stale = [tmp_path / f".edgemerge-{dead}-abc", tmp_path / f".b.safetensors.{dead}.xyz.tmp"]
+    kept = [tmp_path / f".edgemerge-{live}-abc", tmp_path / f".b.safetensors.{live}.xyz.tmp"]
+    for p in (stale[0], kept[0]):
+        p.mkdir()
+        (p / "vector.f32").write_bytes(b"scratch")
+    for p in (stale[1], kept[1]):
+        p.write_bytes(b"partial")
+    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_symlinked_output_is_replaced_not_written_through(suite, tmp_path):
+    base, tasks = suite
+    victim = tmp_path / "elsewhere.bin"
+    victim.write_bytes(PREVIOUS)
+    (tmp_path / "b.safetensors").symlink_to(victim)
+    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    assert victim.read_bytes() == PREVIOUS and not (tmp_path / "b.safetensors").is_symlink()
+    open_bundle(tmp_path / "b.safetensors")

@@ -155,7 +155,11 @@ def test_cli_export_run_bench(exported, tmp_path):
     cli("export", "onnx", bundle.path, "--model", "models:tiny", "-o", tmp_path, "--input-name", "x", "--output-name", "logits")
     x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"not to be written through a link")
+    (tmp_path / "y.npy").symlink_to(victim)
     cli("run", bundle.path, "--onnx", tmp_path / "model.switchable.onnx", "--task", "t1", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert victim.read_bytes() == b"not to be written through a link" and not (tmp_path / "y.npy").is_symlink()
     assert np.abs(np.load(tmp_path / "y.npy") - torch_forward(bundle, "t1", x)).max() <= 1e-4
     res = json.loads(cli("bench", bundle.path, "--onnx", tmp_path / "model.switchable.onnx", "--input", tmp_path / "x.npy", "--json", "--rounds", "2"))
     assert res["switches"] == 6 and res["runs"] == 30 and res["switch_p50_ms"] > 0 and res["peak_rss_bytes"] > 0

