@@ -8,6 +8,7 @@ with ``weights_only=True`` only: a checkpoint whose pickle would build arbitrary
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import math
 import os
@@ -179,6 +180,10 @@ class TorchCheckpoint(Checkpoint):
             raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
         from .runtime.torch_backend import tied_names
 
+        unknown = sorted(f"{k!r} ({str(v.dtype).replace('torch.', '')})" for k, v in obj.items() if v.dtype not in _torch_ok())
+        if unknown:
+            raise CheckpointError(f"{path}: tensor(s) of a dtype edgemerge does not handle: {', '.join(unknown[:5])}; "
+                                  f"supported: {', '.join(DTYPES)}. Convert or drop them first")
         self.aliases = tied_names(obj)
         state = {str(k): v for k, v in obj.items() if str(k) not in self.aliases}
         self._offsets = file_offsets(path, state)       # key -> where its bytes start in the file
@@ -195,6 +200,16 @@ class TorchCheckpoint(Checkpoint):
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_ok() -> frozenset:
+    """The torch dtypes that have a safetensors name here (complex and float8 do not)."""
+    import torch
+
+    return frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                      torch.int8, torch.uint8, torch.bool} | {getattr(torch, n) for n in ("uint16", "uint32", "uint64")
+                                                              if hasattr(torch, n)})
 
 
 def _torch_dtype_name(t) -> str:
@@ -319,6 +334,9 @@ def plan_merge(base: Checkpoint, tasks: Mapping[str, Checkpoint], private_patter
     aliases = tie_aliases(base, tasks, dict(ties or {}), problems)
     shared = [k for k in shared if k not in aliases]
     private: dict[str, list[str]] = {}
+    for ckpt in [base, *tasks.values()]:
+        problems += [f"{ckpt.path}: tensor name {k!r} is empty, has control characters or is not valid UTF-8"
+                     for k in ckpt.keys() if bad_name(k)]
     for task, ckpt in tasks.items():
         keys = set(ckpt.keys())
         private[task] = sorted(k for k in keys if is_private(k))

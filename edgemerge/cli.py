@@ -180,7 +180,7 @@ def inspect(bundle, as_json) -> None:
     for task in s["tasks"]:
         lam = "-" if task["lambda"] is None else f"{task['lambda']:g}"
         err = "-" if task["recon_error"] is None else f"{task['recon_error']:.4g}"
-        t.add_row(task["name"], lam, f"{task['density']:.3f}", err)
+        t.add_row(task["name"], lam, "-" if task["density"] is None else f"{task['density']:.3f}", err)
     console.print(t)
     sizes = Table("section", "bytes")
     for k, v in s["sections"].items():
@@ -391,14 +391,22 @@ def export_flat_cmd(bundle, output, encoding, align) -> None:
 def _load_inputs(items: tuple[str, ...]) -> dict[str, Any] | Any:
     import numpy as np
 
+    def load(path: str):
+        try:
+            return np.load(path, allow_pickle=False)
+        except OSError as exc:
+            raise ConfigError(f"--input {path}: {exc.strerror or 'cannot read'}; give a .npy file (np.save)") from None
+        except ValueError as exc:  # not a .npy file, or one holding pickled objects
+            raise ConfigError(f"--input {path}: not a plain .npy array ({exc})") from None
+
     if len(items) == 1 and "=" not in items[0]:
-        return np.load(items[0], allow_pickle=False)
+        return load(items[0])
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(f"--input {item!r}: use NAME=FILE.npy when the model has several inputs")
-        out[name] = np.load(path, allow_pickle=False)
+        out[name] = load(path)
     return out
 
 

@@ -156,10 +156,17 @@ def atomic_output(path: str | os.PathLike, check: Callable[[str], None] | None =
     directory = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)}.{os.getpid()}."
     remove_stale(directory, f".{os.path.basename(path)}.", ".tmp")
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror} (does {directory} exist, and may you write there?)") from None
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # a full or read-only disk, a folder removed under us: one line, nothing lost
+            raise EdgemergeError(f"{path}: write failed ({exc.strerror or exc}); nothing was written and any "
+                                 "previous file is untouched") from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if check is not None:
@@ -248,3 +255,13 @@ def refuse_inputs(output: str | os.PathLike, inputs, what: str = "input") -> Non
         for f in files:
             if os.path.exists(f) and os.path.samefile(output, f):
                 raise ConfigError(f"refusing to write {output}: it is the {what} {f}; choose another output path")
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """ConfigError unless ``path`` could be created: its folder exists and is writable (checked
+    before a long job starts, not after it)."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"cannot write {os.fspath(path)}: the folder {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {os.fspath(path)}: no permission to write in {directory}")

@@ -34,7 +34,7 @@ from .checkpoints import (
     pread_elements,
 )
 from .errors import CheckpointError, ConfigError
-from .io import Lazy, refuse_inputs, remove_stale
+from .io import Lazy, check_writable, refuse_inputs, remove_stale
 from .methods import Method, get_method
 from .methods.parts import Chunk
 from .runtime.bits import pack_bits, packed_nbytes
@@ -251,6 +251,7 @@ def merge(
     method, params = config.validate()
     output = os.fspath(output)
     refuse_inputs(output, [config.base, *config.tasks.values()])
+    check_writable(output)
     t0 = time.perf_counter()
     with ExitStack() as stack:
         base = open_checkpoint(config.base)

@@ -315,3 +315,28 @@ def test_the_wrong_graph_for_a_mode_is_one_clear_line(tmp_path):
     with pytest.raises(FormatError, match=r"none of its weights as graph inputs .*needs the switchable graph") as e:
         TaskSession(bundle, exp.plain, mode="inputs")
     assert "\n" not in str(e.value)
+
+
+def test_text_graphs_take_any_batch_and_sequence_length(tmp_path):
+    """The exported graphs' batch and sequence dims are dynamic by default (issue 13, item 10)."""
+    pytest.importorskip("onnxruntime")
+    import matrix
+    from edgemerge.runtime.session import TaskSession
+
+    for arch_name in ("bert", "gpt2"):
+        arch = matrix.ARCHS[arch_name]
+        suite = matrix.build_suite(arch, "fp32", tmp_path / arch_name)
+        exported = matrix.export_suite(suite, matrix.merge_cell(suite, "ties", "safetensors"))
+        bundle = open_bundle(suite.root / "bundles" / "ties.safetensors.safetensors")
+        for mode, graph in (("inputs", exported["switchable"]), ("sessions", exported["plain"])):
+            s = TaskSession(bundle, graph, mode=mode)
+            for batch, seq in ((2, 7), (3, 11), (1, 3)):
+                ids = torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(seq))
+                mask = torch.ones(batch, seq, dtype=torch.int32)  # int32: widened to the graph's int64
+                model = matrix.model_with(arch, "fp32", bundle.task_weights("t1"))
+                with torch.no_grad():
+                    ref = model(ids, mask.long()).numpy()
+                (y,) = s.run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, task="t1")
+                assert y.shape == ref.shape and matrix.relative(y, ref) <= 1e-5, (arch_name, mode, batch, seq)
+        with pytest.raises(ConfigError, match=r"input 'input_ids' is float32, the graph takes int64"):
+            s.run({"input_ids": np.zeros((1, 4), np.float32), "attention_mask": np.ones((1, 4), np.int64)})

@@ -13,7 +13,9 @@ graph does not use is reported, and an exporter-renamed weight (``onnx::…``) i
 The model comes from a factory the user names as ``package.module:function``; it is called as
 ``factory(task)`` -- or ``factory(task, shapes)`` when it takes two arguments, ``shapes`` mapping
 every weight to be loaded to its shape (to size a head) -- and returns the ``nn.Module``
-(architecture only) or ``(module, example_inputs)``.
+(architecture only), ``(module, example_inputs)`` or ``(module, example_inputs, dynamic_axes)``.
+Without ``dynamic_axes`` the batch dim of every input and output is dynamic, and the sequence dim
+of integer inputs (token ids, masks) and of per-token outputs (``default_dynamic_axes``).
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def build_model(factory: Callable, bundle: Bundle, task: str | None, example_inp
         weights = bundle.task_weights(task)
     takes_shapes = len(inspect.signature(factory).parameters) >= 2
     made = factory(name, {k: tuple(v.shape) for k, v in weights.items()}) if takes_shapes else factory(name)
-    model, example = (made if isinstance(made, tuple) else (made, example_inputs))
+    made = made if isinstance(made, tuple) else (made, example_inputs)
+    model, example = made[0], made[1]
+    model.edgemerge_dynamic_axes = made[2] if len(made) > 2 else None  # the factory may name its own
     if example is None:
         raise ConfigError("no example inputs: return (module, example_inputs) from the factory or pass example_inputs")
     example = example if isinstance(example, tuple) else (example,)
@@ -230,7 +234,7 @@ def export_onnx(
     model, example, exact = build_model(factory, bundle, task, example_inputs)
     input_names = list(input_names or [f"input{i}" for i in range(len(example))])
     if dynamic_axes is None:
-        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+        dynamic_axes = model.edgemerge_dynamic_axes or default_dynamic_axes(model, example, input_names, output_names)
     proto = _export_plain(model, example, "", input_names, output_names, dynamic_axes, opset)
     managed = [p.name for p in bundle.params] + bundle.private_keys[task or bundle.tasks[0]]
     managed += [a for a in bundle.aliases if a in exact]  # tied in the bundle, separate in the model
@@ -249,6 +253,29 @@ def export_onnx(
         result.switchable = os.path.join(output_dir, f"{name}.switchable.onnx")
         _atomic_save(make_switchable(proto, result.weights, _varying_private(bundle)), result.switchable)
     return result
+
+
+def default_dynamic_axes(model, example, input_names, output_names) -> dict[str, dict[int, str]]:
+    """Batch (dim 0) of every input and output; for integer inputs of rank ≥ 2 (token ids,
+    attention masks) also the sequence (dim 1), and then dim 1 of outputs of rank ≥ 3 (logits per
+    token). Floating-point inputs keep their other dims: an image size is often baked in."""
+    torch = _torch()
+    axes: dict[str, dict[int, str]] = {}
+    has_seq = False
+    for name, x in zip(input_names, example):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            continue
+        axes[name] = {0: "batch"}
+        if not x.is_floating_point() and x.dim() >= 2:
+            axes[name][1] = "sequence"
+            has_seq = True
+    with torch.no_grad():
+        outs = model(*example)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    for name, y in zip(output_names, outs):
+        if isinstance(y, torch.Tensor) and y.dim() >= 1:
+            axes[name] = {0: "batch", **({1: "sequence"} if has_seq and y.dim() >= 3 else {})}
+    return axes
 
 
 def _varying_private(bundle: Bundle) -> set[str]:

@@ -301,14 +301,13 @@ def parse_manifest(path: str, header: Header) -> dict[str, Any]:
     names = []
     for t in m["tasks"]:
         _expect(isinstance(t, dict) and isinstance(t.get("name"), str), path, "manifest task entries need a 'name'")
-        for key, nullable in (("lambda", True), ("density", False), ("recon_error", True)):
-            v = t.get(key)
-            _expect((v is None and nullable) or type(v) in (int, float), path,
-                    f"task {t['name'][:40]!r}: {key!r} must be a number{' or null' if nullable else ''}, got {str(v)[:40]}")
         try:
             names.append(check_task_name(t["name"]))
         except FormatError as exc:
             raise FormatError(f"{path}: {exc}") from None
+        for key in ("lambda", "density", "recon_error"):  # optional; what inspect shows, when present
+            v = t.get(key)
+            _expect(v is None or type(v) in (int, float), path, f"task {t['name']!r}: {key!r} must be a number, got {str(v)[:40]}")
     _expect(len(set(names)) == len(names), path, "manifest lists a task twice")
     for key in ("options", "base", "aliases"):  # optional objects a tool reads (inspect, plan)
         _expect(isinstance(m.get(key, {}), dict), path, f"manifest {key!r} must be an object")

@@ -72,7 +72,14 @@ def parse_json(text: str | bytes, where: str, strict: bool = False):
 
 
 def bad_name(name: str) -> bool:
-    return not name or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    """Empty, a control character, or not encodable as UTF-8 (a lone surrogate)."""
+    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _parse_entry(path: str, name: str, raw: object) -> TensorEntry:

@@ -204,6 +204,8 @@ class TaskSession(Switchable):
         self._check_base(probe)
         self.weights, self.data_inputs = self._match_inputs(probe)
         self.output_names = [o.name for o in probe.get_outputs()]
+        declared = {i.name: i for i in probe.get_inputs()}
+        self._data_types = {n: (DTYPES.get(_ORT_TYPES.get(declared[n].type, "")), declared[n].shape) for n in self.data_inputs}
         # graph weight name -> its bundle param (a tied name resolves to the param it is stored as)
         by_name = {p.name: p for p in self.bundle.params}
         self._params = {n: by_name[self.bundle.resolve(n)] for n in self.weights if self.bundle.resolve(n) in by_name}
@@ -346,12 +348,33 @@ class TaskSession(Switchable):
             raise ConfigError(f"model inputs are {', '.join(self.data_inputs)}; got unknown {unknown}, missing {missing}")
         if self.current is None:
             raise ConfigError(f"no task selected: call switch() first; tasks: {', '.join(self.tasks)}")
-        if self.mode == "sessions":
-            return self._sessions[self.current].run(self.output_names, dict(inputs))
-        feeds = dict(self._values)
-        for n, a in inputs.items():
-            feeds[n] = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-        return [v.numpy() for v in self._session.run_with_ort_values(self.output_names, feeds)]
+        inputs = {n: self._conform(n, a) for n, a in inputs.items()}
+        try:
+            if self.mode == "sessions":
+                return self._sessions[self.current].run(self.output_names, inputs)
+            feeds = dict(self._values)
+            for n, a in inputs.items():
+                feeds[n] = self._ort.OrtValue.ortvalue_from_numpy(a)
+            return [v.numpy() for v in self._session.run_with_ort_values(self.output_names, feeds)]
+        except Exception as exc:  # onnxruntime's own exception types: one line, with what was passed
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in inputs.items())
+            raise BackendError(f"{self.onnx_path}: ONNX Runtime refused the inputs ({shapes}): {_first_line(exc)}") from None
+
+    def _conform(self, name: str, a) -> np.ndarray:
+        """The input as the graph declares it: integers widened where lossless (int32 token ids for
+        an int64 input), any other dtype or rank mismatch a ConfigError naming the input."""
+        a = np.ascontiguousarray(a)
+        want, shape = self._data_types[name]
+        if want is not None and a.dtype != want:
+            if not (a.dtype.kind in "iub" and want.kind in "iu" and np.can_cast(a.dtype, want, "safe")):
+                raise ConfigError(f"input {name!r} is {a.dtype}, the graph takes {want}: pass it as .astype(np.{want.name})")
+            a = a.astype(want)
+        bad = len(shape) != a.ndim or any(isinstance(d, int) and d != n for d, n in zip(shape, a.shape))
+        if bad:
+            dims = [d if isinstance(d, int) else "any" for d in shape]
+            raise ConfigError(f"input {name!r} has shape {list(a.shape)}, the graph takes {dims} (re-export with "
+                              "dynamic axes to change a fixed one)")
+        return a
 
 
 def _onnx():
