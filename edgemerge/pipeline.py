@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ from .methods import Method, get_method
 from .methods.parts import Chunk
 from .runtime.bits import pack_bits, packed_nbytes
 from .runtime.bundle import check_task_name
-from .runtime.dtypes import DTYPES, VECTOR_DTYPES
+from .runtime.dtypes import DTYPES, FLOAT_DTYPES, VECTOR_DTYPES
 from .tall import DEFAULT_LAMBDAS, TallStats
 from .topk import KthMagnitude, kth_largest_magnitude
 
@@ -260,7 +261,10 @@ def merge(
         for name, path in config.tasks.items():
             tasks[name] = open_checkpoint(path)
             stack.callback(tasks[name].close)
-        plan = plan_merge(base, tasks, config.private, STATISTICS if config.statistics == "per-task" else (), config.ties)
+        try:
+            plan = plan_merge(base, tasks, config.private, STATISTICS if config.statistics == "per-task" else (), config.ties)
+        except CheckpointError as exc:  # every problem at once: NaN/Inf too, not only after keys are fixed
+            raise _with_nonfinite(exc, [base, *tasks.values()]) from None
         vector_dtype = config.vector_dtype if config.vector_dtype != "auto" else auto_vector_dtype(plan, base)
         config = replace(config, vector_dtype=vector_dtype)
         hasher = stack.enter_context(ThreadPoolExecutor(1))  # hashing overlaps the passes (2nd core)
@@ -324,6 +328,17 @@ def _kept_densities(reports: list[TaskReport], stats: TallStats, choice: list[in
                 count -= np.bincount(scratch.read_bucket(i, p, s, min(n, s + chunk)), minlength=len(count))
         total = int(count.sum())
         r.density = float(count[choice[i] + 1:].sum() / total) if total else 0.0
+
+
+def _with_nonfinite(exc: CheckpointError, ckpts: list[Checkpoint]) -> CheckpointError:
+    """``exc`` with the NaN/Inf tensors of ``ckpts`` added (read one tensor at a time)."""
+    found = [msg for c in ckpts for k in c.keys() if c.info(k).dtype in FLOAT_DTYPES
+             for msg in [nonfinite_problem(c.path, k, c.read(k))] if msg]
+    if not found:
+        return exc
+    head, _, rest = str(exc).partition(":\n  ")
+    lines = [*rest.split("\n  "), *found] if rest else [str(exc), *found]
+    return CheckpointError(f"{len(lines)} problem(s) with the task checkpoints:\n  " + "\n  ".join(lines))
 
 
 def auto_vector_dtype(plan: Plan, base: Checkpoint) -> str:
@@ -400,6 +415,8 @@ def _tensor_thresholds(inputs: Inputs, u: Unit, density: float) -> np.ndarray:
 
 def _merge_pass(method, params, config, inputs: Inputs, work, scratch: Scratch, stats, thresholds, progress) -> None:
     task_ids = tuple(range(len(inputs.ckpts)))
+    # DARE's drops are keyed by the task's name, so listing the tasks in another order changes nothing
+    task_keys = tuple(zlib.crc32(name.encode("utf-8")) for name in inputs.tasks)
     ties: list[tuple[Unit, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     n_pos = n_neg = 0
     per_tensor = method.sparsify == "magnitude" and params["topk_scope"] == "tensor"
@@ -408,7 +425,7 @@ def _merge_pass(method, params, config, inputs: Inputs, work, scratch: Scratch, 
         if per_tensor and u.param != current:
             current, thr = u.param, _tensor_thresholds(inputs, u, params["density"])
         _, taus = inputs.taus(u)
-        chunk = Chunk(u.param, u.start, u.row_len, thr, params.get("seed", 0), task_ids)
+        chunk = Chunk(u.param, u.start, u.row_len, thr, params.get("seed", 0), task_keys, len(inputs.base.info(u.param).shape))
         res = method.merge_chunk(taus, chunk, params)
         vec = _round_to(res.values, config.vector_dtype)
         n_pos, n_neg = n_pos + res.n_pos, n_neg + res.n_neg

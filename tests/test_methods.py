@@ -73,16 +73,16 @@ def test_breadcrumbs_per_row():
     row = [0.1, -5, 0.3, 2, -0.2, 1, 0.05, -3, 0.4, 0.6]
     taus = np.array([row, row[::-1]], F)
     out = sparsify_breadcrumbs(taus, Chunk("w", 0, 10), {"density": 0.5, "gamma": 0.1})
-    # n_top = int(0.1*10) = 1 dropped (-5); n_keep = int(0.5*9) = 4: -3, 2, 1, 0.6
-    assert out[0].tolist() == [0, 0, 0, 2, 0, 1, 0, -3, 0, F(0.6)]
+    # n_top = int(0.1*10) = 1 dropped (-5); n_keep = int(0.5*10) = 5: -3, 2, 1, 0.6, 0.4
+    assert out[0].tolist() == [0, 0, 0, 2, 0, 1, 0, -3, F(0.4), F(0.6)]
     assert out[1].tolist() == out[0].tolist()[::-1]
 
 
 def test_breadcrumbs_rows_are_independent():
     taus = np.array([[1, 2, 3, 4, 40, 30, 20, 10]], F)
     out = sparsify_breadcrumbs(taus, Chunk("w", 0, 4), {"density": 0.5, "gamma": 0.25})
-    # each row of 4: drop its largest, keep the next int(0.5*3)=1
-    assert out.tolist() == [[0, 0, 3, 0, 0, 30, 0, 0]]
+    # each row of 4: drop its largest, keep the next int(0.5*4)=2
+    assert out.tolist() == [[0, 2, 3, 0, 0, 30, 20, 0]]
 
 
 def test_dare_drop_and_rescale():
@@ -111,8 +111,8 @@ PINNED_DARE = [0.304015, 0.068592, 0.980652]
 
 def test_dare_ties_elects_after_drop():
     r = run("dare_ties", [[1, 1], [-1, 3]], drop_rate=0.0)
-    # no drop: col0 exact tie (1 vs -1); col1 both positive -> mean 2
-    assert r.values.tolist() == [-1.0, 2.0] and r.tie_index.tolist() == [0]
+    # no drop: col0 exact tie (1 vs -1); col1 both positive -> disjoint sum 4 (mergekit: normalize=false)
+    assert r.values.tolist() == [-1.0, 4.0] and r.tie_index.tolist() == [0]
 
 
 def test_resolve_checks_parameters():
@@ -129,3 +129,24 @@ def test_resolve_checks_parameters():
 def test_every_method_carries_name_paper_defaults():
     for name, m in METHODS.items():
         assert m.name == name and m.paper and "scale" in m.defaults
+
+
+def test_breadcrumbs_keeps_scalars_and_never_keeps_more_than_is_left():
+    taus = np.array([[0.7], [-0.2]], F)
+    assert sparsify_breadcrumbs(taus, Chunk("s", 0, 1, ndim=0), {"density": 0.9, "gamma": 0.01}).tolist() == taus.tolist()
+    from edgemerge.methods.parts import breadcrumbs_counts
+
+    assert breadcrumbs_counts(10, 0.95, 0.2) == (2, 8) and breadcrumbs_counts(768, 0.9, 0.01) == (7, 691)
+
+
+def test_dare_does_not_depend_on_the_order_tasks_are_listed(tmp_path):
+    from conftest import make_suite
+
+    from edgemerge.pipeline import MergeConfig, merge
+    from edgemerge.runtime import open_bundle
+
+    base, tasks = make_suite(tmp_path)
+    merge(MergeConfig(base, tasks, "dare", private=("head.*",)), tmp_path / "a.safetensors")
+    merge(MergeConfig(base, dict(reversed(list(tasks.items()))), "dare", private=("head.*",)), tmp_path / "b.safetensors")
+    a, b = open_bundle(tmp_path / "a.safetensors"), open_bundle(tmp_path / "b.safetensors")
+    assert all(np.array_equal(a.vector(p.name), b.vector(p.name)) for p in a.params if p.role == "merged")

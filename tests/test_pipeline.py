@@ -240,12 +240,15 @@ def test_every_problem_reported_at_once(tmp_path):
     bad["enc.0.weight"] = bad["enc.0.weight"].astype(np.float16)
     bad["extra"] = np.zeros(2, np.float32)
     save_file(bad, tasks["task1"])
+    other = load(tasks["task0"])
+    other["enc.1.weight"][0, 0] = np.nan  # reported with the key and shape problems, not after they are fixed
+    save_file(other, tasks["task0"])
     with pytest.raises(CheckpointError) as exc:
         merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
     msg = str(exc.value)
-    assert msg.startswith("4 problem(s)")
+    assert msg.startswith("5 problem(s)")
     for needle in ["lacks 'enc.0.bias'", "'extra', which the base lacks", "'enc.1.weight' has shape [5, 48], base has [33, 48]",
-                   "'enc.0.weight' is F16, base is F32", tasks["task1"]]:
+                   "'enc.0.weight' is F16, base is F32", tasks["task1"], f"{tasks['task0']}: 'enc.1.weight' has 1 NaN/Inf"]:
         assert needle in msg
     assert not (tmp_path / "b.safetensors").exists()
 

@@ -24,7 +24,8 @@ class Chunk:
     row_len: int                  # elements per row (the whole tensor for 1-D params)
     thresholds: np.ndarray | None = None  # per-task magnitude thresholds (TIES trim)
     seed: int = 0
-    task_ids: tuple[int, ...] = field(default_factory=tuple)
+    task_ids: tuple[int, ...] = field(default_factory=tuple)   # DARE keys: a stable id per task
+    ndim: int = 1                                              # of the parameter (0-d ones are kept whole)
 
 
 # -- sparsify ------------------------------------------------------------------------------------
@@ -41,9 +42,10 @@ def sparsify_magnitude(taus: np.ndarray, chunk: Chunk, params: dict) -> np.ndarr
 
 
 def breadcrumbs_counts(row_len: int, density: float, gamma: float) -> tuple[int, int]:
-    """(n_top, n_keep) for one row: drop the ``floor(γ·d)`` largest, keep the next ``floor(β·(d - n_top))``."""
+    """(n_top, n_keep) for one row of d: drop the ``floor(γ·d)`` largest, keep the next
+    ``floor(β·d)`` (at most what is left), as the authors' code and mergekit count."""
     n_top = int(gamma * row_len)
-    return n_top, int(density * (row_len - n_top))
+    return n_top, min(int(density * row_len), row_len - n_top)
 
 
 def sparsify_breadcrumbs(taus: np.ndarray, chunk: Chunk, params: dict) -> np.ndarray:
@@ -51,6 +53,8 @@ def sparsify_breadcrumbs(taus: np.ndarray, chunk: Chunk, params: dict) -> np.nda
 
     Ranks are by magnitude, largest first; equal magnitudes are ranked by position (stable sort).
     """
+    if chunk.ndim == 0:  # a scalar has no row to rank in: the authors keep it
+        return taus
     n, d = taus.shape[1], chunk.row_len
     n_top, n_keep = breadcrumbs_counts(d, params["density"], params["gamma"])
     rows = taus.reshape(taus.shape[0], n // d, d)

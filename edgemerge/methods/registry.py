@@ -123,17 +123,17 @@ METHODS: dict[str, Method] = {
         "Davari & Belilovsky 2024, Model Breadcrumbs, https://arxiv.org/abs/2312.06795",
         "breadcrumbs", False, "sum", {"scale": 1.0, "density": 0.9, "gamma": 0.01}),
     "breadcrumbs_ties": Method(
-        "breadcrumbs_ties", "Breadcrumbs sparsification + TIES sign election and disjoint mean",
+        "breadcrumbs_ties", "Breadcrumbs sparsification + TIES sign election, disjoint sum (mergekit's default, normalize=false)",
         "Davari & Belilovsky 2024 + Yadav et al. 2023 (as combined in mergekit)",
-        "breadcrumbs", True, "mean", {"scale": 1.0, "density": 0.9, "gamma": 0.01}),
+        "breadcrumbs", True, "sum", {"scale": 1.0, "density": 0.9, "gamma": 0.01}),
     "dare": Method(
         "dare", "DARE: drop with probability p, rescale by 1/(1−p), sum, × λ",
         "Yu et al. 2024, Language Models are Super Mario, https://arxiv.org/abs/2311.03099",
         "dare", False, "sum", {"scale": 1.0, "drop_rate": 0.9, "seed": 0}),
     "dare_ties": Method(
-        "dare_ties", "DARE sparsification + TIES sign election and disjoint mean",
+        "dare_ties", "DARE sparsification + TIES sign election, disjoint sum (mergekit's default, normalize=false)",
         "Yu et al. 2024 + Yadav et al. 2023 (as combined in mergekit)",
-        "dare", True, "mean", {"scale": 1.0, "drop_rate": 0.9, "seed": 0}),
+        "dare", True, "sum", {"scale": 1.0, "drop_rate": 0.9, "seed": 0}),
     "consensus_ta": Method(
         "consensus_ta", "Consensus over task arithmetic: keep entries active in ≥ k TALL masks",
         "Wang et al. 2024, Localizing Task Information (TALL masks / Consensus), https://arxiv.org/abs/2405.07813",
