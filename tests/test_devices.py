@@ -38,6 +38,13 @@ def test_projection_arithmetic_exactly():
     assert p["speedup"] == p["separate_load_s"] / p["switch_s"]
     assert p["bundle_storage_bytes"] == 800_000_000 + 8 * 12_600_000
     assert p["separate_storage_bytes"] == 8 * 400_100_000
+    assert p["resident_parts"] == {"bundle data a switch reads": touched, "engine weights": 400_000_000,
+                                   "activations": 50_000_000}
+    ranged = project(s, d, "inputs", None, efficiency=(0.25, 1.0))
+    assert ranged["switch_s_range"] == [1_212_500_000 / 68e9, 1_212_500_000 / (68e9 * 0.25)]
+    assert ranged["switch_s"] == ranged["switch_s_range"][1]  # single figures take the slow end
+    with pytest.raises(ConfigError, match="low <= high"):
+        project(s, d, "inputs", None, efficiency=(0.9, 0.5))
     sessions = project(s, d, "sessions", "microsd", efficiency=0.5)
     assert sessions["resident_bytes"] == touched + 8 * 400_000_000 and sessions["fits"] is True  # 4.0 GB of 7 GiB
     assert project(s, get_device("jetson-nano-4gb"), "sessions", "microsd")["fits"] is False    # of 3 GiB
@@ -72,3 +79,18 @@ def test_cli_devices_and_plan(tmp_path):
                         "--efficiency", "0.25", "--json"], capture_output=True, text=True, check=True)
     res = json.loads(p.stdout)
     assert res["fits"] is True and res["storage"] == "microsd" and res["efficiency"] == 0.25
+
+
+def test_plan_from_another_architecture_gives_a_range_and_says_why(tmp_path):
+    import platform
+
+    from conftest import make_suite
+
+    base, tasks = make_suite(tmp_path)
+    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    env = {**__import__("os").environ, "COLUMNS": "250"}
+    out = subprocess.run([sys.executable, "-m", "edgemerge.cli", "plan", str(tmp_path / "b.safetensors"), "--device",
+                          "orin-nano-8gb"], capture_output=True, text=True, check=True, env=env).stdout
+    assert "of which engine weights" in out and "of which bundle data a switch reads" in out
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        assert "not measured: this host is" in out and "25%-100% of peak bandwidth" in out

@@ -11,6 +11,12 @@ These are projections from data-sheet figures, not measurements on the device:
   achieves on this host relative to this host's own memcpy bandwidth (``measure_efficiency``).
 - the alternative, loading that task's separate model = its bytes ÷ storage read speed
   (a cold read: an 8 GB device cannot keep N models in its page cache).
+
+The efficiency is measured on this host only when the host is the device's architecture (every
+profile is 64-bit ARM); from an x86 host it is not transferable -- the ARM build runs the scalar C
+loop, not the AVX2 one -- and the switch is given as a range over ``UNMEASURED_EFFICIENCY``: from
+the peak-bandwidth floor to 4× it. Run ``plan`` on the device, or pass ``--efficiency``, for one
+number.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from ..runtime.dtypes import DTYPES
 from .profiles import STORAGE_READ, Device
 
 RUNTIMES = ("inputs", "sessions")
+DEVICE_ARCH = "aarch64"            # Jetson and Zynq UltraScale+ application cores alike
+UNMEASURED_EFFICIENCY = (0.25, 1.0)  # assumed when nothing was measured on the device's architecture
 
 
 @dataclass(frozen=True)
@@ -75,21 +83,24 @@ def measure_efficiency(numel: int = 1 << 24, repeat: int = 5) -> float:
 
 
 def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | None = None,
-            efficiency: float = 1.0, activation_bytes: int = 0) -> dict[str, Any]:
-    """The projections (docs above); every number is plain arithmetic on ``s`` and ``device``."""
+            efficiency: float | tuple[float, float] = 1.0, activation_bytes: int = 0) -> dict[str, Any]:
+    """The projections (docs above); every number is plain arithmetic on ``s`` and ``device``.
+    ``efficiency``: one value, or a (low, high) range -- the switch time then is a range and the
+    single figures (``switch_s``, ``speedup``) take its slow end."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     storage = storage or device.storage[0]
     if storage not in STORAGE_READ:
         raise ConfigError(f"unknown storage {storage!r}; valid: {', '.join(STORAGE_READ)}")
-    if not 0 < efficiency <= 1:
-        raise ConfigError("efficiency must be in (0, 1]")
+    low, high = (efficiency, efficiency) if isinstance(efficiency, (int, float)) else efficiency
+    if not 0 < low <= high <= 1:
+        raise ConfigError("efficiency must be in (0, 1] (a range: low <= high)")
     read = STORAGE_READ[storage]
     touched = s.base + s.vector + s.mask_one_task + s.private_one_task
     engines = s.model * (s.n_tasks if runtime == "sessions" else 1)
     resident = touched + engines + activation_bytes
     available = device.ram_bytes - device.os_reserved_bytes
-    switch = s.kernel_touch / (device.bandwidth * efficiency)
+    switch = s.kernel_touch / (device.bandwidth * low)
     load = s.separate_model / read
     return {
         "device": device.name, "runtime": runtime, "storage": storage,
@@ -98,6 +109,10 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
         "bundle_storage_bytes": s.base + s.vector + s.n_tasks * (s.mask_one_task + s.private_one_task),
         "separate_storage_bytes": s.n_tasks * s.separate_model,
         "cold_start_s": touched / read,
-        "switch_s": switch, "separate_load_s": load, "speedup": load / switch,
+        "switch_s": switch, "switch_s_range": [s.kernel_touch / (device.bandwidth * high), switch],
+        "separate_load_s": load, "speedup": load / switch,
         "efficiency": efficiency, "kernel_bytes": s.kernel_touch,
+        # what the resident figure is made of: the bundle's θ0, τ_MTL and one task's masks and head
+        # stay mapped for warm switches; the engine holds θ_t (N copies in sessions mode)
+        "resident_parts": {"bundle data a switch reads": touched, "engine weights": engines, "activations": activation_bytes},
     }
