@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 import edgemerge.io
 from edgemerge.bundle import write_bundle
-from edgemerge.errors import ConfigError, FormatError
+from edgemerge.errors import CheckpointError, ConfigError, FormatError
 from edgemerge.pipeline import MergeConfig, merge
 from edgemerge.runtime import open_bundle
 
@@ -36,8 +36,12 @@ def test_a_tensor_name_the_reader_refuses_never_replaces_the_output(tmp_path, ou
     sd = {"w": torch.from_numpy(rng.standard_normal(8).astype(np.float32)), "bad\nname": torch.zeros(3)}
     torch.save(sd, tmp_path / "base.pt")
     torch.save({k: v + 1 for k, v in sd.items()}, tmp_path / "t.pt")
-    with pytest.raises(FormatError, match=r"without control characters: 'task/t/bad\\nname'|without control characters: 'base/bad\\nname'"):
+    with pytest.raises(CheckpointError, match=r"base.pt: tensor name 'bad\\nname' is empty, has control characters"):
         merge(MergeConfig(str(tmp_path / "base.pt"), {"t": str(tmp_path / "t.pt")}, "task_arithmetic"), out)
+    assert out.read_bytes() == PREVIOUS and _left(tmp_path) == []
+    # and the writer itself, for callers of write_safetensors: refused before a byte is written
+    with pytest.raises(FormatError, match=r"without control characters: 'bad\\nname'; nothing was written"):
+        edgemerge.io.write_safetensors(out, {"bad\nname": np.zeros(2, np.float32)})
     assert out.read_bytes() == PREVIOUS and _left(tmp_path) == []
 
 
