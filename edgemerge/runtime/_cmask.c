@@ -168,25 +168,13 @@ static void span_half_avx2(const uint16_t *b, const void *v, const uint8_t *m, u
 }
 #endif
 
-static int has_avx2(void) {
-#ifdef EM_AVX2
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
+#ifdef EM_AVX2  /* __builtin_cpu_supports takes a string literal: a macro, not a function */
+#define CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
 #else
-    return 0;
+#define CPU_HAS(feature) 0
 #endif
-}
 
 static int avx2 = 0, f16c = 0;
-
-static int has_f16c(void) {
-#ifdef EM_AVX2
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
-}
 
 /* apply_f32 / apply_half: parse, check every size against the element count, run with the GIL released */
 static PyObject *apply(PyObject *args, int half) {
@@ -241,8 +229,8 @@ static PyObject *simd(PyObject *self, PyObject *unused) {
 static PyObject *use_simd(PyObject *self, PyObject *arg) {  /* tests: run the scalar loops too */
     int on = PyObject_IsTrue(arg);
     if (on < 0) return NULL;
-    avx2 = on && has_avx2();
-    f16c = on && has_f16c();
+    avx2 = on && CPU_HAS("avx2");
+    f16c = on && CPU_HAS("f16c");
     Py_RETURN_NONE;
 }
 
@@ -264,7 +252,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cmask", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__cmask(void) {
-    avx2 = has_avx2();
-    f16c = has_f16c();
+    avx2 = CPU_HAS("avx2");
+    f16c = CPU_HAS("f16c");
     return PyModule_Create(&module);
 }
