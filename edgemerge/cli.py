@@ -31,18 +31,31 @@ def _human(n: float) -> str:
 
 @contextmanager
 def progress_bar(quiet: bool) -> Iterator[Any]:
-    """A callback (stage, done, total) drawing one rich bar per stage; a no-op with --quiet."""
+    """A callback (stage, done, total): one rich bar per stage on a terminal; plain lines (at most one
+    per 10% of a stage, and its end) when the output is a log; nothing with --quiet. A stage that runs
+    again (the next merge's "write bundle") starts its bar afresh, with its own total."""
     if quiet:
         yield None
+        return
+    if not err_console.is_terminal:
+        shown: dict[str, int] = {}
+
+        def log(stage: str, done: int, total: int) -> None:
+            tenth = done * 10 // max(total, 1)
+            if done == 1 or done == total or tenth != shown.get(stage):
+                err_console.print(f"{escape(stage)}: {done}/{total}", highlight=False)
+            shown[stage] = -1 if done == total else tenth
+
+        yield log
         return
     with Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=False) as prog:
         bars: dict[str, Any] = {}
 
         def update(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
+            if stage not in bars or (done <= 1 and prog.tasks[bars[stage]].finished):
                 bars[stage] = prog.add_task(stage, total=total)
-            prog.update(bars[stage], completed=done)
+            prog.update(bars[stage], completed=done, total=total)
 
         yield update
 
@@ -267,6 +280,9 @@ def demo(suite, tasks, out, seed, steps, lr, no_deploy, quiet) -> None:
         ok = sum(d["matches_torch"].values())
         console.print(f"deploy: ONNX Runtime accuracy equals torch on {ok}/{len(r.tasks)} tasks; switch p50 {d['switch_ms_p50']:.1f} ms; "
                       f"bundle + graph {_human(d['bundle_bytes'] + d['onnx_bytes'])} vs {len(r.tasks)} ONNX files {_human(d['per_task_onnx_bytes'])}")
+    from .demo import headline
+
+    console.print(escape(headline(r)))
     console.print(f"report: {os.path.join(out, 'report.md')}  ({r.seconds['total']:.0f} s)")
 
 

@@ -154,6 +154,14 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
 
     bundles, alpha = {}, {}
     t0 = time.perf_counter()
+    steps, step = len(MERGED) * (len(ALPHAS) + 1) + 1, 0  # per method: α candidates, then the test split
+
+    def tick() -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            progress("select α + test", step, steps)
+
     for method in MERGED:
         masks = "tall" if method == "task_arithmetic" else "none"  # only the TALL bundle keeps masks
         cfg_m = MergeConfig(suite.base, dict(suite.checkpoints), method, masks=masks, private=(suite.kind.head,))
@@ -166,15 +174,18 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
         for a in ALPHAS:  # the scaled model is shared by every task; only the head changes
             shared = _scaled(b, a)
             val[a] = np.mean([ev.accuracy(t, "val", _with_head(b, shared, t)) for t in tasks])
+            tick()
         alpha[method] = best = max(ALPHAS, key=lambda a: (val[a], -a))
         shared = _scaled(b, best)
         acc[method] = {t: ev.accuracy(t, "test", _with_head(b, shared, t)) for t in tasks}
+        tick()
         del shared
         ev.save()
     shutil.copyfile(bundles["task_arithmetic"].path, os.path.join(opts.out, "tasks.safetensors"))
     tall = open_bundle(os.path.join(opts.out, "tasks.safetensors"))
     bundles["tall"] = tall
     acc["tall"] = {t: ev.accuracy(t, "test", tall.task_weights(t)) for t in tasks}
+    tick()
     ev.save()
     seconds["merge + select + evaluate"] = time.perf_counter() - t0
     info = {t["name"]: t for t in tall.manifest["tasks"]}
@@ -197,6 +208,110 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
     return result
 
 
+CLIENT = '''"""Example client for the bundle the edgemerge demo wrote: one of its tasks on ONNX Runtime.
+
+Needs numpy, onnxruntime and edgemerge's runtime (no torch){needs}. Copy this folder and
+../tasks.safetensors to the device, then:
+
+    python client.py TASK {usage}
+
+It prints one line per input: the predicted class, a tab, the input.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from edgemerge.errors import EdgemergeError
+from edgemerge.runtime import open_bundle
+from edgemerge.runtime.session import TaskSession
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+{prepare}
+
+def main(argv):
+    if len(argv) < 2:
+        sys.exit(__doc__)
+    task, items = argv[0], argv[1:]
+    with open(os.path.join(HERE, "classes.json"), encoding="utf-8") as f:
+        classes = json.load(f)
+    try:
+        session = TaskSession(open_bundle(os.path.join(HERE, "..", "tasks.safetensors")), os.path.join(HERE, "{graph}"))
+        inputs, labels = prepare(items)
+        (logits,) = session.run(inputs, task=task)
+    except EdgemergeError as exc:
+        sys.exit(f"error: {{exc}}")
+    for label, row in zip(labels, logits):
+        print(f"{{classes[task][int(np.argmax(row))]}}\\t{{label}}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+'''
+PREPARE = {
+    "text": (", and the `tokenizers` package", '"some text" ["more text" ...]', '''
+from tokenizers import Tokenizer
+
+TOKENIZER = Tokenizer.from_file(os.path.join(HERE, "tokenizer.json"))
+TOKENIZER.enable_truncation({max_len})
+TOKENIZER.no_padding()
+
+
+def prepare(texts):
+    """Token ids and attention mask, padded with 0 as in training."""
+    enc = TOKENIZER.encode_batch(list(texts))
+    width = max(len(e.ids) for e in enc)
+    ids = np.zeros((len(enc), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, 1
+    return {{"input_ids": ids, "attention_mask": mask}}, texts
+'''),
+    "vision": ("", "images.npy   (uint8 grayscale, N x H x W, 8x8 or 28x28 as in training)", '''
+SIZE = 32
+
+
+def prepare(paths):
+    """uint8 (N, H, W) grayscale -> float32 (N, 3, 32, 32) in [-1, 1], as in training."""
+    images = np.load(paths[0], allow_pickle=False)
+    n, h, w = images.shape
+    if h < SIZE and SIZE % h == 0:  # 8x8: nearest-neighbour upscaling
+        x = images.repeat(SIZE // h, axis=1).repeat(SIZE // w, axis=2)
+    else:  # 28x28: centred on a zero canvas
+        x = np.zeros((n, SIZE, SIZE), np.uint8)
+        top, left = (SIZE - h) // 2, (SIZE - w) // 2
+        x[:, top:top + h, left:left + w] = images[:, :SIZE, :SIZE]
+    x = (x.astype(np.float32) - 127.5) / 127.5
+    return np.ascontiguousarray(np.repeat(x[:, None], 3, axis=1)), [f"image {{i}}" for i in range(n)]
+'''),
+}
+
+
+def write_deploy_folder(suite, out_dir: str, graph: str) -> list[str]:
+    """What a device needs besides the bundle and the graph: class names, the tokenizer (text),
+    and an example client. Returns the files written."""
+    kind = suite.kind
+    written = []
+    with atomic_output(os.path.join(out_dir, "classes.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump({t: list(c) for t, c in suite.classes.items()}, f, indent=1, ensure_ascii=False)
+    written.append("classes.json")
+    if kind.name == "text":
+        from .suites.text_model import MAX_LEN, model_path
+
+        shutil.copyfile(os.path.join(model_path(), "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+        written.append("tokenizer.json")
+        needs, usage, prepare = PREPARE["text"]
+        prepare = prepare.format(max_len=MAX_LEN)
+    else:
+        needs, usage, prepare = PREPARE["vision"]
+        prepare = prepare.format()
+    with atomic_output(os.path.join(out_dir, "client.py")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(CLIENT.format(needs=needs, usage=usage, prepare=prepare, graph=os.path.basename(graph)))
+    written.append("client.py")
+    return written
+
+
 def deploy(bundle, suite, out_dir: str, torch_acc: dict[str, float]) -> dict[str, Any]:
     """Export once, switch through every task in ONNX Runtime, compare accuracy with torch."""
     from .export.onnx import export_onnx
@@ -205,6 +320,12 @@ def deploy(bundle, suite, out_dir: str, torch_acc: dict[str, float]) -> dict[str
     kind = suite.kind
     exp = export_onnx(bundle, kind.onnx_factory, out_dir, input_names=kind.input_names, output_names=["logits"],
                       dynamic_axes=kind.dynamic_axes, name=kind.name)
+    files = write_deploy_folder(suite, out_dir, exp.switchable)
+    t0 = time.perf_counter()  # what loading one separate model costs: a session over a weights-in graph
+    import onnxruntime
+
+    onnxruntime.InferenceSession(exp.plain, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - t0
     session = TaskSession(bundle, exp.switchable)
     switch, device_acc = [], {}
     for t in bundle.tasks:
@@ -223,7 +344,28 @@ def deploy(bundle, suite, out_dir: str, torch_acc: dict[str, float]) -> dict[str
         "onnx_bytes": os.path.getsize(exp.switchable),
         "per_task_onnx_bytes": os.path.getsize(exp.plain) * n,
         "bundle_bytes": os.path.getsize(bundle.path),
+        "load_one_model_ms": load_s * 1e3,   # a new session from one model's ONNX file (page cache warm)
+        "files": files,
     }
+
+
+def headline(r: DemoResult) -> str:
+    """One sentence for a deployer: what the bundle buys over one merged model and over N checkpoints."""
+    mean = {m: 100 * np.mean([r.normalized(m, t) for t in r.tasks]) for m in [*MERGED, "tall"]}
+    best = max(MERGED, key=lambda m: mean[m])
+    worst = min(r.tasks, key=lambda t: r.normalized("tall", t))
+    s, mib = r.storage, 2**20
+    text = (f"The TALL bundle keeps {mean['tall']:.1f}% of fine-tuned accuracy on average (worst task: {worst}, "
+            f"{100 * r.normalized('tall', worst):.1f}%) in {s['tall_bundle'] / mib:.1f} MiB, "
+            f"{100 * s['tall_bundle'] / s['n_checkpoints']:.0f}% of the {len(r.tasks)} checkpoints' {s['n_checkpoints'] / mib:.1f} MiB; "
+            f"the best single merged model ({LABELS[best]}) keeps {mean[best]:.1f}% in {s['one_merged_model'] / mib:.1f} MiB, "
+            f"so the bundle {'gains' if mean['tall'] >= mean[best] else 'loses'} {abs(mean['tall'] - mean[best]):.1f} points "
+            f"against it for {(s['tall_bundle'] - s['one_merged_model']) / mib:.1f} MiB more.")
+    if r.deploy:
+        d = r.deploy
+        text += (f" On ONNX Runtime a task switch takes {d['switch_ms_p50']:.0f} ms, against {d['load_one_model_ms']:.0f} ms "
+                 "to load one model's ONNX file.")
+    return text
 
 
 def write_report(r: DemoResult, out: str) -> None:
@@ -233,7 +375,7 @@ def write_report(r: DemoResult, out: str) -> None:
     from .suites.suite import get_kind
 
     suite = r.options.get("suite", "text")
-    lines = [f"# edgemerge demo — {suite} suite ({get_kind(suite).label})", "",
+    lines = [f"# edgemerge demo — {suite} suite ({get_kind(suite).label})", "", headline(r), "",
              f"Options: {json.dumps(r.options)}", "",
              "Test accuracy, absolute (normalized = method / fine-tuned). "
              f"Merge scale α chosen on validation from {list(ALPHAS)}: " + ", ".join(f"{LABELS[m]} {a}" for m, a in r.alpha.items()) + ".", "",
@@ -264,7 +406,11 @@ def write_report(r: DemoResult, out: str) -> None:
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
               + f" (fine-tuned this run: {', '.join(r.built) or 'none, all cached'}; {r.evaluations} accuracies computed,"
               " the rest from the cache)", "",
-              "![accuracy per task](accuracy_per_task.png)", "", "![accuracy vs bytes](accuracy_vs_bytes.png)"]
+              "![accuracy per task](accuracy_per_task.png)", "", "![accuracy vs bytes](accuracy_vs_bytes.png)", "",
+              "![storage, RAM and switch time](deploy.png)"]
+    if r.deploy:
+        lines += ["", f"Deploy folder `onnx/`: the switchable graph and {', '.join(r.deploy['files'])} — run "
+                  "`python onnx/client.py TASK ...` next to `tasks.safetensors` on the device."]
     with atomic_output(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     _plots(r, out, methods, get_kind(suite).label.split(",")[0])
@@ -278,30 +424,64 @@ def _plots(r: DemoResult, out: str, methods: list[str], model: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(methods)
     x = np.arange(len(r.tasks))
     for i, m in enumerate(methods):
         ax.bar(x + i * width, [100 * r.accuracy[m][t] for t in r.tasks], width, label=LABELS[m])
     ax.set_xticks(x + 0.4 - width / 2, r.tasks)
     ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.set_title(f"Accuracy per task and method ({model})")
-    ax.legend(ncol=4, fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_per_task.png"), dpi=110)
     plt.close(fig)
     s, n = r.storage, len(r.tasks)
-    points = [("fine-tuned (N checkpoints)", s["n_checkpoints"], "finetuned")]
-    points += [(LABELS[m] + " (one model)", s["one_merged_model"], m) for m in MERGED]
-    points += [("TALL bundle", s["tall_bundle"], "tall"), ("zero-shot", s["one_merged_model"], "zero_shot")]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, nbytes, m in points:
-        y = 100 * np.mean([r.normalized(m, t) for t in r.tasks])
-        ax.scatter(nbytes / 2**20, y, s=40)
-        ax.annotate(label, (nbytes / 2**20, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    points = [("fine-tuned: N checkpoints", s["n_checkpoints"], "finetuned", "s")]
+    points += [(LABELS[m] + ": one model", s["one_merged_model"], m, mk) for m, mk in zip(MERGED, "ov^D")]
+    points += [("TALL bundle", s["tall_bundle"], "tall", "*"), ("zero-shot: θ0 + heads", s["one_merged_model"], "zero_shot", "x")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for label, nbytes, m, marker in points:  # one marker per method, named in the legend: no labels on top of each other
+        ax.scatter(nbytes / 2**20, 100 * np.mean([r.normalized(m, t) for t in r.tasks]), s=70, marker=marker, label=label)
     ax.set_xlabel(f"bytes to store all {n} tasks (MiB)")
     ax.set_ylabel("mean normalized accuracy (%)")
     ax.set_title("Accuracy kept vs storage")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_bytes.png"), dpi=110)
+    plt.close(fig)
+    _deploy_plot(r, out, plt)
+
+
+def _deploy_plot(r: DemoResult, out: str, plt) -> None:
+    """Storage and RAM (N checkpoints vs the bundle vs one merged model) and, after a deploy, the
+    switch time against loading one model."""
+    s, n, mib = r.storage, len(r.tasks), 2**20
+    panels = 2 if r.deploy else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    ax = axes[0][0]
+    names = [f"{n} checkpoints", "TALL bundle", "one merged model"]
+    storage = [s["n_checkpoints"], s["tall_bundle"], s["one_merged_model"]]
+    # RAM to serve every task without reading storage again: N models resident; the bundle's data
+    # plus the engine's one set of weights; one model
+    ram = [s["n_checkpoints"], s["tall_bundle"] + s["one_merged_model"], s["one_merged_model"]]
+    x = np.arange(3)
+    ax.bar(x - 0.2, [v / mib for v in storage], 0.4, label="storage")
+    ax.bar(x + 0.2, [v / mib for v in ram], 0.4, label="RAM to switch warm")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title("Bytes")
+    ax.legend(fontsize=8)
+    if r.deploy:
+        ax = axes[0][1]
+        d = r.deploy
+        vals = [d["switch_ms_p50"], d["switch_ms_max"], d["load_one_model_ms"]]
+        ax.bar(["switch p50", "switch max", "load one model"], vals, color=["tab:green", "tab:olive", "tab:red"])
+        for i, v in enumerate(vals):
+            ax.annotate(f"{v:.0f} ms", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("ms (ONNX Runtime, this machine)")
+        ax.set_title("Task switch vs loading a model")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "deploy.png"), dpi=110)
     plt.close(fig)

@@ -161,3 +161,17 @@ def test_error_messages_keep_their_brackets(tmp_path):
     read [onnx] as markup and drop it)."""
     p = cli("inspect", tmp_path / "missing[onnx].safetensors", check=False)
     assert p.returncode == 2 and "missing[onnx].safetensors" in p.stderr, p.stderr
+
+
+def test_progress_reaches_a_log_as_lines(tmp_path):
+    """Progress is not lost when the output is not a terminal (a log): one line per 10% and the end,
+    each stage with its own total."""
+    from conftest import make_suite
+
+    base, tasks = make_suite(tmp_path)
+    args = [a for t, path in tasks.items() for a in ("--task", f"{t}={path}")]
+    p = cli("merge", base, *args, "--private", "head.*", "-o", tmp_path / "b.safetensors")
+    lines = p.stderr.splitlines()
+    n = len(open_bundle(tmp_path / "b.safetensors").header.tensors)
+    assert f"write bundle: {n}/{n}" in lines and "write bundle: 1/" + str(n) in lines
+    assert any(line.startswith("merge: ") for line in lines) and len(lines) < 60

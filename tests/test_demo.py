@@ -102,7 +102,30 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     assert saved["accuracy"]["tall"] == r.accuracy["tall"]
     report = (out / "report.md").read_text()
     assert f"{100 * r.accuracy['finetuned']['news']:.1f}" in report
-    assert (out / "accuracy_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("accuracy_per_task.png", "accuracy_vs_bytes.png", "deploy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from edgemerge.demo import headline
+
+    assert headline(r) in report and "points against it for" in report and "to load one model's ONNX file" in report
+    # the deploy folder runs on its own: the example client predicts what the session predicts
+    import subprocess
+    import sys
+
+    from edgemerge.runtime.session import TaskSession
+    from edgemerge.suites.text_model import pad, tokenizer
+
+    texts = ["The central bank raised interest rates again.", "The striker scored twice in the final."]
+    classes = json.loads((out / "onnx" / "classes.json").read_text())
+    assert classes["news"] == DOCUMENTED["news"][1]
+    p = subprocess.run([sys.executable, str(out / "onnx" / "client.py"), "news", *texts], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    ids, mask = pad(tokenizer()(texts, truncation=True, max_length=64)["input_ids"])
+    session = TaskSession(str(out / "tasks.safetensors"), str(out / "onnx" / "text.switchable.onnx"))
+    (logits,) = session.run({"input_ids": ids, "attention_mask": mask}, task="news")
+    assert p.stdout.splitlines() == [f"{classes['news'][int(np.argmax(row))]}\t{t}" for row, t in zip(logits, texts)]
+    bad = subprocess.run([sys.executable, str(out / "onnx" / "client.py"), "nope", "x"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "unknown task 'nope'; valid: language, news" in bad.stderr
     # a second run reuses the checkpoints and every evaluation
     r2 = run_demo(DemoOptions(tasks=("language", "news"), steps=4, test=60, val=40, out=str(out), deploy=False))
     assert r2.accuracy == r.accuracy
