@@ -166,3 +166,45 @@ def test_a_symlinked_output_is_replaced_not_written_through(suite, tmp_path):
     merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
     assert victim.read_bytes() == PREVIOUS and not (tmp_path / "b.safetensors").is_symlink()
     open_bundle(tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_unsupported_dtypes_are_named_with_their_file(tmp_path, dtype):
+    torch.save({"w": torch.zeros(4).to(dtype)}, tmp_path / "base.pt")
+    torch.save({"w": torch.ones(4).to(dtype)}, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"base.pt: tensor\(s\) of a dtype edgemerge does not handle: 'w' \((complex64|float8_e4m3fn)\)"):
+        merge(MergeConfig(str(tmp_path / "base.pt"), {"t": str(tmp_path / "t.pt")}, "task_arithmetic"), tmp_path / "b.safetensors")
+
+
+def test_names_that_are_not_utf8_are_named_with_their_file(tmp_path):
+    torch.save({"w\udc80": torch.zeros(4)}, tmp_path / "base.pt")
+    torch.save({"w\udc80": torch.ones(4)}, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"base.pt: tensor name 'w\\udc80' is empty, has control characters or is not valid UTF-8"):
+        merge(MergeConfig(str(tmp_path / "base.pt"), {"t": str(tmp_path / "t.pt")}, "task_arithmetic"), tmp_path / "b.safetensors")
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": {"w": "a\0.safetensors"}}, "must be a plain file name"),
+    ("DEEP", "not valid JSON"),
+])
+def test_shard_indexes_are_checked(tmp_path, index, message):
+    import json
+
+    from edgemerge.checkpoints import open_checkpoint
+    from edgemerge.errors import CheckpointError as CE
+
+    (tmp_path / "m").mkdir()
+    text = "[" * 100_000 + "]" * 100_000 if index == "DEEP" else json.dumps(index)
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CE, match=message):
+        open_checkpoint(tmp_path / "m")
+
+
+def test_run_with_a_missing_input_file_is_one_line(tmp_path):
+    from edgemerge.cli import _load_inputs
+
+    with pytest.raises(ConfigError, match=r"--input .*nosuch.npy: No such file or directory; give a .npy file"):
+        _load_inputs((str(tmp_path / "nosuch.npy"),))
+    (tmp_path / "x.npy").write_bytes(b"not numpy")
+    with pytest.raises(ConfigError, match="not a plain .npy array"):
+        _load_inputs((str(tmp_path / "x.npy"),))
