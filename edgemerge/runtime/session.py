@@ -218,7 +218,7 @@ class TaskSession(Switchable):
             self._values = {n: self._ort.OrtValue.ortvalue_from_numpy(b) for n, b in self._buffers.items()}
         else:
             del probe  # it holds θ0's weights; each task gets its own session from a skeleton
-            self._graph = _load_graph(self.onnx_path)
+            self._graph = _load_graph(self.onnx_path, self.weights)
             self._sessions: dict[str, object] = {}
 
     # -- checks ---------------------------------------------------------------------------------
@@ -377,6 +377,9 @@ class TaskSession(Switchable):
         return a
 
 
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
 def _onnx():
     try:
         import onnx
@@ -385,8 +388,15 @@ def _onnx():
     return onnx
 
 
-def _load_graph(path: str):
-    return _onnx().load(path)
+def _load_graph(path: str, weights: Sequence[str]):
+    """The plain graph without the bytes of the weights each task supplies (θ0 is not kept twice)."""
+    model = _onnx().load(path)
+    wanted = set(weights)
+    for init in model.graph.initializer:
+        if init.name in wanted:
+            for fld in _DATA_FIELDS:
+                init.ClearField(fld)
+    return model
 
 
 def _skeleton(graph, weights: Mapping[str, np.ndarray]) -> bytes:
@@ -402,7 +412,7 @@ def _skeleton(graph, weights: Mapping[str, np.ndarray]) -> bytes:
             continue
         a = weights[init.name]
         resized |= tuple(init.dims) != a.shape
-        for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        for fld in _DATA_FIELDS:
             init.ClearField(fld)
         del init.external_data[:]
         init.dims[:] = a.shape
