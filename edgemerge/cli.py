@@ -304,7 +304,8 @@ def devices() -> None:
 @click.option("--device", "device_name", required=True, help="A profile from `edgemerge devices`.")
 @click.option("--runtime", type=click.Choice(["inputs", "sessions"]), default="inputs", show_default=True)
 @click.option("--storage", default=None, help="Storage medium (default: the device's first).")
-@click.option("--efficiency", type=float, default=None, help="Kernel efficiency vs memcpy (default: measured on this host).")
+@click.option("--efficiency", type=float, default=None, help="Kernel efficiency vs memcpy (default: measured here when this host is the device's "
+                   "architecture, else a stated 25-100% range).")
 @click.option("--activation-mb", type=float, default=0.0, help="Activation memory of your model, MiB.")
 @click.option("--json", "as_json", is_flag=True)
 def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_json) -> None:
