@@ -265,6 +265,7 @@ def merge(
             plan = plan_merge(base, tasks, config.private, STATISTICS if config.statistics == "per-task" else (), config.ties)
         except CheckpointError as exc:  # every problem at once: NaN/Inf too, not only after keys are fixed
             raise _with_nonfinite(exc, [base, *tasks.values()]) from None
+        plan = carry_unchanged_statistics(plan, base, tasks)
         vector_dtype = config.vector_dtype if config.vector_dtype != "auto" else auto_vector_dtype(plan, base)
         config = replace(config, vector_dtype=vector_dtype)
         hasher = stack.enter_context(ThreadPoolExecutor(1))  # hashing overlaps the passes (2nd core)
@@ -339,6 +340,18 @@ def _with_nonfinite(exc: CheckpointError, ckpts: list[Checkpoint]) -> Checkpoint
     head, _, rest = str(exc).partition(":\n  ")
     lines = [*rest.split("\n  "), *found] if rest else [str(exc), *found]
     return CheckpointError(f"{len(lines)} problem(s) with the task checkpoints:\n  " + "\n  ".join(lines))
+
+
+def carry_unchanged_statistics(plan: Plan, base: Checkpoint, tasks: dict[str, Checkpoint]) -> Plan:
+    """Running statistics no task changed (frozen BatchNorm: byte-identical in θ0 and every task)
+    are carried -- stored once, never rewritten by a switch or refit -- like unchanged weights."""
+    same = [k for k in plan.statistics if k in base.keys() and all(
+        k in c.keys() and c.info(k) == base.info(k) and c.read(k).tobytes() == base.read(k).tobytes() for c in tasks.values())]
+    if not same:
+        return plan
+    private = {t: [k for k in keys if k not in same] for t, keys in plan.private.items()}
+    return replace(plan, carried=sorted([*plan.carried, *same]), private=private,
+                   statistics=[k for k in plan.statistics if k not in same])
 
 
 def auto_vector_dtype(plan: Plan, base: Checkpoint) -> str:

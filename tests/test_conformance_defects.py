@@ -68,8 +68,30 @@ def test_statistics_are_kept_per_task_by_default(bn_suite, tmp_path):
         for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
             assert np.array_equal(w[k], src[k]), (t, k)
     stats = b.manifest["options"]["statistics"]
-    assert stats["policy"] == "per-task"
-    assert stats["per_task"] == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"]
+    assert stats["policy"] == "per-task"  # running_mean stayed 0 in every task: carried once
+    assert stats["per_task"] == ["bn.num_batches_tracked", "bn.running_var"]
+    assert {p.name: p.role for p in b.params}["bn.running_mean"] == "carried"
+
+
+def test_statistics_no_task_changed_are_carried_once(tmp_path):
+    """Frozen BatchNorm (the vision suite): identical in θ0 and every task, so stored once and never
+    rewritten by a switch -- while the statistics a task did change stay that task's own."""
+    rng = np.random.default_rng(1)
+    base = _bn_state(rng, 1.0)
+    tasks = []
+    for t in range(2):
+        sd = {k: v.copy() for k, v in base.items()}
+        sd["conv.weight"] += 0.01 * rng.standard_normal((4, 3)).astype(np.float32)
+        sd["bn.running_mean"] = np.full(4, 0.1 * (t + 1), np.float32)  # this one moved; the others are frozen
+        tasks.append(sd)
+    b, t = _files(tmp_path, base, tasks)
+    merge(MergeConfig(b, t, "task_arithmetic"), tmp_path / "b.safetensors")
+    bundle = open_bundle(tmp_path / "b.safetensors")
+    roles = {p.name: p.role for p in bundle.params}
+    assert roles["bn.running_var"] == roles["bn.num_batches_tracked"] == "carried"
+    assert all(bundle.private_keys[x] == ["bn.running_mean"] for x in bundle.tasks)
+    assert bundle.manifest["options"]["statistics"]["per_task"] == ["bn.running_mean"]
+    assert np.array_equal(bundle.task_weights("t1")["bn.running_mean"], np.full(4, 0.2, np.float32))
 
 
 def test_merged_statistics_with_an_invalid_variance_are_refused_before_writing(bn_suite, tmp_path):

@@ -59,10 +59,9 @@ def test_sizes_from_a_real_bundle(tmp_path):
     b = open_bundle(tmp_path / "b.safetensors")
     s = sizes(b)
     numel = 48 * 20 + 48 + 33 * 48
-    assert s.merged_numel == numel and s.vector == 4 * numel and s.base == 4 * numel
+    assert s.merged_numel == numel and s.vector == 4 * numel and s.base == 4 * numel + 8
     assert s.kernel_touch == numel * 12 + sum((n + 7) // 8 for n in (48 * 20, 48, 33 * 48))
-    # task2's head (4 x 33 floats) + its own num_batches_tracked (a statistic: kept per task)
-    assert s.private_one_task == 4 * 4 * 33 + 8
+    assert s.private_one_task == 4 * 4 * 33  # task2's head: 4 x 33 floats
 
 
 def test_cli_devices_and_plan(tmp_path):
