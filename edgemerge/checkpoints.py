@@ -127,7 +127,7 @@ class ShardedCheckpoint(Checkpoint):
         self._shards: dict[str, SafetensorsCheckpoint] = {}
         self._where: dict[str, SafetensorsCheckpoint] = {}
         for key, shard in weight_map.items():
-            if not isinstance(shard, str) or os.path.basename(shard) != shard or bad_name(shard) or not shard:
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or bad_name(shard):
                 raise CheckpointError(f"{index_path}: shard name {shard!r} for {key!r} must be a plain file name")
             if shard not in self._shards:
                 self._shards[shard] = SafetensorsCheckpoint(os.path.join(self.path, shard))
@@ -262,12 +262,9 @@ def _same_ends(f, offset: int, t) -> bool:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    from .runtime.torch_backend import numpy_view
 
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(DTYPES["BF16"])
-    return t.numpy()
+    return numpy_view(t.detach().cpu().contiguous())
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

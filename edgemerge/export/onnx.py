@@ -90,9 +90,7 @@ def build_model(factory: Callable, bundle: Bundle, task: str | None, example_inp
         raise ConfigError("no example inputs: return (module, example_inputs) from the factory or pass example_inputs")
     example = example if isinstance(example, tuple) else (example,)
     from ..runtime.dtypes import dtype_name
-    from ..runtime.torch_backend import to_torch
-
-    from ..runtime.torch_backend import tied_names
+    from ..runtime.torch_backend import tied_names, to_torch
 
     model_state = model.state_dict(keep_vars=True)
     ties = tied_names(model_state)              # the model's own ties (tie_weights): alias -> first name

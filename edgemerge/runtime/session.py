@@ -400,9 +400,10 @@ def _load_graph(path: str, weights: Sequence[str]):
 
 
 def _skeleton(graph, weights: Mapping[str, np.ndarray]) -> bytes:
-    """The plain graph with the managed initializers' data replaced by external-data references
-    (never opened: ``add_external_initializers`` supplies them before any optimization runs), each
-    with the shape of the weight given -- a task head may have another size than the file's."""
+    """The plain graph (from ``_load_graph``: the managed initializers' bytes already dropped) with
+    those initializers turned into external-data references (never opened: ``add_external_initializers``
+    supplies them before any optimization runs), each with the shape of the weight given -- a task
+    head may have another size than the file's."""
     onnx = _onnx()
     model = onnx.ModelProto()
     model.CopyFrom(graph)
@@ -412,8 +413,6 @@ def _skeleton(graph, weights: Mapping[str, np.ndarray]) -> bytes:
             continue
         a = weights[init.name]
         resized |= tuple(init.dims) != a.shape
-        for fld in _DATA_FIELDS:
-            init.ClearField(fld)
         del init.external_data[:]
         init.dims[:] = a.shape
         init.data_location = onnx.TensorProto.EXTERNAL
