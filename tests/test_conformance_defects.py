@@ -362,3 +362,16 @@ def test_text_graphs_take_any_batch_and_sequence_length(tmp_path):
                 assert y.shape == ref.shape and matrix.relative(y, ref) <= 1e-5, (arch_name, mode, batch, seq)
         with pytest.raises(ConfigError, match=r"input 'input_ids' is float32, the graph takes int64"):
             s.run({"input_ids": np.zeros((1, 4), np.float32), "attention_mask": np.ones((1, 4), np.int64)})
+
+
+def test_a_missing_graph_is_not_blamed_on_half_precision_kernels(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from conftest import make_suite
+    from edgemerge.errors import BackendError
+    from edgemerge.runtime.session import TaskSession
+
+    base, tasks = make_suite(tmp_path, dtype=np.float16)
+    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    with pytest.raises(BackendError, match="could not load the model") as e:
+        TaskSession(str(tmp_path / "b.safetensors"), str(tmp_path / "missing.onnx"))
+    assert "kernel" not in str(e.value)

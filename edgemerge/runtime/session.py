@@ -256,7 +256,7 @@ class TaskSession(Switchable):
         try:
             return self._ort.InferenceSession(model, sess_options=opts, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            hint = _dtype_hint({p.dtype for p in self.bundle.params}, self._providers)
+            hint = _dtype_hint({p.dtype for p in self.bundle.params}, self._providers, str(exc))
             raise BackendError(f"{self.onnx_path}: ONNX Runtime could not load the model: {_first_line(exc)}{hint}") from None
 
     def _check_base(self, session) -> None:
@@ -433,10 +433,11 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _dtype_hint(dtypes: set[str], providers: Sequence[str]) -> str:
-    """The likely cause when a half-precision graph does not load: the provider lacks kernels."""
+def _dtype_hint(dtypes: set[str], providers: Sequence[str], error: str) -> str:
+    """The cause when a half-precision graph does not load for want of kernels (ONNX Runtime says
+    NOT_IMPLEMENTED, or a type error while resolving one); nothing for other failures."""
     name = "bfloat16" if "BF16" in dtypes else "float16" if "F16" in dtypes else None
-    if name is None:
+    if name is None or not ("NOT_IMPLEMENTED" in error or "Type Error" in error):
         return ""
     return (f" -- the weights are {name} and {', '.join(providers)} has no {name} kernel for some node of this graph "
             f"(ONNX Runtime's CPU provider has few): export the model in float32 (merge float32 checkpoints), "
