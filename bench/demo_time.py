@@ -1,4 +1,4 @@
-"""How long `edgemerge demo` takes the first time (empty cache) and the next time (issue 3).
+"""How long `edgemerge demo` takes the first time (empty cache) and the next time (issues 3, 14).
 
 Runs the real command twice in a subprocess with a fresh, temporary ``EDGEMERGE_CACHE``: the first
 run fine-tunes every task, merges and evaluates from nothing; the second reuses the checkpoints,
@@ -6,7 +6,7 @@ merged bundles and evaluations. Wall time is measured around the whole process (
 imports included); the stage times come from the run's own ``results.json``. Goals: first run
 ≤ 10 minutes, later runs ≤ 1 minute, on 2 cores.
 
-    python bench/demo_time.py [--suite text|vision] [--no-write]
+    python bench/demo_time.py [--suite vision|text] [--no-write]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run(suite: str, cache: str, out: str) -> tuple[float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", default="text", choices=("text", "vision"))
+    ap.add_argument("--suite", default="vision", choices=("text", "vision"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     rows = []
@@ -61,7 +61,7 @@ def main() -> None:
     text = table(["run", "wall (whole process)", "goal", "work done", "stages (from results.json)"], rows)
     print(f"\n{text}\nmachine: {machine()}")
     if not args.no_write:
-        write_section(f"Demo time, {args.suite} suite (issue 3)",
+        write_section(f"Demo time, {args.suite} suite (issues 3, 14)",
                       f"`python bench/demo_time.py --suite {args.suite}` — commit {git_rev()}; `edgemerge demo` run twice "
                       f"in a subprocess with an empty cache, then with the first run's cache.\n\nMachine: {machine()}.\n\n" + text)
 

@@ -243,8 +243,8 @@ def methods() -> None:
 
 
 @main.command()
-@click.option("--suite", type=click.Choice(["text", "vision"]), default="text", show_default=True,
-              help="text: all-MiniLM-L6-v2 on 5 tasks; vision: EfficientNet-Lite0 on 3 image tasks.")
+@click.option("--suite", type=click.Choice(["text", "vision"]), default="vision", show_default=True,
+              help="vision: EfficientNet-Lite0 on 8 image tasks; text: all-MiniLM-L6-v2 on 5 text tasks.")
 @click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
 @click.option("--out", default="edgemerge-demo", show_default=True, type=click.Path(), help="Folder for bundle, ONNX, report, plots.")
 @click.option("--seed", default=0, show_default=True)
@@ -366,16 +366,21 @@ def export() -> None:
 @click.option("--output-name", "output_names", multiple=True, help="Names of the outputs (repeat).")
 @click.option("--task", default=None, help="Bake this task's θ_t into the plain graph (default θ0).")
 @click.option("--opset", default=17, show_default=True)
-def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task, opset) -> None:
+@click.option("--layout", type=click.Choice(["fast", "exporter"]), default="fast", show_default=True,
+              help="fast: the switchable graph's GEMMs take weights as [N, K] with transB=1 (faster in ONNX Runtime); "
+                   "exporter: keep the graph as torch wrote it.")
+def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task, opset, layout) -> None:
     """Write <model>.plain.onnx (initializers) and <model>.switchable.onnx (weights as inputs)."""
     from .export.onnx import export_onnx
 
     sys.path.insert(0, ".")  # factories usually live in the user's working directory
     res = export_onnx(bundle, factory, output_dir, input_names=input_names or None,
-                      output_names=output_names or ("output",), task=task, opset=opset, switchable=task is None)
+                      output_names=output_names or ("output",), task=task, opset=opset, switchable=task is None,
+                      layout=layout)
     console.print(f"plain graph → {res.plain}")
     if res.switchable:
-        console.print(f"switchable graph → {res.switchable} ({len(res.weights)} weights as inputs)")
+        fed = f", {len(res.transposed)} of them fed transposed" if res.transposed else ""
+        console.print(f"switchable graph → {res.switchable} ({len(res.weights)} weights as inputs{fed})")
     if res.unused:
         console.print(f"[yellow]not used by the graph:[/] {', '.join(res.unused)}")
 

@@ -37,7 +37,7 @@ def test_splits_are_disjoint_and_reproducible():
     assert a["test"].texts == b["test"].texts
     idx = {k: set(v.texts) for k, v in a.items()}
     assert not (idx["train"] & idx["test"]) and not (idx["val"] & idx["test"]) and not (idx["train"] & idx["val"])
-    assert len(a["test"].texts) == 154 and len(a["val"].texts) == 115
+    assert len(a["test"].texts) == 154 and len(a["val"].texts) == 100
     assert text_data.split(task, 1)["test"].texts != a["test"].texts
 
 
@@ -78,7 +78,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     from edgemerge.demo import DemoOptions, run_demo
 
     out = tmp_path / "out"
-    r = run_demo(DemoOptions(tasks=("language", "news"), steps=4, test=60, val=40, out=str(out)))
+    r = run_demo(DemoOptions(suite="text", tasks=("language", "news"), steps=4, test=60, val=40, out=str(out)))
     for method in ("task_arithmetic", "ties", "consensus_ta", "consensus_ties", "tall"):
         for task in r.tasks:
             chance = 1 / r.classes[task]
@@ -127,7 +127,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, str(out / "onnx" / "client.py"), "nope", "x"], capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown task 'nope'; valid: language, news" in bad.stderr
     # a second run reuses the checkpoints and every evaluation
-    r2 = run_demo(DemoOptions(tasks=("language", "news"), steps=4, test=60, val=40, out=str(out), deploy=False))
+    r2 = run_demo(DemoOptions(suite="text", tasks=("language", "news"), steps=4, test=60, val=40, out=str(out), deploy=False))
     assert r2.accuracy == r.accuracy
     assert r.built == ["language", "news"] and r.evaluations > 0
     assert r2.built == [] and r2.evaluations == 0

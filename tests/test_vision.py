@@ -16,6 +16,11 @@ DOCUMENTED = {
     "fashion": (10000, 28, vision_data.FASHION_CLASSES),
     "mnist": (5000, 28, vision_data.DIGITS),
     "digits": (1797, 8, vision_data.DIGITS),
+    "animals": (4858, 28, vision_data.ANIMALS),
+    "animals-inv": (4858, 28, vision_data.ANIMALS),
+    "fashion-rot": (10000, 28, vision_data.FASHION_CLASSES),
+    "fashion-inv": (10000, 28, vision_data.FASHION_CLASSES),
+    "fashion-group": (10000, 28, vision_data.GROUPS),
 }
 
 
@@ -25,9 +30,61 @@ def test_loader_sizes_and_classes(name):
     n, side, classes = DOCUMENTED[name]
     assert task.images.shape == (n, side, side) and task.images.dtype == np.uint8
     assert len(task.labels) == n and task.classes == classes
-    assert set(np.unique(task.labels)) == set(range(10))
+    assert set(np.unique(task.labels)) == set(range(len(classes)))
     assert task.images.max() == 255 and task.images.min() == 0
     assert len({im.tobytes() for im in task.images}) == n  # deduplicated
+
+
+def test_the_suite_has_eight_tasks_and_derived_tasks_share_no_image():
+    assert len(vision_data.LOADERS) == 8
+    by_source = {}
+    for name in ("animals", "animals-inv"):
+        task = vision_data.LOADERS[name]()
+        by_source[name] = {(255 - im if name.endswith("-inv") else im).tobytes() for im in task.images}
+    assert not by_source["animals"] & by_source["animals-inv"]
+    train = vision_data._fashion("train")
+    for name, how in (("fashion-rot", lambda x: np.rot90(x, k=-1, axes=(1, 2))), ("fashion-inv", lambda x: 255 - x)):
+        task = vision_data.LOADERS[name]()
+        shard = np.arange(10000) + (10000 if name == "fashion-inv" else 0)
+        assert np.array_equal(task.images, how(train.images[shard])) and np.array_equal(task.labels, train.labels[shard])
+    group = vision_data.load_fashion_group()
+    assert np.array_equal(group.labels, vision_data.FASHION_GROUP[train.labels[20000:30000]])
+    assert vision_data.FASHION_GROUP.tolist() == [0, 1, 0, 1, 0, 2, 0, 2, 3, 2]  # T-shirt, Trouser, ... Ankle boot
+
+
+def _pickle_file(tmp_path, payload: bytes, name="a.gz"):
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(payload))
+    return str(path)
+
+
+def test_pickled_arrays_are_read_without_unpickling(tmp_path):
+    import pickle
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    labels = np.array([3, -1, 2**40], dtype=np.int64)
+    got = vision_data._pickled_array(_pickle_file(tmp_path, pickle.dumps(images, protocol=4)))
+    assert got.dtype == np.uint8 and got.shape == (2, 3, 4) and np.array_equal(got, images)
+    got = vision_data._pickled_array(_pickle_file(tmp_path, pickle.dumps(labels, protocol=4)))
+    assert got.dtype == np.int64 and got.tolist() == [3, -1, 2**40]
+    three = np.zeros((4, 3), np.uint8)  # a dimension equal to the dtype state's version number
+    assert vision_data._pickled_array(_pickle_file(tmp_path, pickle.dumps(three, protocol=4))).shape == (4, 3)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_hostile_or_damaged_pickles_are_refused_without_running_them(tmp_path, capsys):
+    import pickle
+
+    for payload in (pickle.dumps(_Boom(), protocol=4), pickle.dumps(np.zeros(3, np.float32), protocol=4),
+                    pickle.dumps({"a": b"x" * 40}, protocol=4), pickle.dumps(np.zeros(30, np.uint8), protocol=4)[:-30],
+                    b"not a pickle"):
+        with pytest.raises(ConfigError, match="damaged package"):
+            vision_data._pickled_array(_pickle_file(tmp_path, payload))
+    assert "unpickled!" not in capsys.readouterr().out
 
 
 def test_splits_are_disjoint_and_reproducible():
@@ -62,6 +119,7 @@ def test_preprocessing_exact_pixels():
 
 def test_missing_or_damaged_debian_data(tmp_path, monkeypatch):
     monkeypatch.setattr(vision_data, "FASHION_DIR", "no/such/dir")
+    vision_data._fashion.cache_clear()  # decoded files are cached per process
     with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
         vision_data.load_fashion()
     bad = tmp_path / "x.gz"
@@ -86,7 +144,8 @@ def test_tiny_vision_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEMERGE_CACHE", str(tmp_path / "cache"))
     from edgemerge.demo import DemoOptions, run_demo
 
-    r = run_demo(DemoOptions(suite="vision", steps=12, test=80, val=40, out=str(tmp_path / "out")))
+    r = run_demo(DemoOptions(suite="vision", tasks=("fashion-rot", "animals-inv", "digits"), steps=12, test=80, val=40,
+                             out=str(tmp_path / "out")))
     for method in ("finetuned", "task_arithmetic", "ties", "consensus_ta", "consensus_ties", "tall"):
         for task in r.tasks:
             assert r.accuracy[method][task] > 1 / r.classes[task] + 0.15, (method, task, r.accuracy[method][task])

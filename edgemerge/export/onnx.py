@@ -35,9 +35,11 @@ import numpy as np
 from ..errors import BackendError, ConfigError, FormatError
 from ..io import atomic_output
 from ..runtime.bundle import Bundle, open_bundle
-from ..runtime.session import BASE_ID_KEY, WEIGHTS_KEY
+from ..runtime.session import BASE_ID_KEY, TRANSPOSED_KEY, WEIGHTS_KEY
+from .layout import fast_gemm_layout
 
 TASK_KEY = "edgemerge.task"
+LAYOUTS = ("fast", "exporter")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class OnnxExport:
     weights: list[str]                       # managed names that are graph inputs (switchable)
     unused: list[str] = field(default_factory=list)   # bundle tensors the graph does not use
     data_inputs: list[str] = field(default_factory=list)
+    transposed: list[str] = field(default_factory=list)  # weights the switchable graph takes as Wᵀ
 
 
 def load_factory(spec: str) -> Callable:
@@ -218,11 +221,16 @@ def export_onnx(
     task: str | None = None,
     switchable: bool = True,
     name: str = "model",
+    layout: str = "fast",
 ) -> OnnxExport:
     """Write ``<name>.plain.onnx`` (+ ``<name>.switchable.onnx``) into ``output_dir``.
 
     ``task``: bake θ_task into the plain graph (the per-task baseline); default θ0.
+    ``layout``: ``"fast"`` rewrites the switchable graph's GEMMs to take their weights as [N, K]
+    with ``transB=1`` (``export/layout.py``); ``"exporter"`` keeps the exporter's graph.
     """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     import onnx
 
     bundle = open_bundle(bundle) if isinstance(bundle, str) else bundle
@@ -249,7 +257,11 @@ def export_onnx(
     result = OnnxExport(plain_path, None, [n for n in managed if n in inits], unused, input_names)
     if switchable:
         result.switchable = os.path.join(output_dir, f"{name}.switchable.onnx")
-        _atomic_save(make_switchable(proto, result.weights, _varying_private(bundle)), result.switchable)
+        graph = make_switchable(proto, result.weights, _varying_private(bundle))
+        if layout == "fast":
+            result.transposed = fast_gemm_layout(graph, set(result.weights))
+            _set_meta(graph, {TRANSPOSED_KEY: json.dumps(result.transposed)})
+        _atomic_save(graph, result.switchable)
     return result
 
 

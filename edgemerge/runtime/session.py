@@ -35,12 +35,14 @@ import numpy as np
 from ..errors import BackendError, ConfigError, FormatError
 from .bundle import Bundle, open_bundle
 from .dtypes import DTYPES
+from .bits import pack_bits, unpack_bits
 from .kernel import apply_mask
 from .safetensors import parse_json
 
 MODES = ("inputs", "sessions")
 BASE_ID_KEY = "edgemerge.base_id"
 WEIGHTS_KEY = "edgemerge.weights"
+TRANSPOSED_KEY = "edgemerge.transposed"  # 2-D weights the switchable graph takes as Wᵀ (export/layout.py)
 # SessionOptions cannot be copied; a per-task session gets a fresh one with these copied over.
 # For anything else (custom ops, providers' own options) pass a callable that returns new options.
 _OPTION_ATTRS = ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
@@ -202,6 +204,7 @@ class TaskSession(Switchable):
         self._init_switching()
         probe = self._new_session()
         self._check_base(probe)
+        self.transposed = self._transposed(probe) if mode == "inputs" else set()
         self.weights, self.data_inputs = self._match_inputs(probe)
         self.output_names = [o.name for o in probe.get_outputs()]
         declared = {i.name: i for i in probe.get_inputs()}
@@ -211,10 +214,15 @@ class TaskSession(Switchable):
         self._params = {n: by_name[self.bundle.resolve(n)] for n in self.weights if self.bundle.resolve(n) in by_name}
         if mode == "inputs":
             self._session = probe
-            self._buffers = {n: np.empty(p.shape, DTYPES[p.dtype]) for n, p in self._params.items() if p.role == "merged"}
+            self._buffers = {n: np.empty(self._fed(n, p.shape), DTYPES[p.dtype]) for n, p in self._params.items() if p.role == "merged"}
+            # weights fed transposed: θ0 and τ kept in that order, masks permuted once per task
+            self._t_parts = {n: (_t(self.bundle.base(p.name)), _t(self.bundle.vector(p.name)))
+                             for n, p in self._params.items() if n in self.transposed and p.role == "merged"}
+            self._t_masks: dict[tuple[str, str], np.ndarray | None] = {}
             for n, p in self._params.items():
                 if p.role == "carried":
-                    self._buffers[n] = np.array(self.bundle.base(p.name))
+                    base = self.bundle.base(p.name)
+                    self._buffers[n] = _t(base) if n in self.transposed else np.array(base)
             self._values = {n: self._ort.OrtValue.ortvalue_from_numpy(b) for n, b in self._buffers.items()}
         else:
             del probe  # it holds θ0's weights; each task gets its own session from a skeleton
@@ -268,6 +276,17 @@ class TaskSession(Switchable):
             raise FormatError(f"{self.onnx_path} was exported from another base model than {self.bundle.path} "
                               f"(base id {want[:12]}… vs {self.bundle.base_id[:12]}…); re-export it from this bundle")
 
+    def _transposed(self, session) -> set[str]:
+        meta = session.get_modelmeta().custom_metadata_map
+        names = parse_json(meta.get(TRANSPOSED_KEY, "[]"), f"{self.onnx_path}: {TRANSPOSED_KEY} metadata")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise FormatError(f"{self.onnx_path}: {TRANSPOSED_KEY} metadata must be a list of weight names")
+        return set(names)
+
+    def _fed(self, name: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape a weight is fed in: the bundle's, or reversed for a transposed 2-D weight."""
+        return tuple(shape)[::-1] if name in self.transposed else tuple(shape)
+
     def _match_inputs(self, session) -> tuple[list[str], list[str]]:
         """Graph weight names vs the bundle: one error that lists every mismatch."""
         meta = session.get_modelmeta().custom_metadata_map
@@ -284,7 +303,7 @@ class TaskSession(Switchable):
         else:
             graph_w = {n: (_ORT_TYPES.get(graph[n].type, graph[n].type), graph[n].shape) for n in weights if n in graph}
         _check_graph_kind(self.onnx_path, self.mode, weights, graph_w, graph)
-        problems = []
+        problems = [f"weight {n!r} is listed as transposed but is not a graph weight" for n in sorted(self.transposed - set(weights))]
         for n in weights:
             if n not in graph_w:
                 problems.append(f"weight {n!r} is listed in the metadata but not in the graph")
@@ -300,8 +319,13 @@ class TaskSession(Switchable):
                     problems.append(f"weight {n!r} (graph) is not in the bundle for task {task!r}")
                     continue
                 resizable = self.mode == "sessions" and n in self.bundle.private_keys[task]
-                if dtype != want[0] or not (resizable and len(shape) == len(want[1]) or _shape_ok(shape, want[1])):
-                    problems.append(f"weight {n!r}: graph has {dtype} {list(shape)}, bundle task {task!r} has {want[0]} {list(want[1])}")
+                if n in self.transposed and len(want[1]) != 2:
+                    problems.append(f"weight {n!r} is listed as transposed but has shape {list(want[1])} in the bundle")
+                    continue
+                fed = self._fed(n, want[1])
+                if dtype != want[0] or not (resizable and len(shape) == len(fed) or _shape_ok(shape, fed)):
+                    t = " (transposed)" if n in self.transposed else ""
+                    problems.append(f"weight {n!r}: graph has {dtype} {list(shape)}{t}, bundle task {task!r} has {want[0]} {list(want[1])}")
         if problems:
             raise FormatError(f"{self.onnx_path} does not match {self.bundle.path}:\n  " + "\n  ".join(dict.fromkeys(problems)))
         data = [n for n in graph if n not in weights]
@@ -313,16 +337,32 @@ class TaskSession(Switchable):
         if self.mode == "inputs":
             for n, buf in self._buffers.items():
                 p = self._params[n].name
-                if self._params[n].role == "merged":
+                if self._params[n].role != "merged":
+                    continue
+                if n in self._t_parts:
+                    apply_mask(*self._t_parts[n], self._t_mask(task, n, p), buf)
+                else:
                     apply_mask(self.bundle.base(p), self.bundle.vector(p), self.bundle.packed_mask(task, p), buf)
             private = self.bundle.private(task)
             for n in self.weights:
                 if n in private:
-                    self._values[n] = self._ort.OrtValue.ortvalue_from_numpy(np.array(private[n]))
+                    a = private[n]
+                    self._values[n] = self._ort.OrtValue.ortvalue_from_numpy(_t(a) if n in self.transposed else np.array(a))
         elif task not in self._sessions:
             self._sessions[task] = self._build_task_session(task)
         self.current = task
         return time.perf_counter() - t0
+
+    def _t_mask(self, task: str, name: str, param: str) -> np.ndarray | None:
+        """The task's mask of a transposed weight, its bits permuted like the weight (once per task)."""
+        key = (task, name)
+        if key not in self._t_masks:
+            packed = self.bundle.packed_mask(task, param)
+            if packed is not None:
+                shape = self._params[name].shape
+                packed = pack_bits(unpack_bits(packed, int(np.prod(shape)), f"mask of {param!r}").reshape(shape).T)
+            self._t_masks[key] = packed
+        return self._t_masks[key]
 
     def _build_task_session(self, task: str):
         # add_external_initializers copies the data into the session, so nothing is kept here
@@ -378,6 +418,11 @@ class TaskSession(Switchable):
 
 
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def _t(a) -> np.ndarray:
+    """A 2-D array transposed into its own C-contiguous memory."""
+    return np.ascontiguousarray(np.asarray(a).T)
 
 
 def _onnx():

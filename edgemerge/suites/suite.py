@@ -12,6 +12,7 @@ checkpoints and options recomputes nothing it already measured.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import json
@@ -154,7 +155,7 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
     suite = Suite(cfg, kind, base, {}, {}, {}, {})
     if not os.path.exists(base):
         state = kind.build_classifier(2).state_dict()
-        write_safetensors(base, {k: v.numpy() for k, v in state.items() if not fnmatch.fnmatchcase(k, kind.head)})
+        write_safetensors(base, {k: np.ascontiguousarray(v.numpy()) for k, v in state.items() if not fnmatch.fnmatchcase(k, kind.head)})
     for name in cfg.tasks:
         task = kind.loaders[name]()
         parts = kind.split(task, cfg.seed, cfg.test, cfg.val)
@@ -177,15 +178,17 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
 
 
 class Evaluator:
-    """Accuracy of a state dict on a task's split, cached by the sha256 of the weights."""
+    """Predictions (and so accuracy) of a state dict on a task's split, cached by the sha256 of
+    the weights; ``agreement`` compares two models' predictions item by item."""
 
     def __init__(self, suite: Suite):
         self.suite = suite
-        self.path = os.path.join(suite.config.folder, "evals.json")
+        self.path = os.path.join(suite.config.folder, "predictions.json")
         try:
             with open(self.path) as f:
-                self.cache: dict[str, float] = json.load(f)
-        except (OSError, ValueError):
+                cache = json.load(f)
+            self.cache: dict[str, str] = {k: v for k, v in cache.items() if isinstance(v, str)}
+        except (OSError, ValueError, AttributeError):  # missing, damaged or foreign: recompute
             self.cache = {}
         self._models: dict[int, object] = {}
         self.computed = 0
@@ -199,18 +202,39 @@ class Evaluator:
             h.update(memoryview(a.reshape(-1).view(np.uint8)))
         return h.hexdigest()
 
-    def accuracy(self, task: str, split: str, weights: dict[str, np.ndarray]) -> float:
+    def predictions(self, task: str, split: str, weights: dict[str, np.ndarray]) -> np.ndarray:
+        """Predicted class per item of the split (int64), in the split's order."""
+        data = self.suite.data[task][split]
         key = f"{task}/{split}/{self.digest(weights)}"
-        if key not in self.cache:
+        pred = None
+        if key in self.cache:
+            try:
+                pred = np.frombuffer(base64.b64decode(self.cache[key], validate=True), dtype=np.uint8).astype(np.int64)
+            except ValueError:
+                pred = None
+            if pred is not None and len(pred) != len(data.labels):
+                pred = None  # a different split under the same name: recompute
+        if pred is None:
             kind, n_cls = self.suite.kind, len(self.suite.classes[task])
+            if n_cls > 256:
+                raise ConfigError(f"task {task!r} has {n_cls} classes; the prediction cache holds at most 256")
             model = self._models.get(n_cls) or self._models.setdefault(n_cls, kind.build_classifier(n_cls))
             kind.load_weights(model, weights)
-            data = self.suite.data[task][split]
             pred = predict(kind.torch_logits(model), data)
-            self.cache[key] = float((pred == data.labels).mean())
+            self.cache[key] = base64.b64encode(pred.astype(np.uint8).tobytes()).decode()
             self.computed += 1
-        return self.cache[key]
+        return pred
+
+    def accuracy(self, task: str, split: str, weights: dict[str, np.ndarray]) -> float:
+        return float((self.predictions(task, split, weights) == self.suite.data[task][split].labels).mean())
 
     def save(self) -> None:
         with atomic_output(self.path) as tmp, open(tmp, "w") as f:
             json.dump(self.cache, f)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Fraction of items on which two models predict the same class, and its standard error
+    (binomial, √(p(1−p)/n)): the ± of one task-seed's figure."""
+    p = float((np.asarray(a) == np.asarray(b)).mean())
+    return p, float(np.sqrt(p * (1 - p) / len(a)))

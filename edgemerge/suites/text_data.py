@@ -125,7 +125,7 @@ class Split:
     labels: np.ndarray
 
 
-def split(task: TextTask, seed: int, test: int = 250, val: int = 150, train_cap: int = 2000) -> dict[str, Split]:
+def split(task: TextTask, seed: int, test: int = 500, val: int = 100, train_cap: int = 2000) -> dict[str, Split]:
     """Disjoint train / val / test, drawn with a seeded permutation (test ≤ 20%, val ≤ 15%)."""
     parts = split_indices(task.name, len(task.labels), seed, test, val, train_cap)
     return {k: Split([task.texts[i] for i in idx], task.labels[idx]) for k, idx in parts.items()}

@@ -185,7 +185,7 @@ class TextKind:
     name, version, head = "text", "text-v3", HEAD_PATTERN  # bump the version whenever data, splits or training change
     label = "all-MiniLM-L6-v2, 22.7 M parameters"
     loaders = text_data.LOADERS
-    defaults = {"steps": 60, "lr": 1e-4, "test": 250, "val": 100}
+    defaults = {"steps": 200, "lr": 3e-4, "test": 500, "val": 100}
     input_names = ["input_ids", "attention_mask"]
     dynamic_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     onnx_factory = staticmethod(onnx_factory)

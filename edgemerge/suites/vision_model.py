@@ -57,7 +57,8 @@ def _network(n_classes: int):
 
 def build_classifier(n_classes: int, seed: int | None = None):
     """EfficientNet-Lite0 with the pretrained weights (θ0) and an untrained ``n_classes`` head,
-    initialized from ``seed`` when given."""
+    initialized from ``seed`` when given. Kept in channels-last memory format, as its inputs are:
+    2.2× faster on the CPU than NCHW, for training and inference alike (measured on 2 cores)."""
     if seed is not None:
         _imports()[0].manual_seed(seed)
     model = _network(n_classes)
@@ -65,7 +66,11 @@ def build_classifier(n_classes: int, seed: int | None = None):
     if sorted(result.missing_keys) != ["_fc.bias", "_fc.weight"] or result.unexpected_keys:
         raise ConfigError(f"EfficientNet-Lite0 weights do not fit the model: missing {result.missing_keys}, "
                           f"unexpected {result.unexpected_keys}")
-    return model.eval()
+    return model.to(memory_format=_imports()[0].channels_last).eval()
+
+
+def _batch(torch, x: np.ndarray):
+    return torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
 
 
 def onnx_factory(task: str, shapes: dict):
@@ -99,7 +104,7 @@ def torch_logits(model):
 
     def run(images):
         with torch.inference_mode():
-            return model(torch.from_numpy(images)).numpy()
+            return model(_batch(torch, images)).numpy()
 
     return run
 
@@ -121,7 +126,7 @@ def linear_probe(model, train: Batches, seed: int, epochs: int = 300) -> None:
     torch.manual_seed(seed)
     model.eval()
     with torch.inference_mode():
-        feats = torch.cat([_features(model, torch.from_numpy(inp[0])) for inp, _ in train.batches])
+        feats = torch.cat([_features(model, _batch(torch, inp[0])) for inp, _ in train.batches])
     fit_head(torch, model._fc, feats, torch.from_numpy(np.concatenate([train.labels[idx] for _, idx in train.batches])), epochs)
 
 
@@ -139,16 +144,16 @@ def finetune(model, part: vision_data.Split, steps: int, lr: float, seed: int, h
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
     return train_loop(torch, model, opt, len(x_all), steps, batch, seed,
-                      lambda pick: [((torch.from_numpy(x_all[pick]),), torch.from_numpy(part.labels[pick]))], progress)
+                      lambda pick: [((_batch(torch, x_all[pick]),), torch.from_numpy(part.labels[pick]))], progress)
 
 
 class VisionKind:
     """The vision suite for ``suites.suite``: data, model, training, export."""
 
-    name, version, head = "vision", "vision-v2", HEAD_PATTERN  # bump the version whenever data, splits or training change
+    name, version, head = "vision", "vision-v3", HEAD_PATTERN  # bump the version whenever data, splits or training change
     label = "EfficientNet-Lite0, 3.4 M parameters + heads"
     loaders = vision_data.LOADERS
-    defaults = {"steps": 100, "lr": 1e-4, "test": 500, "val": 200}
+    defaults = {"steps": 100, "lr": 1e-4, "test": 1000, "val": 200}
     input_names = ["image"]
     dynamic_axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
     onnx_factory = staticmethod(onnx_factory)

@@ -1,0 +1,138 @@
+"""The switchable graph's fast GEMM layout (issue 16): structure, exact feeds, torch-equal outputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+from edgemerge.errors import FormatError  # noqa: E402
+from edgemerge.export.onnx import export_onnx  # noqa: E402
+from edgemerge.io import write_safetensors  # noqa: E402
+from edgemerge.pipeline import MergeConfig, merge  # noqa: E402
+from edgemerge.runtime import open_bundle  # noqa: E402
+from edgemerge.runtime.session import TRANSPOSED_KEY, TaskSession  # noqa: E402
+
+
+class Layouts(torch.nn.Module):
+    """Every GEMM form an exporter writes: Conv1D (x @ W, W as [K, N]) on 3-D activations, a
+    Linear on 3-D (MatMul(x, Transpose(W))), a Linear on 2-D (Gemm transB=1), a private head used
+    as ``x @ head`` on 2-D, a weight used as ``x @ W`` on 3-D, and an embedding also read as an
+    output projection (two kinds of reader: left alone)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = torch.nn.Embedding(11, 8)
+        self.c1 = Conv1D(16, 8)
+        self.lin = torch.nn.Linear(16, 16)
+        self.flat = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Parameter(torch.randn(16, 3) * 0.3)
+        self.proj = torch.nn.Parameter(torch.randn(16, 16) * 0.3)
+        self.pb = torch.nn.Parameter(torch.randn(16) * 0.1)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        tokens = torch.nn.functional.linear(h, self.emb.weight)
+        x = torch.relu(self.c1(h))
+        x = torch.tanh(self.lin(x))
+        x = torch.relu(x @ self.proj + self.pb)  # 3-D: reshaped around a Gemm, pb folded into C
+        return self.flat(x.mean(1)) @ self.head, tokens
+
+
+def layouts(task, shapes):
+    return Layouts(), (torch.zeros(2, 5, dtype=torch.long),)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layout")
+    torch.manual_seed(0)
+    base = Layouts()
+    sd = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+    write_safetensors(d / "base.safetensors", {k: v for k, v in sd.items() if k != "head"}, checksums=False)
+    rng = np.random.default_rng(0)
+    tasks = {}
+    for t in range(3):
+        path = d / f"t{t}.safetensors"
+        write_safetensors(path, {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in sd.items()},
+                          checksums=False)
+        tasks[f"t{t}"] = str(path)
+    merge(MergeConfig(str(d / "base.safetensors"), tasks, "task_arithmetic", masks="tall", private=("head",)),
+          d / "bundle.safetensors")
+    bundle = open_bundle(d / "bundle.safetensors")
+    fast = export_onnx(bundle, layouts, str(d / "fast"), input_names=["ids"], output_names=["y", "tokens"])
+    plain = export_onnx(bundle, layouts, str(d / "exporter"), input_names=["ids"], output_names=["y", "tokens"],
+                        layout="exporter")
+    return bundle, fast, plain
+
+
+def test_gemm_weights_are_fed_as_n_by_k(exported):
+    bundle, fast, plain = exported
+    assert sorted(fast.transposed) == ["c1.weight", "head", "proj"] and plain.transposed == []
+    g = onnx.load(fast.switchable).graph
+    meta = {p.key: p.value for p in onnx.load(fast.switchable).metadata_props}
+    assert sorted(json.loads(meta[TRANSPOSED_KEY])) == ["c1.weight", "head", "proj"]
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    assert dims["c1.weight"] == [16, 8] and dims["head"] == [3, 16] and dims["lin.weight"] == [16, 16]
+    readers = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type, i, {a.name: a.i for a in node.attribute}))
+    for w in ("c1.weight", "flat.weight", "head", "proj"):
+        assert [(op, i, attrs.get("transB")) for op, i, attrs in readers[w]] == [("Gemm", 1, 1)], w
+    assert readers["c1.bias"][0][0] == "Gemm"  # c1's bias is Gemm's C, as the exporter wrote it
+    assert [(op, i) for op, i, _ in readers["pb"]] == [("Gemm", 2)]  # the Add after x @ proj folded into C
+    assert [op for op, _, _ in readers["lin.weight"]] == ["Transpose"]  # MatMul(x, Transpose(W)): measured, kept
+    assert sorted(op for op, _, _ in readers["emb.weight"]) == ["Gather", "Transpose"]  # two kinds of reader: kept
+    exporter = onnx.load(plain.switchable).graph
+    ops = {i.name: n.op_type for n in exporter.node for i in [*exporter.input] if i.name in n.input}
+    assert ops["head"] == ops["proj"] == "MatMul" and ops["c1.weight"] == "Gemm"
+
+
+def _torch(bundle, task, ids):
+    m = Layouts()
+    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in bundle.task_weights(task).items()})
+    with torch.no_grad():
+        return [t.numpy() for t in m(torch.from_numpy(ids))]
+
+
+def test_outputs_match_torch_and_the_exporter_layout(exported):
+    bundle, fast, plain = exported
+    ids = np.array([[1, 2, 3, 4, 5, 6, 7], [10, 0, 9, 8, 7, 6, 5]], dtype=np.int64)
+    s_fast, s_plain = TaskSession(bundle, fast.switchable), TaskSession(bundle, plain.switchable)
+    for task in ("t2", "t0", "t1", "t0"):
+        want = _torch(bundle, task, ids)
+        got_fast, got_plain = s_fast.run(ids, task=task), s_plain.run(ids, task=task)
+        for w, a, b in zip(want, got_fast, got_plain):
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b, w, rtol=1e-5, atol=1e-6)
+        weights = bundle.task_weights(task)
+        fed = s_fast._buffers["c1.weight"]  # exactly θ_t's bytes, transposed
+        assert fed.flags.c_contiguous and fed.tobytes() == np.ascontiguousarray(np.asarray(weights["c1.weight"]).T).tobytes()
+        assert s_fast._buffers["proj"].tobytes() == np.ascontiguousarray(np.asarray(weights["proj"]).T).tobytes()
+        assert s_fast._values["head"].numpy().tobytes() == np.ascontiguousarray(np.asarray(weights["head"]).T).tobytes()
+
+
+def _with_meta(src: str, dst, value: str) -> str:
+    m = onnx.load(src)
+    for p in m.metadata_props:
+        if p.key == TRANSPOSED_KEY:
+            p.value = value
+    onnx.save(m, str(dst))
+    return str(dst)
+
+
+def test_bad_transposed_metadata_is_refused(exported, tmp_path):
+    bundle, fast, _ = exported
+    for value, message in (('["c1.weight", "nope"]', "'nope' is listed as transposed but is not a graph weight"),
+                           ('["c1.weight", "head", "lin.bias"]', "'lin.bias' is listed as transposed but has shape \\[16\\]"),
+                           ('["c1.weight"]', "weight 'head': graph has F32 \\[3, 16\\], bundle task 't0' has F32 \\[16, 3\\]"),
+                           ('{"c1.weight": 1}', "must be a list of weight names")):
+        with pytest.raises(FormatError, match=message):
+            TaskSession(bundle, _with_meta(fast.switchable, tmp_path / "bad.onnx", value))
