@@ -248,8 +248,8 @@ def methods() -> None:
 @click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
 @click.option("--out", default="edgemerge-demo", show_default=True, type=click.Path(), help="Folder for bundle, ONNX, report, plots.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--steps", type=int, default=None, help="Fine-tuning steps per task [text: 60 of 16; vision: 100 of 32].")
-@click.option("--lr", type=float, default=None, help="Fine-tuning learning rate [1e-4] (merging is sensitive to it).")
+@click.option("--steps", type=int, default=None, help="Fine-tuning steps per task [vision: 300 of 32; text: 200 of 16].")
+@click.option("--lr", type=float, default=None, help="Fine-tuning learning rate [vision 1e-4, text 3e-4] (merging is sensitive to it).")
 @click.option("--no-deploy", is_flag=True, help="Skip the ONNX Runtime deploy step.")
 @click.option("--quiet", is_flag=True)
 def demo(suite, tasks, out, seed, steps, lr, no_deploy, quiet) -> None:
@@ -345,6 +345,10 @@ def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_js
     fast, slow = p["switch_s_range"]
     shown = f"{1e3 * slow:.1f} ms" if fast == slow else f"{1e3 * fast:.1f}-{1e3 * slow:.1f} ms"
     t.add_row("task switch (warm)", shown, f"{1e3 * p['separate_load_s']:.0f} ms (load from {p['storage']})")
+    t.add_row(f"task switch (cold page cache, {p['storage']})",
+              f"{p['cold_switch_s']:.2f} s: reads {_human(p['cold_switch_read_bytes'])} = "
+              f"{p['cold_read_vs_checkpoint']:.2f}× one checkpoint", f"{p['separate_load_s']:.2f} s")
+    t.add_row("RAM to keep switches warm", f"{_human(p['warm_ram_bytes'])} ({'fits' if p['fits'] else 'does NOT fit'})", "")
     console.print(t)
     console.print(f"switch = {_human(p['kernel_bytes'])} touched ÷ ({device.bandwidth / 1e9:.1f} GB/s peak × efficiency); "
                   f"efficiency {escape(basis)}. Warm means θ0, τ_MTL and the masks stay in RAM (the 'bundle data' row); "

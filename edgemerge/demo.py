@@ -42,7 +42,7 @@ class DemoOptions:
     tasks: tuple[str, ...] | None = None
     out: str = "edgemerge-demo"
     seed: int = 0
-    steps: int | None = None   # None: the suite's default (text 60, vision 100)
+    steps: int | None = None   # None: the suite's default (vision 300, text 200)
     lr: float | None = None
     test: int | None = None
     val: int | None = None

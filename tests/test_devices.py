@@ -40,6 +40,9 @@ def test_projection_arithmetic_exactly():
     assert p["separate_storage_bytes"] == 8 * 400_100_000
     assert p["resident_parts"] == {"bundle data a switch reads": touched, "engine weights": 400_000_000,
                                    "activations": 50_000_000}
+    assert p["cold_switch_read_bytes"] == touched and p["cold_switch_s"] == touched / 2.5e9 + p["switch_s"]
+    assert p["cold_read_vs_checkpoint"] == touched / 400_100_000  # ≈ 2.03: θ0 + τ_MTL + masks + head
+    assert p["warm_ram_bytes"] == touched + 400_000_000
     ranged = project(s, d, "inputs", None, efficiency=(0.25, 1.0))
     assert ranged["switch_s_range"] == [1_212_500_000 / 68e9, 1_212_500_000 / (68e9 * 0.25)]
     assert ranged["switch_s"] == ranged["switch_s_range"][1]  # single figures take the slow end
@@ -91,5 +94,7 @@ def test_plan_from_another_architecture_gives_a_range_and_says_why(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgemerge.cli", "plan", str(tmp_path / "b.safetensors"), "--device",
                           "orin-nano-8gb"], capture_output=True, text=True, check=True, env=env).stdout
     assert "of which engine weights" in out and "of which bundle data a switch reads" in out
+    assert "task switch (cold page cache, nvme_gen3)" in out and "× one checkpoint" in out
+    assert "RAM to keep switches warm" in out
     if platform.machine().lower() not in ("aarch64", "arm64"):
         assert "not measured: this host is" in out and "25%-100% of peak bandwidth" in out

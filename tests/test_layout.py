@@ -119,6 +119,17 @@ def test_outputs_match_torch_and_the_exporter_layout(exported):
         assert s_fast._values["head"].numpy().tobytes() == np.ascontiguousarray(np.asarray(weights["head"]).T).tobytes()
 
 
+def test_resident_bytes_count_the_transposed_copies(exported):
+    bundle, fast, plain = exported
+    s_fast, s_plain = TaskSession(bundle, fast.switchable), TaskSession(bundle, plain.switchable)
+    buffers = sum(p.numel * 4 for p in bundle.params)  # every managed weight is float32 here
+    assert s_plain.resident_bytes() == {"weight buffers": buffers, "transposed copies": 0}
+    for t in ("t0", "t1"):
+        s_fast.switch(t)
+    # θ0 and τ of c1.weight (8×16) and proj (16×16), float32; one permuted mask per task switched to
+    assert s_fast.resident_bytes() == {"weight buffers": buffers, "transposed copies": 2 * 4 * (128 + 256) + 2 * (16 + 32)}
+
+
 def _with_meta(src: str, dst, value: str) -> str:
     m = onnx.load(src)
     for p in m.metadata_props:

@@ -5,7 +5,11 @@ These are projections from data-sheet figures, not measurements on the device:
 - resident memory = bundle data touched (θ0, τ_MTL, one task's masks and head) + the engine's
   weight buffers (one model; ``sessions`` mode keeps N) + activations (``activation_bytes``);
   it fits when that is at most RAM − what the OS keeps.
-- cold start = bytes read for the first task ÷ the storage's sequential read speed.
+- cold start = bytes read for the first task ÷ the storage's sequential read speed; a *cold
+  switch* (page cache dropped, e.g. after memory pressure) reads the same bytes again -- θ0,
+  τ_MTL, the task's masks and head: about 2× one checkpoint for TALL -- and then runs the kernel.
+  Switches stay warm only while those bytes stay resident (``warm_ram_bytes``, with the engine's
+  weights); the RAM row says whether they fit.
 - our switch = bytes the mask kernel touches (reads θ0 and τ, 1/8 byte of mask per parameter,
   writes θ_t) ÷ (peak DRAM bandwidth × efficiency), where efficiency is what the same kernel
   achieves on this host relative to this host's own memcpy bandwidth (``measure_efficiency``).
@@ -109,6 +113,11 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
         "bundle_storage_bytes": s.base + s.vector + s.n_tasks * (s.mask_one_task + s.private_one_task),
         "separate_storage_bytes": s.n_tasks * s.separate_model,
         "cold_start_s": touched / read,
+        # a switch from a cold page cache reads θ0, τ_MTL, the task's masks and head from storage
+        # before the kernel runs; warm, it reads nothing (all of it resident: warm_ram_bytes)
+        "cold_switch_read_bytes": touched, "cold_switch_s": touched / read + switch,
+        "cold_read_vs_checkpoint": touched / s.separate_model if s.separate_model else float("nan"),
+        "warm_ram_bytes": touched + engines,
         "switch_s": switch, "switch_s_range": [s.kernel_touch / (device.bandwidth * high), switch],
         "separate_load_s": load, "speedup": load / switch,
         "efficiency": efficiency, "kernel_bytes": s.kernel_touch,

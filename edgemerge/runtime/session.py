@@ -353,6 +353,16 @@ class TaskSession(Switchable):
         self.current = task
         return time.perf_counter() - t0
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Memory this session holds besides ONNX Runtime's own: the weight buffers it feeds
+        (``inputs``), the transposed θ0/τ copies and permuted masks of weights fed transposed. The
+        bundle's mapped data (θ0, τ_MTL, masks) comes on top while it stays in the page cache."""
+        n = lambda arrays: sum(a.nbytes for a in arrays if a is not None)  # noqa: E731
+        if self.mode != "inputs":
+            return {"weight buffers": 0, "transposed copies": 0}
+        return {"weight buffers": n(self._buffers.values()),
+                "transposed copies": n(a for pair in self._t_parts.values() for a in pair) + n(self._t_masks.values())}
+
     def _t_mask(self, task: str, name: str, param: str) -> np.ndarray | None:
         """The task's mask of a transposed weight, its bits permuted like the weight (once per task)."""
         key = (task, name)

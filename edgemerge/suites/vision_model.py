@@ -153,7 +153,7 @@ class VisionKind:
     name, version, head = "vision", "vision-v3", HEAD_PATTERN  # bump the version whenever data, splits or training change
     label = "EfficientNet-Lite0, 3.4 M parameters + heads"
     loaders = vision_data.LOADERS
-    defaults = {"steps": 100, "lr": 1e-4, "test": 1000, "val": 200}
+    defaults = {"steps": 300, "lr": 1e-4, "test": 1000, "val": 200}
     input_names = ["image"]
     dynamic_axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
     onnx_factory = staticmethod(onnx_factory)
