@@ -76,3 +76,18 @@ def test_more_classes_than_the_cache_holds(tmp_path):
 def test_agreement_and_its_standard_error():
     assert agreement(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 0])) == (0.75, float(np.sqrt(0.75 * 0.25 / 4)))
     assert agreement(np.array([3, 3]), np.array([3, 3])) == (1.0, 0.0)
+
+
+def test_a_cached_merge_is_reused_only_with_the_same_lambda_grid(tmp_path):
+    from conftest import make_suite
+
+    from edgemerge.demo import _reusable
+    from edgemerge.pipeline import MergeConfig, merge
+
+    base, tasks = make_suite(tmp_path)
+    cfg = MergeConfig(base, tasks, "task_arithmetic", masks="tall", private=("head.*",), lambdas=(0.2, 0.4))
+    merge(cfg, tmp_path / "m.safetensors")
+    assert _reusable(str(tmp_path / "m.safetensors"), cfg)
+    wider = MergeConfig(base, tasks, "task_arithmetic", masks="tall", private=("head.*",), lambdas=(0.2, 0.4, 3.0))
+    assert not _reusable(str(tmp_path / "m.safetensors"), wider)
+    assert not _reusable(str(tmp_path / "nothing.safetensors"), cfg)
