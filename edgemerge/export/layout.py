@@ -4,17 +4,18 @@ graph input (issue 16).
 ONNX Runtime pre-packs a constant GEMM weight once, at session build; a weight fed as an input is
 packed again on every run, and the cost depends on its layout. A weight read directly as B --
 ``MatMul(x, W)`` or ``Gemm(x, W)`` with W as [K, N]: GPT-2's Conv1D, any ``x @ W`` -- is cheaper
-fed transposed to ``Gemm(x, Wᵀ, transB=1)`` (GPT-2 small on 2 cores, 1×64 tokens: 1.28-1.39× the
-plain model → 1.19-1.21×; 1×16: 1.78-2.03× → 1.52-1.57×; `bench/switch_bench.py` has the table).
+fed transposed to ``Gemm(x, Wᵀ, transB=1)`` (GPT-2 small on 2 cores, `bench/inference_bench.py`:
+1×64 tokens 1.33× the plain model → 1.21×, 1×16 1.89× → 1.55×).
 Such a weight is declared [N, K] and listed in the ``edgemerge.transposed`` metadata; the runtime
 rebuilds θ_t in that order (``TaskSession`` keeps θ0, τ and the masks of those weights
 transposed; the mask rule is elementwise, so the fed values are θ_t's bytes, permuted).
 Activations of rank > 2 are reshaped to 2-D around the Gemm, and a 1-D weight added right after
 becomes Gemm's C.
 
-Measured and *not* done: ``MatMul(x, Transpose(W))`` -- a Linear on 3-D activations -- rewritten
-to ``Gemm(x, W, transB=1)`` (with reshapes, or as ``com.microsoft.FusedMatMul``) was no faster
-on MiniLM-sized BERT (1.13× → 1.18× at 1×64 tokens), so that form keeps the exporter's graph.
+Tried and *not* done: ``MatMul(x, Transpose(W))`` -- a Linear on 3-D activations -- rewritten to
+``Gemm(x, W, transB=1)`` (with reshapes, or as ``com.microsoft.FusedMatMul``) was no faster on a
+MiniLM-sized BERT in a one-off experiment (not kept as a benchmark), so that form keeps the
+exporter's graph.
 
 Only float32 weights read by nothing else (no other op, no subgraph) are rewritten.
 """

@@ -58,7 +58,8 @@ def _network(n_classes: int):
 def build_classifier(n_classes: int, seed: int | None = None):
     """EfficientNet-Lite0 with the pretrained weights (θ0) and an untrained ``n_classes`` head,
     initialized from ``seed`` when given. Kept in channels-last memory format, as its inputs are:
-    2.2× faster on the CPU than NCHW, for training and inference alike (measured on 2 cores)."""
+    faster on the CPU than NCHW for training and inference alike (a one-off timing on 2 cores,
+    not a benchmark script: about 2×)."""
     if seed is not None:
         _imports()[0].manual_seed(seed)
     model = _network(n_classes)
