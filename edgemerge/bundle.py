@@ -23,7 +23,7 @@ from .errors import ConfigError, FormatError
 from .io import Lazy, TensorLike, write_safetensors
 from .runtime.bits import BIT_ORDER, packed_nbytes
 from .runtime.bundle import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, base_name, check_task_name, mask_name, open_bundle,
+    FORMAT_NAME, MANIFEST_KEY, base_name, check_task_name, mask_name, open_bundle,
     private_name, vector_name,
 )
 from .runtime.dtypes import FLOAT_DTYPES, VECTOR_DTYPES, dtype_name
@@ -93,7 +93,7 @@ def write_bundle(
             tensors[private_name(t, k)] = v
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # v2 (per-task codecs) is written by edgemerge.codecs
         "tool_version": __version__,
         "tasks": [{"name": t, **dict(tasks[t])} for t in names],
         "params": params,

@@ -171,6 +171,49 @@ def merge(base, tasks, method, params, masks, lambdas, private, ties, statistics
 
 @main.command()
 @click.argument("bundle", type=click.Path())
+@click.option("--task", "tasks", multiple=True, metavar="NAME=PATH",
+              help="The checkpoint a task was merged from (repeat); needed by every codec but plain tall.")
+@click.option("--codec", "default", default="tswitch", show_default=True, metavar="SPEC",
+              help="Codec for every task: tall[:planes=raw|xz], tswitch[:density=0.1,planes=xz|raw], "
+                   "delta[:dtype=F16|BF16|F32]; any takes correction=SHARE (e.g. 0.001).")
+@click.option("--codec-for", "per_task", multiple=True, metavar="NAME=SPEC", help="Codec for one task (repeat).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="v2 bundle to write.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def encode(bundle, tasks, default, per_task, output, quiet) -> None:
+    """Re-encode BUNDLE's tasks with per-task codecs (bundle format v2)."""
+    from .codecs import encode_bundle, parse_codec
+    from .runtime import open_bundle
+
+    paths = _parse_tasks(tasks) if tasks else {}
+    chosen = {}
+    for item in per_task:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--codec-for {item!r} must be NAME=SPEC, e.g. news=tswitch:density=0.1")
+        chosen[name] = parse_codec(spec)
+    with open_bundle(bundle) as b:
+        codecs = {t: chosen.get(t) or parse_codec(default) for t in b.tasks}
+        unknown = sorted(set(chosen) - set(b.tasks))
+        if unknown:
+            raise ConfigError(f"--codec-for names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(b.tasks)}")
+        with progress_bar(quiet) as prog:
+            manifest = encode_bundle(b, paths, codecs, output, progress=prog)
+    table = Table(title=f"{bundle} → {output}")
+    for col in ("task", "codec", "bits / param", "correction", "relative error"):
+        table.add_column(col, justify="left" if col in ("task", "codec") else "right")
+    for t in manifest["tasks"]:
+        c = t["codec"]
+        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype") if k in c)
+        table.add_row(t["name"], f"{c['name']}:{stored}", f"{c['bits_per_param']:.3f}", f"{c['correction']:,}",
+                      f"{c['relative_error']:.4f}" if "relative_error" in c else "-")
+    console.print(table)
+    import os
+
+    console.print(f"bundle {_human(os.path.getsize(bundle))} → {_human(os.path.getsize(output))}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def inspect(bundle, as_json) -> None:
     """Tasks, λ_t, densities, sizes per section, storage vs N separate checkpoints."""
@@ -189,16 +232,18 @@ def inspect(bundle, as_json) -> None:
     stats = s["statistics"] or {}
     if stats.get("per_task"):
         console.print(f"running statistics kept per task: {len(stats['per_task'])} tensors")
-    t = Table("task", "λ_t", "density", "recon error")
+    t = Table("task", "codec", "λ_t", "density", "bits / param", "recon error")
     for task in s["tasks"]:
         lam = "-" if task["lambda"] is None else f"{task['lambda']:g}"
         err = "-" if task["recon_error"] is None else f"{task['recon_error']:.4g}"
-        t.add_row(task["name"], lam, "-" if task["density"] is None else f"{task['density']:.3f}", err)
+        t.add_row(task["name"], task["codec"], lam, "-" if task["density"] is None else f"{task['density']:.3f}",
+                  f"{task['bits_per_param']:.3f}", err)
     console.print(t)
     sizes = Table("section", "bytes")
     for k, v in s["sections"].items():
         sizes.add_row(k, _human(v))
-    sizes.add_row("[bold]bundle", f"[bold]{_human(s['bundle_bytes'])}")
+    sizes.add_row("[bold]bundle", f"[bold]{_human(s['bundle_bytes'])}  ({s['bits_per_param_per_task']:.3f} bits / param / task "
+                  "beyond θ0)")
     sizes.add_row("N separate (source dtype)", f"{_human(s['separate_bytes_source_dtype'])}  (bundle = {s['ratio_vs_source_dtype']:.1%})")
     sizes.add_row("N separate (fp32)", f"{_human(s['separate_bytes_fp32'])}  (bundle = {s['ratio_vs_fp32']:.1%})")
     console.print(sizes)

@@ -8,11 +8,12 @@ from typing import Any
 from .runtime.bundle import Bundle
 from .runtime.dtypes import DTYPES, FLOAT_DTYPES
 
-SECTIONS = ("base", "vector", "mask", "task")
+SECTIONS = ("base", "vector", "mask", "planes", "scale", "delta", "fix", "task")
 
 
 def summarize(bundle: Bundle) -> dict[str, Any]:
-    """Tasks, λ_t, densities, bytes per section, and storage vs N separate checkpoints.
+    """Tasks (codec, λ_t, density, bits per merged param of its own tensors), bytes per section,
+    bits per param per task beyond θ0 (shared vector included), and storage vs N separate checkpoints.
 
     "Separate" is what the user would ship without edgemerge: per task, every parameter of θ_t
     in the source dtype (and in fp32) plus that task's private tensors.
@@ -30,6 +31,9 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
     separate_src = n * shared_src + sum(private.values())
     separate_f32 = n * shared_f32 + sum(private.values())
     m = bundle.manifest
+    merged = sum(p.numel for p in bundle.merged)
+    own = {t: sum(e.end - e.start for name, e in h.tensors.items()
+                  if name.split("/", 1)[0] in SECTIONS[2:7] and name.split("/")[1] == t) for t in bundle.tasks}
     return {
         "path": bundle.path,
         "format_version": m["format_version"],
@@ -38,7 +42,10 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
         "mask": m["mask"],
         "vector_dtype": bundle.vector_dtype,
         "n_params": sum(p.numel for p in bundle.params if p.role == "merged"),
-        "tasks": [{k: t.get(k) for k in ("name", "lambda", "density", "recon_error")} for t in m["tasks"]],
+        "tasks": [{**{k: t.get(k) for k in ("name", "lambda", "density", "recon_error")},
+                   "codec": bundle.codecs[t["name"]].name + (" + correction" if bundle.codecs[t["name"]].correction else ""),
+                   "bits_per_param": own[t["name"]] * 8 / merged if merged else 0.0} for t in m["tasks"]],
+        "bits_per_param_per_task": (file_bytes - sections["base"]) * 8 / merged / n if merged else 0.0,
         "sections": {**sections, "header": h.data_start},
         "bundle_bytes": file_bytes,
         "separate_bytes_source_dtype": separate_src,

@@ -250,6 +250,105 @@ def rule_weights(bundle_path: str, task: str) -> dict[str, np.ndarray]:
     return out
 
 
+def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
+    """θ_task of a v2 bundle by docs/format.md §4 (every codec), from the raw tensors, with lzma and
+    numpy only: the planes tensor is decoded here, not by edgemerge."""
+    import lzma
+
+    raw = st_load_numpy(bundle_path)
+    with open(bundle_path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        manifest = json.loads(json.loads(f.read(n))["__metadata__"]["edgemerge.manifest"])
+    codec = next(t for t in manifest["tasks"] if t["name"] == task).get("codec", {"name": "tall", "planes": "raw"})
+    name, xz, k_fix = codec["name"], codec.get("planes") == "xz", codec.get("correction", 0)
+    stream = raw.get(f"planes/{task}")
+    data = (lzma.decompress(stream.tobytes()) if xz else stream.tobytes()) if stream is not None else b""
+    pos, fixes = 0, raw.get(f"fix/{task}")
+
+    def bits(count):
+        nonlocal pos
+        k = (count + 7) // 8
+        out = np.unpackbits(np.frombuffer(data[pos : pos + k], np.uint8), count=count, bitorder="big").astype(bool)
+        pos += k
+        return out
+
+    out, used, j = {}, 0, 0
+    for p in manifest["params"]:
+        b = raw[f"base/{p['name']}"]
+        if p["role"] == "carried":
+            out[p["name"]] = b
+            continue
+        b32 = b.astype(np.float32).reshape(-1)
+        with np.errstate(over="ignore"):
+            if name == "tall":
+                if xz:
+                    on = bits(b.size)
+                elif manifest["mask"]["policy"] == "tall":
+                    on = np.unpackbits(raw[f"mask/{task}/{p['name']}"], count=b.size, bitorder="big").astype(bool)
+                else:
+                    on = np.ones(b.size, bool)
+                res = np.where(on, b32 + raw[f"vector/{p['name']}"].astype(np.float32).reshape(-1), b32)
+            elif name == "tswitch":
+                on = bits(b.size)
+                neg = np.zeros(b.size, bool)
+                neg[np.flatnonzero(on)] = bits(int(on.sum()))
+                c = raw[f"scale/{task}"][j]
+                res = np.where(on, b32 + np.where(neg, -c, c), b32)
+            else:
+                res = b32 + raw[f"delta/{task}/{p['name']}"].astype(np.float32).reshape(-1)
+            res = res.astype(b.dtype)
+            if k_fix:
+                at = np.flatnonzero(bits(b.size))
+                res[at] = (res[at].astype(np.float32) + fixes[used : used + at.size].astype(np.float32)).astype(b.dtype)
+                used += at.size
+        j += 1
+        out[p["name"]] = res.reshape(b.shape)
+    assert pos == len(data) and used == k_fix, "planes tensor not consumed exactly"
+    for k in manifest["private"].get(task, []):
+        out[k] = raw[f"task/{task}/{k}"]
+    return out
+
+
+CODEC_MIX = ("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", "tall:planes=xz,correction=0.01")
+
+
+def run_codec_cell(suite: Suite, exported: dict) -> Result:
+    """A v2 bundle with one task per codec (tswitch, delta, TALL with xz planes), each with a
+    correction, through extract, TaskSession (both modes) and TorchTaskModel (both CPU kernels);
+    the flat image must refuse it, naming the fix."""
+    from edgemerge.codecs import encode_bundle, parse_codec
+    from edgemerge.export.flat import write_flat
+    from edgemerge.runtime.session import TaskSession
+    from edgemerge.runtime.torch_backend import TorchTaskModel
+
+    t0 = time.perf_counter()
+    arch, dtype = suite.arch, suite.dtype
+    r = Result(arch.name, dtype, "codecs")
+    v1 = merge_cell(suite, "ties", "safetensors")
+    paths = suite.paths["safetensors"]
+    tasks = [t for t in paths if t != "__base__"]
+    path = v1.replace(".safetensors", ".v2.safetensors")
+    encode_bundle(v1, {t: paths[t] for t in tasks}, {t: parse_codec(c) for t, c in zip(tasks, CODEC_MIX)}, path)
+    bundle = open_bundle(path, verify=True)
+    rules = {t: rule_weights_v2(path, t) for t in bundle.tasks}
+    refs = {t: reference(arch, dtype, rules[t]) for t in bundle.tasks}
+    ok = all(same_bytes(np.asarray(bundle.task_weights(t)[k]), rules[t][k]) for t in bundle.tasks for k in rules[t])
+    r.paths["extract"] = "exact" if ok else "DIFFER"
+    if not ok:
+        r.failures.append("extract differs from the normative rule")
+    _onnx_paths(r, bundle, exported, refs, arch, dtype, TaskSession)
+    _torch_paths(r, bundle, rules, refs, arch, dtype, TorchTaskModel)
+    try:
+        write_flat(bundle, path + ".img")
+        r.failures.append("the flat image took codecs it cannot rebuild")
+        r.paths["flat"] = "WRONGLY ACCEPTED"
+    except EdgemergeError as exc:
+        r.paths["flat"] = "refused" if "re-encode them as tall" in str(exc) else f"ERROR: {exc}"
+    bundle.close()
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
 def _to_torch(a: np.ndarray) -> torch.Tensor:
     a = np.ascontiguousarray(a).reshape(a.shape)
     if a.dtype == ml_dtypes.bfloat16:

@@ -54,3 +54,22 @@ def test_cell(workdir, arch, dtype, method):
         else:
             assert got.startswith("refused: ORT CPU has no") or r.worst[f"TaskSession {mode}"] <= matrix.TOLERANCE[dtype], got
     assert r.paths["TorchTaskModel numpy"] == "exact"
+
+
+@pytest.mark.parametrize("dtype", list(matrix.DTYPES))
+@pytest.mark.parametrize("arch", list(matrix.ARCHS))
+def test_codec_cell(workdir, arch, dtype):
+    """Format v2: tswitch, delta and xz-planes TALL tasks, each with a correction, in one bundle."""
+    root, _ = workdir
+    suite, exported = _suite(root, arch, dtype)
+    r = matrix.run_codec_cell(suite, exported)
+    assert r.failures == [], r.failures
+    for path in ("extract", "TorchTaskModel numpy", "TorchTaskModel torch"):
+        assert r.paths.get(path) == "exact", (path, r.paths)
+    assert r.paths["flat"] == "refused"
+    for mode in ("inputs", "sessions"):
+        got = r.paths[f"TaskSession {mode}"]
+        if dtype == "fp32":
+            assert r.worst[f"TaskSession {mode}"] <= 1e-5, got
+        else:
+            assert got.startswith("refused: ORT CPU has no") or r.worst[f"TaskSession {mode}"] <= matrix.TOLERANCE[dtype], got

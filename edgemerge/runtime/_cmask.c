@@ -1,4 +1,5 @@
-/* The mask kernel for float32 in C: out[i] = bit i of mask ? base[i] + vec[i] : base[i].
+/* The mask kernels in C: out[i] = bit i of mask ? base[i] + vec[i] : base[i] (TALL), and the T-Switch
+ * rule out[i] = presence bit i ? base[i] + (sign bit i ? -c : c) : base[i] (apply_sign).
  *
  * Built (optionally) with the package; edgemerge/runtime/kernel.py uses it when it imports and
  * falls back to numba / numpy otherwise. Bit order is numpy's 'big': element i is bit 7 - i % 8 of
@@ -168,6 +169,45 @@ static void span_half_avx2(const uint16_t *b, const void *v, const uint8_t *m, u
 }
 #endif
 
+/* -- the T-Switch rule (docs/format.md §4.2) -----------------------------------------------------
+ * out[i] = R(p_i ? W(b[i]) + (s_i ? -c : c) : W(b[i])): presence and sign planes in big bit order,
+ * one float32 scale c per tensor, no shared vector. Same widening and rounding as above. */
+static inline int bit_at(const uint8_t *m, Py_ssize_t i) { return (m[i >> 3] >> (7 - (i & 7))) & 1; }
+
+static void sign_scalar(const void *b, const uint8_t *p, const uint8_t *sg, void *o, Py_ssize_t s, Py_ssize_t e,
+                        float c, int bk) {
+    for (Py_ssize_t i = s; i < e; i++) {
+        float r = widen(b, i, bk);
+        if (bit_at(p, i)) r += bit_at(sg, i) ? -c : c;
+        if (bk == K_F32) ((float *)o)[i] = r;
+        else ((uint16_t *)o)[i] = bk == K_F16 ? f2h(r) : f2bf(r);
+    }
+}
+
+#ifdef EM_AVX2
+__attribute__((target("avx2")))
+static void sign_avx2(const float *b, const uint8_t *p, const uint8_t *sg, float *o, Py_ssize_t s, Py_ssize_t e, float c) {
+    Py_ssize_t i = s;
+    while (i < e && ((uintptr_t)(o + i) & 31))
+        sign_scalar(b, p, sg, o, i, i + 1, c, K_F32), i++;
+    const __m256i lane = _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256 pos = _mm256_set1_ps(c), neg = _mm256_set1_ps(-c);
+    for (; i + 16 <= e; i += 8) {  /* the 16-bit window of both planes, as in span_avx2 */
+        Py_ssize_t k = i >> 3;
+        __m256i sh = _mm256_sub_epi32(lane, _mm256_set1_epi32((int)(i & 7)));
+        __m256i pb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((p[k] << 8) | p[k + 1]), sh), one);
+        __m256i sb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((sg[k] << 8) | sg[k + 1]), sh), one);
+        __m256 add = _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_cmpeq_epi32(sb, one)));
+        __m256 bv = _mm256_loadu_ps(b + i);
+        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, add), _mm256_castsi256_ps(_mm256_cmpeq_epi32(pb, one)));
+        _mm256_stream_ps(o + i, r);
+    }
+    _mm_sfence();
+    sign_scalar(b, p, sg, o, i, e, c, K_F32);
+}
+#endif
+
 #ifdef EM_AVX2  /* __builtin_cpu_supports takes a string literal: a macro, not a function */
 #define CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
 #else
@@ -219,6 +259,39 @@ static PyObject *apply(PyObject *args, int half) {
     return res;
 }
 
+/* apply_sign(base, presence, sign, out, start, stop, scale, kind): the T-Switch rule; kind 0 float32,
+   1 float16, 2 bfloat16 (base and out). The AVX2 loop serves float32; half bases run the scalar loop. */
+static PyObject *apply_sign(PyObject *self, PyObject *args) {
+    Py_buffer b, p, sg, o;
+    Py_ssize_t s, e;
+    float c;
+    int bk;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnfi", &b, &p, &sg, &o, &s, &e, &c, &bk))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t size = bk == K_F32 ? 4 : 2, n = b.len / size;
+    if ((bk != K_F32 && bk != K_F16 && bk != K_BF16) || b.len % size || o.len != b.len || p.len != (n + 7) / 8 ||
+        sg.len != p.len || s < 0 || e > n || s > e) {
+        PyErr_SetString(PyExc_ValueError, "apply_sign: kind, buffer sizes or range do not match");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef EM_AVX2
+        if (avx2 && bk == K_F32)
+            sign_avx2(b.buf, p.buf, sg.buf, o.buf, s, e, c);
+        else
+#endif
+            sign_scalar(b.buf, p.buf, sg.buf, o.buf, s, e, c, bk);
+        Py_END_ALLOW_THREADS
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&sg);
+    PyBuffer_Release(&o);
+    return res;
+}
+
 static PyObject *apply_f32(PyObject *self, PyObject *args) { return apply(args, 0); }
 static PyObject *apply_half(PyObject *self, PyObject *args) { return apply(args, 1); }
 
@@ -243,6 +316,8 @@ static PyMethodDef methods[] = {
     {"apply_half", apply_half, METH_VARARGS,
      "apply_half(base, vec, mask, out, start, stop, base_kind, vec_kind): the select for float16/bfloat16 bases "
      "(kinds: 0 float32, 1 float16, 2 bfloat16; the vector is float32 or the base's kind)"},
+    {"apply_sign", apply_sign, METH_VARARGS,
+     "apply_sign(base, presence, sign, out, start, stop, scale, kind): the T-Switch rule (kind 0 float32, 1 float16, 2 bfloat16)"},
     {"simd", simd, METH_NOARGS, "which loop runs on this CPU"},
     {"simd_half", simd_half, METH_NOARGS, "which loop apply_half runs on this CPU"},
     {"use_simd", use_simd, METH_O, "use_simd(flag): False runs the scalar loops (for tests)"},

@@ -18,12 +18,12 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
+from .codecs import Codec, Recipe, decode_planes, delta_name, fix_name, planes_name, rebuild, scales_name
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
-from .kernel import apply_mask
 from .safetensors import Header, map_file, parse_json, read_header, tensor_view
 
 FORMAT_NAME = "edgemerge.bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader knows; writers emit 1 unless a task needs a v2 codec
 MANIFEST_KEY = "edgemerge.manifest"
 CHECKSUM_KEY = "edgemerge.sha256"
 MASK_POLICIES = ("tall", "none")
@@ -115,9 +115,16 @@ class Bundle:
         self.manifest = manifest
         self.tasks: tuple[str, ...] = tuple(t["name"] for t in manifest["tasks"])
         self.params: list[Param] = _parse_params(path, manifest["params"])
+        self.merged: list[Param] = [p for p in self.params if p.role == "merged"]
         self.vector_dtype: str = manifest["vector_dtype"]
         self.mask_policy: str = manifest["mask"]["policy"]
         self.private_keys: dict[str, list[str]] = {t: list(manifest["private"].get(t, [])) for t in self.tasks}
+        self.version: int = manifest["format_version"]
+        self.codecs: dict[str, Codec] = {t["name"]: Codec.parse(f"{path}: task {t['name']!r}", t.get("codec") if self.version >= 2 else None)
+                                         for t in manifest["tasks"]}
+        self.shared = any(c.shared for c in self.codecs.values())  # τ_MTL is stored
+        self._decoded: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._decode_lock = threading.Lock()
         self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
         self.checksums: dict[str, str] = self._parse_checksums()
         self._validate_tensors()
@@ -145,15 +152,30 @@ class Bundle:
         h, seen = self.header, set()
         _expect(self.vector_dtype in VECTOR_DTYPES, self.path, f"vector_dtype must be one of {VECTOR_DTYPES}")
         _expect(self.mask_policy in MASK_POLICIES, self.path, f"mask policy must be one of {MASK_POLICIES}")
+        for t, c in self.codecs.items():
+            _expect(not (c.name == "tall" and c.planes == "xz" and self.mask_policy != "tall"), self.path,
+                    f"task {t!r}: xz planes of a tall codec need mask policy 'tall'")
+            if c.uses_planes_tensor:
+                e = h.tensors.get(planes_name(t))
+                _expect(e is not None and e.dtype == "U8" and len(e.shape) == 1, self.path,
+                        f"task {t!r} ({c.name}) needs a 1-D U8 tensor {planes_name(t)!r}")
+                seen.add(planes_name(t))
+            if c.name == "tswitch":
+                _check_tensor(h, scales_name(t), "F32", (len(self.merged),), seen)
+            if c.correction:
+                _check_tensor(h, fix_name(t), "F16", (c.correction,), seen)
         for p in self.params:
             _check_tensor(h, base_name(p.name), p.dtype, p.shape, seen)
             if p.role == "carried":
                 continue
             _expect(p.dtype in FLOAT_DTYPES, self.path, f"merged param {p.name!r} has non-float dtype {p.dtype}")
-            _check_tensor(h, vector_name(p.name), self.vector_dtype, p.shape, seen)
-            if self.mask_policy == "tall":
-                for t in self.tasks:
+            if self.shared:
+                _check_tensor(h, vector_name(p.name), self.vector_dtype, p.shape, seen)
+            for t, c in self.codecs.items():
+                if c.name == "tall" and c.planes == "raw" and self.mask_policy == "tall":
                     _check_tensor(h, mask_name(t, p.name), "U8", (packed_nbytes(p.numel),), seen)
+                elif c.name == "delta":
+                    _check_tensor(h, delta_name(t, p.name), c.dtype, p.shape, seen)
         for t, keys in self.private_keys.items():
             for k in keys:
                 e = h.tensors.get(private_name(t, k))
@@ -211,9 +233,61 @@ class Bundle:
         return self._view(vector_name(param))
 
     def packed_mask(self, task: str, param: str) -> np.ndarray | None:
-        """Packed mask bytes, or None when the bundle has no masks (every task uses all of τ)."""
+        """Packed TALL mask bytes, or None when the bundle has no masks (every task uses all of τ).
+        A task of another codec has no TALL mask: paths that only know masks fail here, loudly."""
         self.check_task(task)
-        return self._view(mask_name(task, param)) if self.mask_policy == "tall" else None
+        c = self.codecs[task]
+        if c.name != "tall" or c.correction:
+            what = f"the {c.name!r} codec" if c.name != "tall" else "a TALL mask plus a correction"
+            raise FormatError(f"{self.path}: task {task!r} uses {what}; this path reads plain TALL masks only "
+                              "(TaskSession, TorchTaskModel, TrtTaskSession and extract serve every codec)")
+        return self.tall_presence(task, param)
+
+    def tall_presence(self, task: str, param: str) -> np.ndarray | None:
+        """A TALL task's packed mask (decoded from xz planes when stored so), None without masks."""
+        if self.mask_policy != "tall":
+            return None
+        if self.codecs[task].planes == "xz":
+            return self._planes(task)[self._merged_index(param)]["presence"]
+        return self._view(mask_name(task, param))
+
+    def _merged_index(self, param: str) -> int:
+        for i, p in enumerate(self.merged):
+            if p.name == param:
+                return i
+        raise FormatError(f"{self.path}: no merged parameter {param!r}")
+
+    def _planes(self, task: str) -> list[dict[str, np.ndarray]]:
+        """The task's bit planes, decoded once (first use) into the packed planes the kernels take."""
+        if task not in self._decoded:
+            with self._decode_lock:
+                if task not in self._decoded:
+                    c = self.codecs[task]
+                    where = f"{self.path}: tensor {planes_name(task)!r}"
+                    planes = decode_planes(where, c, self._view(planes_name(task)), [p.numel for p in self.merged])
+                    if c.correction:
+                        k = sum(d["fix"].size for d in planes)
+                        _expect(k == c.correction, self.path,
+                                f"task {task!r}: the fix planes mark {k} positions, the codec declares {c.correction}")
+                    self._decoded[task] = planes
+        return self._decoded[task]
+
+    def recipe(self, task: str, param: str) -> Recipe:
+        """What rebuilds merged param ``param`` of ``task`` (its codec's planes, scale, δ, correction)."""
+        self.check_task(task)
+        c, i = self.codecs[task], self._merged_index(param)
+        planes = self._planes(task)[i] if c.uses_planes_tensor else {}
+        fix = {}
+        if c.correction:
+            start = sum(d["fix"].size for d in self._planes(task)[:i])
+            idx = planes["fix"]
+            fix = {"fix_index": idx, "fix_value": self._view(fix_name(task))[start : start + idx.size].astype(np.float32)}
+        if c.name == "tall":
+            return Recipe("tall", presence=self.tall_presence(task, param), **fix)
+        if c.name == "tswitch":
+            return Recipe("tswitch", presence=planes["presence"], sign=planes["sign"],
+                          scale=float(self._view(scales_name(task))[i]), **fix)
+        return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), **fix)
 
     def mask(self, task: str, param: str) -> np.ndarray:
         p = self.param(param)
@@ -237,8 +311,13 @@ class Bundle:
         base = self.base(param.name)
         if param.role == "carried":
             return base
-        out = np.empty(param.shape, dtype=base.dtype)  # the fast kernels are bit-identical to the rule
-        return apply_mask(base, self.vector(param.name), self.packed_mask(task, param.name), out)
+        return self.rebuild_into(task, param.name, np.empty(param.shape, dtype=base.dtype))
+
+    def rebuild_into(self, task: str, param: str, out: np.ndarray) -> np.ndarray:
+        """θ_t of merged param ``param`` written into ``out`` (θ0's shape and dtype) by the task's
+        codec; the fast kernels are bit-identical to the rule (runtime/codecs.py)."""
+        vector = self.vector(param) if self.codecs[task].shared else None
+        return rebuild(self.base(param), vector, self.recipe(task, param), out)
 
     def task_weights(self, task: str) -> dict[str, np.ndarray]:
         """The full state dict of task ``task``: rebuilt params, carried buffers, private tensors."""
@@ -294,7 +373,8 @@ def parse_manifest(path: str, header: Header) -> dict[str, Any]:
     version = m.get("format_version")
     _expect(type(version) is int and version >= 1, path, "manifest 'format_version' must be an integer ≥ 1")
     _expect(version <= FORMAT_VERSION, path,
-            f"bundle format v{version} is newer than this edgemerge reads (v{FORMAT_VERSION}); upgrade edgemerge")
+            f"bundle format v{version} is newer than this edgemerge reads (v{FORMAT_VERSION}); upgrade edgemerge "
+            "(pip install -U edgemerge)")
     for key, kind in (("tasks", list), ("params", list), ("private", dict), ("mask", dict), ("method", dict)):
         _expect(isinstance(m.get(key), kind), path, f"manifest {key!r} must be a {kind.__name__}")
     _expect(len(m["tasks"]) > 0, path, "manifest lists no tasks")

@@ -35,8 +35,7 @@ import numpy as np
 from ..errors import BackendError, ConfigError, FormatError
 from .bundle import Bundle, open_bundle
 from .dtypes import DTYPES
-from .bits import pack_bits, unpack_bits
-from .kernel import apply_mask
+from .codecs import Recipe, rebuild
 from .safetensors import parse_json
 
 MODES = ("inputs", "sessions")
@@ -216,9 +215,9 @@ class TaskSession(Switchable):
             self._session = probe
             self._buffers = {n: np.empty(self._fed(n, p.shape), DTYPES[p.dtype]) for n, p in self._params.items() if p.role == "merged"}
             # weights fed transposed: θ0 and τ kept in that order, masks permuted once per task
-            self._t_parts = {n: (_t(self.bundle.base(p.name)), _t(self.bundle.vector(p.name)))
+            self._t_parts = {n: (_t(self.bundle.base(p.name)), _t(self.bundle.vector(p.name)) if self.bundle.shared else None)
                              for n, p in self._params.items() if n in self.transposed and p.role == "merged"}
-            self._t_masks: dict[tuple[str, str], np.ndarray | None] = {}
+            self._t_recipes: dict[tuple[str, str], Recipe] = {}
             for n, p in self._params.items():
                 if p.role == "carried":
                     base = self.bundle.base(p.name)
@@ -340,9 +339,10 @@ class TaskSession(Switchable):
                 if self._params[n].role != "merged":
                     continue
                 if n in self._t_parts:
-                    apply_mask(*self._t_parts[n], self._t_mask(task, n, p), buf)
+                    base, vector = self._t_parts[n]
+                    rebuild(base, vector if self.bundle.codecs[task].shared else None, self._t_recipe(task, n, p), buf)
                 else:
-                    apply_mask(self.bundle.base(p), self.bundle.vector(p), self.bundle.packed_mask(task, p), buf)
+                    self.bundle.rebuild_into(task, p, buf)
             private = self.bundle.private(task)
             for n in self.weights:
                 if n in private:
@@ -361,18 +361,16 @@ class TaskSession(Switchable):
         if self.mode != "inputs":
             return {"weight buffers": 0, "transposed copies": 0}
         return {"weight buffers": n(self._buffers.values()),
-                "transposed copies": n(a for pair in self._t_parts.values() for a in pair) + n(self._t_masks.values())}
+                "transposed copies": n(a for pair in self._t_parts.values() for a in pair)
+                + sum(r.nbytes for r in self._t_recipes.values())}
 
-    def _t_mask(self, task: str, name: str, param: str) -> np.ndarray | None:
-        """The task's mask of a transposed weight, its bits permuted like the weight (once per task)."""
+    def _t_recipe(self, task: str, name: str, param: str) -> Recipe:
+        """The task's recipe of a transposed weight, its bits (δ, positions) permuted like the weight
+        (once per task)."""
         key = (task, name)
-        if key not in self._t_masks:
-            packed = self.bundle.packed_mask(task, param)
-            if packed is not None:
-                shape = self._params[name].shape
-                packed = pack_bits(unpack_bits(packed, int(np.prod(shape)), f"mask of {param!r}").reshape(shape).T)
-            self._t_masks[key] = packed
-        return self._t_masks[key]
+        if key not in self._t_recipes:
+            self._t_recipes[key] = self.bundle.recipe(task, param).transposed(self._params[name].shape)
+        return self._t_recipes[key]
 
     def _build_task_session(self, task: str):
         # add_external_initializers copies the data into the session, so nothing is kept here

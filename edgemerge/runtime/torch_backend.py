@@ -29,7 +29,6 @@ import numpy as np
 
 from ..errors import BackendError, ConfigError, FormatError
 from .bundle import Bundle, open_bundle
-from .kernel import apply_mask
 from .session import Switchable
 
 KERNELS = ("auto", "numpy", "torch", "triton")
@@ -110,6 +109,20 @@ def apply_mask_torch(base, vector, packed, out, block: int = BLOCK) -> None:
         out[s:e].copy_(torch.where(bits, b + vector[s:e].float(), b))
 
 
+def apply_sign_torch(base, presence, sign, scale, out, block: int = BLOCK) -> None:
+    """The tswitch rule with torch ops: out = p ? f32(base) + (s ? -c : c) : f32(base), flat tensors."""
+    torch = _torch()
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=base.device)
+    c = torch.tensor(float(np.float32(scale)), dtype=torch.float32, device=base.device)
+    n = base.numel()
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        p = ((presence[s // 8 : (e + 7) // 8].unsqueeze(1) >> shifts) & 1).reshape(-1)[: e - s].bool()
+        sg = ((sign[s // 8 : (e + 7) // 8].unsqueeze(1) >> shifts) & 1).reshape(-1)[: e - s].bool()
+        b = base[s:e].float()
+        out[s:e].copy_(torch.where(p, b + torch.where(sg, -c, c), b))
+
+
 def triton_available(device) -> bool:
     if getattr(device, "type", str(device)) != "cuda":
         return False
@@ -121,7 +134,9 @@ def triton_available(device) -> bool:
 
 
 class FlatWeights:
-    """θ0, τ_MTL and all tasks' masks resident on one device, grouped by dtype into flat buffers.
+    """θ0, τ_MTL and every task's codec data resident on one device, grouped by dtype into flat
+    buffers: TALL masks, tswitch presence/sign planes (+ one scale per param), delta vectors, and
+    correction positions/values.
 
     Param p of a group occupies ``[offset, offset + numel)`` of the group's buffers; offsets are
     multiples of ``ALIGN``, so its mask bits start at byte ``offset // 8`` of the task's mask buffer.
@@ -138,23 +153,43 @@ class FlatWeights:
             g = self.groups.setdefault(p.dtype, {"offsets": {}, "size": 0})
             g["offsets"][name] = g["size"]
             g["size"] += -(-p.numel // ALIGN) * ALIGN
+        self.codecs = bundle.codecs
+        planes = lambda size: torch.zeros(size // 8, dtype=torch.uint8, device=device)  # noqa: E731
         for dtype, g in self.groups.items():
-            size, vdt = g["size"], torch_dtype(bundle.vector_dtype)
+            size = g["size"]
             g["base"] = torch.zeros(size, dtype=torch_dtype(dtype), device=device)
-            g["vector"] = torch.zeros(size, dtype=vdt, device=device)
             g["out"] = torch.zeros(size, dtype=torch_dtype(dtype), device=device)
-            g["masks"] = {t: torch.zeros(size // 8, dtype=torch.uint8, device=device) for t in bundle.tasks}
+            if bundle.shared:
+                g["vector"] = torch.zeros(size, dtype=torch_dtype(bundle.vector_dtype), device=device)
+            g["masks"] = {t: planes(size) for t, c in self.codecs.items() if c.name != "delta"}
+            g["signs"] = {t: planes(size) for t, c in self.codecs.items() if c.name == "tswitch"}
+            g["scales"] = {t: {} for t, c in self.codecs.items() if c.name == "tswitch"}
+            g["deltas"] = {t: torch.zeros(size, dtype=torch_dtype(c.dtype), device=device)
+                           for t, c in self.codecs.items() if c.name == "delta"}
+            fixes: dict[str, tuple[list, list]] = {t: ([], []) for t, c in self.codecs.items() if c.correction}
             for name, o in g["offsets"].items():
                 n = params[name].numel
                 g["base"][o : o + n] = to_torch(bundle.base(name).reshape(-1), dtype, device)
-                g["vector"][o : o + n] = to_torch(bundle.vector(name).reshape(-1), bundle.vector_dtype, device)
-                for t in bundle.tasks:
-                    packed = bundle.packed_mask(t, name)
-                    m = g["masks"][t][o // 8 : (o + n + 7) // 8]
-                    if packed is None:  # a bundle without masks: every task uses all of τ
-                        m.fill_(0xFF)
-                    else:
-                        m.copy_(to_torch(packed, "U8", device))
+                if bundle.shared:
+                    g["vector"][o : o + n] = to_torch(bundle.vector(name).reshape(-1), bundle.vector_dtype, device)
+                for t, c in self.codecs.items():
+                    r = bundle.recipe(t, name)
+                    if c.name != "delta":
+                        m = g["masks"][t][o // 8 : (o + n + 7) // 8]
+                        if r.presence is None:  # a bundle without masks: every task uses all of τ
+                            m.fill_(0xFF)
+                        else:
+                            m.copy_(to_torch(r.presence, "U8", device))
+                    if c.name == "tswitch":
+                        g["signs"][t][o // 8 : (o + n + 7) // 8].copy_(to_torch(r.sign, "U8", device))
+                        g["scales"][t][name] = r.scale
+                    elif c.name == "delta":
+                        g["deltas"][t][o : o + n] = to_torch(r.delta, c.dtype, device)
+                    if c.correction:
+                        fixes[t][0].append(r.fix_index + o)
+                        fixes[t][1].append(r.fix_value)
+            g["fixes"] = {t: (torch.from_numpy(np.concatenate(i)).to(device), torch.from_numpy(np.concatenate(v)).to(device))
+                          for t, (i, v) in fixes.items()}
         self.shapes = {n: params[n].shape for n in names}
 
     def view(self, name: str):
@@ -166,18 +201,41 @@ class FlatWeights:
         raise KeyError(name)
 
     def apply(self, task: str) -> None:
+        codec = self.codecs[task]
         for g in self.groups.values():
-            if self.kernel == "triton":
+            if codec.name == "tswitch":  # torch ops per param (one scale each); no Triton kernel yet
+                for name, o in g["offsets"].items():
+                    e = o + math.prod(self.shapes[name])
+                    apply_sign_torch(g["base"][o:e], g["masks"][task][o // 8 :], g["signs"][task][o // 8 :],
+                                     g["scales"][task][name], g["out"][o:e])
+            elif codec.name == "delta":
+                apply_mask_torch(g["base"], g["deltas"][task], _all_set(g), g["out"])
+            elif self.kernel == "triton":
                 from .triton_kernel import apply_mask_triton
 
                 apply_mask_triton(g["base"], g["vector"], g["masks"][task], g["out"])
             else:
                 apply_mask_torch(g["base"], g["vector"], g["masks"][task], g["out"])
+            if task in g["fixes"]:
+                idx, val = g["fixes"][task]
+                g["out"][idx] = (g["out"][idx].float() + val).to(g["out"].dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for g in self.groups.values()
-                   for t in [g["base"], g["vector"], g["out"], *g["masks"].values()])
+        def tensors(g):
+            yield from (g[k] for k in ("base", "vector", "out") if k in g)
+            for k in ("masks", "signs", "deltas"):
+                yield from g[k].values()
+            for pair in g["fixes"].values():
+                yield from pair
+        return sum(t.numel() * t.element_size() for g in self.groups.values() for t in tensors(g))
+
+
+def _all_set(g):
+    """A mask buffer with every bit set (the delta rule is the select with every bit on)."""
+    if "all" not in g:
+        g["all"] = _torch().full((g["size"] // 8,), 0xFF, dtype=_torch().uint8, device=g["base"].device)
+    return g["all"]
 
 
 def _set_tensor(model, name: str, value) -> None:
@@ -270,7 +328,7 @@ class TorchTaskModel(Switchable):
                 self._flat.apply(task)
             else:
                 for n, out in self._outs.items():
-                    apply_mask(self.bundle.base(n), self.bundle.vector(n), self.bundle.packed_mask(task, n), out)
+                    self.bundle.rebuild_into(task, n, out)
             for k, v in self._private[task].items():
                 _set_tensor(self.model, k, v)
         if cuda:

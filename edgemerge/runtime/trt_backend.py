@@ -29,7 +29,6 @@ import numpy as np
 from ..errors import BackendError, ConfigError, FormatError
 from .bundle import Bundle, open_bundle
 from .dtypes import DTYPES
-from .kernel import apply_mask
 from .session import Switchable
 
 
@@ -172,7 +171,7 @@ class TrtTaskSession(Switchable):
             self._flat.apply(task)
         else:
             for n, buf in self._host.items():
-                apply_mask(self.bundle.base(n), self.bundle.vector(n), self.bundle.packed_mask(task, n), buf)
+                self.bundle.rebuild_into(task, n, buf)
                 self._set(n, buf)
             for alias, n in self.bundle.aliases.items():
                 if n in self._host and alias in self._refittable:

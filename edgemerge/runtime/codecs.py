@@ -1,0 +1,246 @@
+"""Per-task codecs (bundle format v2, docs/format.md §4): how one task's θ_t is rebuilt.
+
+Each task names one codec; each codec has one rule, written here once as plain numpy
+(``rebuild_reference``) and run by the fast kernels (``rebuild``), bit for bit:
+
+- ``tall``: the v1 rule, a select of θ0 + τ_MTL by the task's mask (no mask: every bit set).
+- ``tswitch``: ``p_i ? θ0[i] + (s_i ? −c : c) : θ0[i]`` with a presence plane p, a sign plane s and
+  one float32 scale c per tensor; no shared vector (T-Switch, Qi et al., CVPR 2025).
+- ``delta``: ``θ0[i] + δ[i]`` with the task's own τ_t stored as F32/F16/BF16.
+
+Any codec may add a sparse **correction**: after the rule, ``θ_t[i] = R(W(θ̂_t[i]) + v_j)`` at the
+positions of a fix plane, v_j from an F16 list (the largest entries of θ_t − θ̂_t).
+
+Bit planes live in one ``planes/<task>`` tensor per task, raw or as one xz stream (``lzma``, in
+every Python; a plane of density p costs ≈ H(p) bits per parameter at rest, not 1). They are
+decoded once per task, at its first use, into the packed full-length planes the kernels take, so a
+switch costs the same whatever the storage encoding.
+"""
+
+from __future__ import annotations
+
+import lzma
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError, unknown_name
+from .bits import BIT_ORDER, pack_bits, packed_nbytes, unpack_bits
+from .dtypes import DTYPES, VECTOR_DTYPES
+from .kernel import _apply_c, _cmask, apply_mask
+
+CODECS = ("tall", "tswitch", "delta")
+PLANE_ENCODINGS = ("raw", "xz")
+_KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
+if "BF16" in DTYPES:
+    _KIND[DTYPES["BF16"]] = 2
+MAX_DECODED = 1 << 40  # an xz stream may not claim to inflate beyond this (bytes)
+
+
+def planes_name(task: str) -> str:
+    return f"planes/{task}"
+
+
+def scales_name(task: str) -> str:
+    return f"scale/{task}"
+
+
+def delta_name(task: str, param: str) -> str:
+    return f"delta/{task}/{param}"
+
+
+def fix_name(task: str) -> str:
+    return f"fix/{task}"
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A task's codec as the manifest names it (``tasks[i]["codec"]``)."""
+
+    name: str = "tall"
+    planes: str = "raw"             # tall / tswitch: "raw" or "xz"; tall + raw = v1 mask tensors
+    dtype: str | None = None        # delta: F32 / F16 / BF16
+    correction: int = 0             # entries of the sparse correction (0: none)
+
+    @property
+    def shared(self) -> bool:
+        """Reads the shared vector τ_MTL."""
+        return self.name == "tall"
+
+    @property
+    def uses_planes_tensor(self) -> bool:
+        return self.name == "tswitch" or (self.name == "tall" and self.planes == "xz") or self.correction > 0
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name}
+        if self.name in ("tall", "tswitch"):
+            d["planes"] = self.planes
+        if self.name == "delta":
+            d["dtype"] = self.dtype
+        d["correction"] = self.correction
+        return d
+
+    @classmethod
+    def parse(cls, where: str, raw: Any) -> "Codec":
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict) or raw.get("name") not in CODECS:
+            got = raw.get("name") if isinstance(raw, dict) else raw
+            raise FormatError(f"{where}: {unknown_name('codec', str(got), CODECS)}")
+        c = cls(raw["name"], raw.get("planes", "raw"), raw.get("dtype"), raw.get("correction", 0))
+        if c.name != "delta" and c.planes not in PLANE_ENCODINGS:
+            raise FormatError(f"{where}: plane encoding {c.planes!r} is not one of {', '.join(PLANE_ENCODINGS)}")
+        if c.name == "delta" and c.dtype not in VECTOR_DTYPES:
+            raise FormatError(f"{where}: delta dtype {c.dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+        if type(c.correction) is not int or c.correction < 0:
+            raise FormatError(f"{where}: codec 'correction' must be a non-negative integer")
+        return c
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What rebuilds one merged param of one task: flat arrays in the param's element order."""
+
+    kind: str                                  # "tall" | "tswitch" | "delta"
+    presence: np.ndarray | None = None         # packed plane (tall: None = every bit; tswitch)
+    sign: np.ndarray | None = None             # tswitch: packed full-length sign plane
+    scale: float = 0.0                         # tswitch: c, a float32 value
+    delta: np.ndarray | None = None            # delta: τ_t
+    fix_index: np.ndarray | None = None        # correction positions (int64, increasing)
+    fix_value: np.ndarray | None = None        # correction values (float32)
+
+    def transposed(self, shape: tuple[int, ...]) -> "Recipe":
+        """The recipe of the same 2-D param stored transposed (bits, δ and positions permuted)."""
+        rows, cols = shape
+        n = rows * cols
+
+        def plane(p):
+            return None if p is None else pack_bits(unpack_bits(p, n).reshape(shape).T)
+
+        delta = None if self.delta is None else np.ascontiguousarray(self.delta.reshape(shape).T).reshape(-1)
+        idx, val = self.fix_index, self.fix_value
+        if idx is not None:
+            r, c = np.divmod(idx, cols)
+            t = c * rows + r
+            order = np.argsort(t, kind="stable")
+            idx, val = t[order], val[order]
+        return replace(self, presence=plane(self.presence), sign=plane(self.sign), delta=delta, fix_index=idx, fix_value=val)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.presence, self.sign, self.delta, self.fix_index, self.fix_value) if a is not None)
+
+
+# -- the rules ----------------------------------------------------------------------------------
+
+def rebuild_reference(base: np.ndarray, vector: np.ndarray | None, r: Recipe) -> np.ndarray:
+    """θ_t of one param by the rule, in plain numpy (the definition every kernel is tested against)."""
+    n = base.size
+    b32 = np.asarray(base).reshape(-1).astype(np.float32)
+    if r.kind == "tall":
+        mask = np.ones(n, bool) if r.presence is None else unpack_bits(r.presence, n)
+        res = np.where(mask, b32 + np.asarray(vector).reshape(-1).astype(np.float32), b32)
+    elif r.kind == "tswitch":
+        c = np.float32(r.scale)
+        add = np.where(unpack_bits(r.sign, n), -c, c)
+        res = np.where(unpack_bits(r.presence, n), b32 + add, b32)
+    else:
+        res = b32 + np.asarray(r.delta).reshape(-1).astype(np.float32)
+    out = res.astype(base.dtype)
+    if r.fix_index is not None and r.fix_index.size:
+        out[r.fix_index] = (out[r.fix_index].astype(np.float32) + r.fix_value).astype(base.dtype)
+    return out.reshape(base.shape)
+
+
+def apply_sign(base: np.ndarray, presence: np.ndarray, sign: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
+    """The tswitch rule into ``out`` (θ0's shape and dtype): the C kernel where it is built and
+    takes the dtype, else numpy in blocks."""
+    n = base.size
+    for what, plane in (("presence", presence), ("sign", sign)):
+        if plane.dtype != np.uint8 or plane.size != packed_nbytes(n):
+            raise FormatError(f"tswitch {what} plane has {plane.size} bytes, {n} elements need {packed_nbytes(n)}")
+    b, o = np.ascontiguousarray(base).reshape(-1), out.reshape(-1)
+    kind, c = _KIND.get(base.dtype), _cmask()
+    if c is not None and kind is not None and n:
+        view = (lambda a: a) if kind == 0 else (lambda a: a.view(np.uint16))  # no buffer format for bfloat16
+        bb, oo = view(b), view(o)
+        _apply_c(lambda s, e: c.apply_sign(bb, presence, sign, oo, s, e, float(scale), kind), n)
+        return out
+    c32 = np.float32(scale)
+    block = 1 << 20
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        p = np.unpackbits(presence[s // 8 : (e + 7) // 8], count=e - s, bitorder=BIT_ORDER).view(bool)
+        sg = np.unpackbits(sign[s // 8 : (e + 7) // 8], count=e - s, bitorder=BIT_ORDER).view(bool)
+        b32 = b[s:e].astype(np.float32, copy=False)
+        np.copyto(o[s:e], np.where(p, b32 + np.where(sg, -c32, c32), b32), casting="unsafe")
+    return out
+
+
+def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> np.ndarray:
+    """θ_t of one param into ``out`` by the fastest kernel for its codec; bit-identical to
+    ``rebuild_reference``."""
+    if r.kind == "tall":
+        apply_mask(base, vector, r.presence, out)
+    elif r.kind == "tswitch":
+        apply_sign(base, r.presence, r.sign, r.scale, out)
+    else:
+        apply_mask(base, r.delta.reshape(base.shape), None, out)
+    if r.fix_index is not None and r.fix_index.size:
+        flat = out.reshape(-1)
+        flat[r.fix_index] = (flat[r.fix_index].astype(np.float32) + r.fix_value).astype(out.dtype)
+    return out
+
+
+# -- the planes tensor --------------------------------------------------------------------------
+
+def planes_layout(codec: Codec, numels: list[int]) -> str:
+    """What the planes tensor holds per merged param, in manifest order (docs/format.md §2.1)."""
+    return " ".join(p for p, on in (("presence", codec.name == "tswitch" or codec.name == "tall" and codec.planes == "xz"),
+                                    ("signs", codec.name == "tswitch"), ("fix", codec.correction > 0)) if on)
+
+
+def decode_planes(where: str, codec: Codec, blob: np.ndarray, numels: list[int]) -> list[dict[str, np.ndarray]]:
+    """Inverse of ``encode_planes``: per param, packed full-length planes ``presence``, ``sign``
+    (0 where absent) and the fix positions ``fix`` (int64). Every length is checked."""
+    raw = memoryview(np.ascontiguousarray(blob).reshape(-1).view(np.uint8))
+    if codec.planes == "xz":
+        try:
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 28)
+            raw = memoryview(d.decompress(raw, max_length=MAX_DECODED))
+            ok = d.eof and not d.unused_data
+        except lzma.LZMAError as exc:
+            raise FormatError(f"{where}: the xz stream does not decode ({exc})") from None
+        if not ok:
+            raise FormatError(f"{where}: the xz stream is truncated or has trailing bytes")
+    layout = planes_layout(codec, numels).split()
+    pos, out = 0, []
+
+    def take(nbits: int, what: str) -> np.ndarray:
+        nonlocal pos
+        k = packed_nbytes(nbits)
+        if pos + k > len(raw):
+            raise FormatError(f"{where}: the planes end early ({what} of param {len(out)} needs {k} bytes at {pos}, "
+                              f"{len(raw)} in all)")
+        chunk = np.frombuffer(raw[pos : pos + k], dtype=np.uint8)
+        if nbits % 8 and chunk[-1] & ((1 << (8 - nbits % 8)) - 1):
+            raise FormatError(f"{where}: {what} of param {len(out)} has padding bits set")
+        pos += k
+        return chunk
+
+    for n in numels:
+        d: dict[str, np.ndarray] = {}
+        if "presence" in layout:
+            d["presence"] = take(n, "presence").copy()
+        if "signs" in layout:
+            present = np.flatnonzero(unpack_bits(d["presence"], n))
+            full = np.zeros(n, bool)
+            full[present] = unpack_bits(take(present.size, "signs"), present.size)
+            d["sign"] = pack_bits(full)
+        if "fix" in layout:
+            d["fix"] = np.flatnonzero(unpack_bits(take(n, "fix"), n)).astype(np.int64)
+        out.append(d)
+    if pos != len(raw):
+        raise FormatError(f"{where}: {len(raw) - pos} bytes after the last plane")
+    return out
