@@ -9,7 +9,7 @@ A codec spec is ``name[:key=value,...]``:
 |---|---|---|
 | ``tall`` | ``planes=raw|xz`` | its TALL mask over the shared τ_MTL (xz: compressed at rest) |
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
-| ``delta`` | ``dtype=F16|BF16|F32`` | τ_t itself |
+| ``delta`` | ``dtype=F16|BF16|F32|I8|I4`` | τ_t itself (I8 / I4: quantized per row, one float32 scale each) |
 
 and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
@@ -34,7 +34,8 @@ from .runtime.bundle import (
     MANIFEST_KEY, Bundle, base_name, mask_name, open_bundle, private_name, vector_name,
 )
 from .runtime.codecs import (
-    CODECS, PLANE_ENCODINGS, Codec, Recipe, decode_planes, delta_name, fix_name, planes_name, rebuild, scales_name,
+    CODECS, PLANE_ENCODINGS, QUANT_DTYPES, Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name,
+    quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
@@ -83,8 +84,8 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: correction must be in [0, 1)")
     if spec.planes not in PLANE_ENCODINGS:
         raise ConfigError(f"codec {text!r}: planes must be one of {', '.join(PLANE_ENCODINGS)}")
-    if spec.dtype not in VECTOR_DTYPES:
-        raise ConfigError(f"codec {text!r}: dtype must be one of {', '.join(VECTOR_DTYPES)}")
+    if spec.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
+        raise ConfigError(f"codec {text!r}: dtype must be one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
     return spec
 
 
@@ -98,7 +99,7 @@ def encode_planes(codec: Codec, per_param: list[dict[str, np.ndarray]]) -> np.nd
                 parts.append(pack_bits(d[key]).tobytes())
     raw = b"".join(parts)
     if codec.planes == "xz":
-        raw = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=9 | lzma.PRESET_EXTREME)
+        raw = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6)
     return np.frombuffer(raw, dtype=np.uint8)
 
 
@@ -128,12 +129,32 @@ def tswitch_planes(tau: np.ndarray, density: float) -> tuple[np.ndarray, np.ndar
     return keep, t < 0, scale
 
 
+def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantization: s_r = max|τ_r| / qmax (float32), q = round-half-even(τ / s_r)."""
+    rows = quant_rows(shape)
+    t = tau.reshape(rows, -1) if rows else tau.reshape(0, 0)
+    scale = (np.abs(t).max(axis=1) / np.float32(qmax)).astype(np.float32) if t.size else np.zeros(rows, np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(t / safe[:, None]), -qmax, qmax).astype(np.int8)
+    q[scale == 0] = 0
+    return q.reshape(-1), scale
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """int8 codes in [-8, 7] -> I4 storage (element 2j in the high nibble of byte j)."""
+    u = (q.astype(np.int16) & 15).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return (u[0::2] << 4) | u[1::2]
+
+
 @dataclass
 class _TaskOut:
     codec: Codec
     planes: list[dict[str, np.ndarray]] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     deltas: dict[str, np.ndarray] = field(default_factory=dict)
+    dscales: dict[str, np.ndarray] = field(default_factory=dict)
     fixes: list[np.ndarray] = field(default_factory=list)
     sq_err: float = 0.0
     sq_ref: float = 0.0
@@ -179,6 +200,12 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             out.scales.append(float(scale))
             kept += int(keep.sum())
             r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
+        elif spec.dtype in QUANT_DTYPES:
+            q, scale = quantize_rows(tau, p.shape, 127 if spec.dtype == "I8" else 7)
+            out.deltas[p.name] = q.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(q)
+            out.dscales[p.name] = scale
+            rows = quant_rows(p.shape)
+            r = Recipe("delta", delta=q, qscale=scale, qgrid=(rows, p.numel // rows if rows else 0, 0))
         else:
             delta = tau.astype(DTYPES[spec.dtype])
             out.deltas[p.name] = delta.reshape(p.shape)
@@ -214,11 +241,13 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
 
 
 def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mapping[str, CodecSpec], output: str,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  notes: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``output``: the bundle's θ0, heads and statistics, each task re-encoded with its codec
     (``codecs``: task -> CodecSpec; tasks not named keep ``tall``). ``tasks``: task -> the
     checkpoint it was merged from (tswitch, delta and corrections need θ_t itself; each file is
-    checked against the sha256 the bundle recorded). Returns the new manifest."""
+    checked against the sha256 the bundle recorded). ``notes``: task -> extra keys for its codec
+    entry (what chose it). Returns the new manifest."""
     b = open_bundle(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
     unknown = sorted(set(codecs) - set(b.tasks))
     if unknown:
@@ -258,10 +287,10 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
             outs[t] = _TaskOut(Codec("tall", "raw"))
     if progress:
         progress("encode", len(b.tasks), len(b.tasks))
-    return _write_v2(b, outs, output)
+    return _write_v2(b, outs, output, notes or {})
 
 
-def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str) -> dict[str, Any]:
+def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     shared = any(o.codec.shared for o in outs.values())
     tensors: dict[str, np.ndarray] = {}
     for p in b.params:
@@ -291,11 +320,14 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str) -> dict[str, An
             tensors[scales_name(t)] = np.array(o.scales, np.float32)
         for p, d in o.deltas.items():
             tensors[delta_name(t, p)] = d
+        for p, sc in o.dscales.items():
+            tensors[dscale_name(t, p)] = sc
         if c.correction:
             tensors[fix_name(t)] = np.concatenate(o.fixes)
         task_bytes = sum(v.nbytes for k, v in tensors.items() if _belongs(k, t) and not k.startswith("task/"))
         entry = entries[t]
-        entry["codec"] = {**c.to_json(), "bits_per_param": round(8 * task_bytes / merged_total, 4) if merged_total else 0.0}
+        entry["codec"] = {**c.to_json(), "bits_per_param": round(8 * task_bytes / merged_total, 4) if merged_total else 0.0,
+                          **dict(notes.get(t, {}))}
         if c.name != "tall":  # λ_t and the mask density were the TALL mask's
             entry["lambda"], entry["density"] = None, o.density
         if o.sq_ref:
@@ -319,4 +351,80 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str) -> dict[str, An
 
 def _belongs(name: str, task: str) -> bool:
     kind, _, rest = name.partition("/")
-    return kind in ("mask", "planes", "scale", "delta", "fix", "task") and (rest == task or rest.startswith(task + "/"))
+    return kind in ("mask", "planes", "scale", "delta", "dscale", "fix", "task") and (rest == task or rest.startswith(task + "/"))
+
+
+# -- choosing a codec per task --------------------------------------------------------------------
+
+CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
+              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "delta:dtype=I4", "delta:dtype=I8",
+              "delta:dtype=F16")
+FALLBACK = "delta:dtype=F16"
+Score = Callable[[str, Mapping[str, np.ndarray]], float]
+
+
+@dataclass
+class Choice:
+    task: str
+    spec: CodecSpec
+    bits: float                  # bits per merged param the task adds (its share of τ_MTL included for tall)
+    normalized: float            # validation score of θ̂_t / that of θ_t, in percent
+    met: bool                    # False: no candidate met the target, the fallback was taken
+    tried: list[tuple[str, float, float]] = field(default_factory=list)   # (spec, bits, normalized)
+
+
+def select_codecs(bundle: str, tasks: Mapping[str, str], score: Score, target: float, scratch: str,
+                  candidates: tuple[str, ...] = CANDIDATES,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Choice]:
+    """For each task, the cheapest candidate whose rebuilt model scores ≥ ``target`` percent of the
+    task's own checkpoint on validation data (``score(task, state_dict)``, e.g. accuracy), else
+    ``FALLBACK``. Each candidate is encoded into ``scratch`` (a file path) and read back through
+    the runtime, so what is scored is what a device rebuilds."""
+    if not (isinstance(target, (int, float)) and 0 < target <= 100):
+        raise ConfigError(f"target {target!r} must be a percentage in (0, 100]")
+    specs = [parse_codec(c) for c in candidates]
+    with open_bundle(bundle) as b:
+        missing = [t for t in b.tasks if t not in tasks]
+        if missing:
+            raise ConfigError(f"choosing codecs needs every task's checkpoint; missing: {', '.join(missing)}")
+        n_tall_share = 32 / len(b.tasks) if b.vector_dtype == "F32" else 16 / len(b.tasks)
+        names = list(b.tasks)
+    out: dict[str, Choice] = {}
+    total = len(names) * len(specs)
+    for i, t in enumerate(names):
+        ckpt = open_checkpoint(tasks[t])
+        try:
+            ref = score(t, {k: ckpt.read(k) for k in ckpt.keys()})
+        finally:
+            ckpt.close()
+        tried = []
+        for j, spec in enumerate(specs):
+            if progress:
+                progress("choose codecs", i * len(specs) + j, total)
+            m = encode_bundle(bundle, {t: tasks[t]}, {t: spec}, scratch)
+            entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
+            bits = entry["bits_per_param"] + (n_tall_share if spec.name == "tall" else 0.0)
+            with open_bundle(scratch) as v2:
+                got = score(t, v2.task_weights(t))
+            tried.append((spec.label(), bits, 100 * got / ref if ref else 0.0))
+        ok = [(bits, k) for k, (_, bits, norm) in enumerate(tried) if norm >= target]
+        if ok:
+            k = min(ok)[1]
+            out[t] = Choice(t, specs[k], tried[k][1], tried[k][2], True, tried)
+        else:
+            fb = parse_codec(FALLBACK)
+            k = next((k for k, sp in enumerate(specs) if sp == fb), None)
+            norm = tried[k][2] if k is not None else float("nan")
+            out[t] = Choice(t, fb, tried[k][1] if k is not None else 16.0, norm, False, tried)
+    if os.path.exists(scratch):
+        os.unlink(scratch)
+    if progress:
+        progress("choose codecs", total, total)
+    return out
+
+
+def choice_notes(choices: Mapping[str, Choice], target: float) -> dict[str, dict[str, Any]]:
+    """What the manifest records about each choice (``encode_bundle(notes=...)``)."""
+    return {t: {"chosen_by": {"target": target, "validation_normalized": round(c.normalized, 3), "met": c.met,
+                              "tried": [{"codec": s, "bits": round(b, 4), "normalized": round(n, 3)} for s, b, n in c.tried]}}
+            for t, c in choices.items()}

@@ -8,7 +8,8 @@ from typing import Any
 from .runtime.bundle import Bundle
 from .runtime.dtypes import DTYPES, FLOAT_DTYPES
 
-SECTIONS = ("base", "vector", "mask", "planes", "scale", "delta", "fix", "task")
+SECTIONS = ("base", "vector", "mask", "planes", "scale", "delta", "dscale", "fix", "task")
+PER_TASK = ("mask", "planes", "scale", "delta", "dscale", "fix")  # a task's own codec data
 
 
 def summarize(bundle: Bundle) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
     m = bundle.manifest
     merged = sum(p.numel for p in bundle.merged)
     own = {t: sum(e.end - e.start for name, e in h.tensors.items()
-                  if name.split("/", 1)[0] in SECTIONS[2:7] and name.split("/")[1] == t) for t in bundle.tasks}
+                  if name.split("/", 1)[0] in PER_TASK and name.split("/")[1] == t) for t in bundle.tasks}
     return {
         "path": bundle.path,
         "format_version": m["format_version"],

@@ -59,7 +59,7 @@ def test_cell(workdir, arch, dtype, method):
 @pytest.mark.parametrize("dtype", list(matrix.DTYPES))
 @pytest.mark.parametrize("arch", list(matrix.ARCHS))
 def test_codec_cell(workdir, arch, dtype):
-    """Format v2: tswitch, delta and xz-planes TALL tasks, each with a correction, in one bundle."""
+    """Format v2: tswitch, delta (float or quantized) and xz-planes TALL tasks, with corrections, in one bundle."""
     root, _ = workdir
     suite, exported = _suite(root, arch, dtype)
     r = matrix.run_codec_cell(suite, exported)

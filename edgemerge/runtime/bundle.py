@@ -18,7 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
-from .codecs import Codec, Recipe, decode_planes, delta_name, fix_name, planes_name, rebuild, scales_name
+from .codecs import (
+    Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild, scales_name,
+    unpack_nibbles,
+)
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .safetensors import Header, map_file, parse_json, read_header, tensor_view
 
@@ -174,8 +177,12 @@ class Bundle:
             for t, c in self.codecs.items():
                 if c.name == "tall" and c.planes == "raw" and self.mask_policy == "tall":
                     _check_tensor(h, mask_name(t, p.name), "U8", (packed_nbytes(p.numel),), seen)
+                elif c.name == "delta" and c.dtype == "I4":
+                    _check_tensor(h, delta_name(t, p.name), "U8", ((p.numel + 1) // 2,), seen)
                 elif c.name == "delta":
                     _check_tensor(h, delta_name(t, p.name), c.dtype, p.shape, seen)
+                if c.name == "delta" and c.dtype in ("I8", "I4"):
+                    _check_tensor(h, dscale_name(t, p.name), "F32", (quant_rows(p.shape),), seen)
         for t, keys in self.private_keys.items():
             for k in keys:
                 e = h.tensors.get(private_name(t, k))
@@ -287,6 +294,13 @@ class Bundle:
         if c.name == "tswitch":
             return Recipe("tswitch", presence=planes["presence"], sign=planes["sign"],
                           scale=float(self._view(scales_name(task))[i]), **fix)
+        p = self.merged[i]
+        if c.dtype in ("I8", "I4"):
+            raw = self._view(delta_name(task, param))
+            q = unpack_nibbles(raw, p.numel) if c.dtype == "I4" else raw.reshape(-1)
+            rows = quant_rows(p.shape)
+            return Recipe("delta", delta=q, qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
+                          qgrid=(rows, p.numel // rows if rows else 0, 0), **fix)
         return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), **fix)
 
     def mask(self, task: str, param: str) -> np.ndarray:

@@ -6,7 +6,8 @@ Each task names one codec; each codec has one rule, written here once as plain n
 - ``tall``: the v1 rule, a select of θ0 + τ_MTL by the task's mask (no mask: every bit set).
 - ``tswitch``: ``p_i ? θ0[i] + (s_i ? −c : c) : θ0[i]`` with a presence plane p, a sign plane s and
   one float32 scale c per tensor; no shared vector (T-Switch, Qi et al., CVPR 2025).
-- ``delta``: ``θ0[i] + δ[i]`` with the task's own τ_t stored as F32/F16/BF16.
+- ``delta``: ``θ0[i] + δ[i]`` with the task's own τ_t stored as F32/F16/BF16, or quantized per row
+  (the first dim; 1-D and 0-d tensors: one row) to I8 / I4: ``δ[i] = f32(q[i]) × s[row(i)]``.
 
 Any codec may add a sparse **correction**: after the rule, ``θ_t[i] = R(W(θ̂_t[i]) + v_j)`` at the
 positions of a fix plane, v_j from an F16 list (the largest entries of θ_t − θ̂_t).
@@ -50,6 +51,27 @@ def delta_name(task: str, param: str) -> str:
     return f"delta/{task}/{param}"
 
 
+def dscale_name(task: str, param: str) -> str:
+    return f"dscale/{task}/{param}"
+
+
+QUANT_DTYPES = ("I8", "I4")  # delta quantized per row: signed 8-bit, or 4-bit two's complement nibbles
+
+
+def quant_rows(shape: tuple[int, ...]) -> int:
+    """Rows of a quantized delta: its first dim for 2-D and higher tensors, else one."""
+    return shape[0] if len(shape) >= 2 else 1
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """I4 storage -> int8: element 2j is the high nibble of byte j, 2j+1 the low one (two's complement)."""
+    b = np.asarray(packed, np.uint8)
+    q = np.empty(2 * b.size, np.int8)
+    q[0::2], q[1::2] = (b >> 4).astype(np.int8), (b & 15).astype(np.int8)
+    q[q > 7] -= 16
+    return q[:n]
+
+
 def fix_name(task: str) -> str:
     return f"fix/{task}"
 
@@ -60,13 +82,18 @@ class Codec:
 
     name: str = "tall"
     planes: str = "raw"             # tall / tswitch: "raw" or "xz"; tall + raw = v1 mask tensors
-    dtype: str | None = None        # delta: F32 / F16 / BF16
+    dtype: str | None = None        # delta: F32 / F16 / BF16, or I8 / I4 (quantized per row)
     correction: int = 0             # entries of the sparse correction (0: none)
 
     @property
     def shared(self) -> bool:
         """Reads the shared vector τ_MTL."""
         return self.name == "tall"
+
+    @property
+    def qscale_rows(self) -> bool:
+        """A quantized delta (codes + one float32 scale per row)."""
+        return self.name == "delta" and self.dtype in QUANT_DTYPES
 
     @property
     def uses_planes_tensor(self) -> bool:
@@ -91,8 +118,8 @@ class Codec:
         c = cls(raw["name"], raw.get("planes", "raw"), raw.get("dtype"), raw.get("correction", 0))
         if c.name != "delta" and c.planes not in PLANE_ENCODINGS:
             raise FormatError(f"{where}: plane encoding {c.planes!r} is not one of {', '.join(PLANE_ENCODINGS)}")
-        if c.name == "delta" and c.dtype not in VECTOR_DTYPES:
-            raise FormatError(f"{where}: delta dtype {c.dtype!r} is not one of {', '.join(VECTOR_DTYPES)}")
+        if c.name == "delta" and c.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
+            raise FormatError(f"{where}: delta dtype {c.dtype!r} is not one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
         if type(c.correction) is not int or c.correction < 0:
             raise FormatError(f"{where}: codec 'correction' must be a non-negative integer")
         return c
@@ -106,7 +133,9 @@ class Recipe:
     presence: np.ndarray | None = None         # packed plane (tall: None = every bit; tswitch)
     sign: np.ndarray | None = None             # tswitch: packed full-length sign plane
     scale: float = 0.0                         # tswitch: c, a float32 value
-    delta: np.ndarray | None = None            # delta: τ_t
+    delta: np.ndarray | None = None            # delta: τ_t, or its int8 codes when quantized
+    qscale: np.ndarray | None = None           # quantized delta: float32 scale per row
+    qgrid: tuple[int, int, int] = (0, 0, 0)    # (a, b, axis): codes as [a, b], one scale per row (0) or column (1)
     fix_index: np.ndarray | None = None        # correction positions (int64, increasing)
     fix_value: np.ndarray | None = None        # correction values (float32)
 
@@ -119,17 +148,28 @@ class Recipe:
             return None if p is None else pack_bits(unpack_bits(p, n).reshape(shape).T)
 
         delta = None if self.delta is None else np.ascontiguousarray(self.delta.reshape(shape).T).reshape(-1)
+        grid = (cols, rows, 1 - self.qgrid[2]) if self.qscale is not None else self.qgrid
         idx, val = self.fix_index, self.fix_value
         if idx is not None:
             r, c = np.divmod(idx, cols)
             t = c * rows + r
             order = np.argsort(t, kind="stable")
             idx, val = t[order], val[order]
-        return replace(self, presence=plane(self.presence), sign=plane(self.sign), delta=delta, fix_index=idx, fix_value=val)
+        return replace(self, presence=plane(self.presence), sign=plane(self.sign), delta=delta, fix_index=idx, fix_value=val,
+                       qgrid=grid)
+
+    def dequantized(self) -> np.ndarray:
+        """δ in float32 (flat): τ_t as stored, or the quantized codes times their row's scale."""
+        if self.qscale is None:
+            return np.asarray(self.delta).reshape(-1).astype(np.float32, copy=False)
+        a, b, axis = self.qgrid
+        s = self.qscale[:, None] if axis == 0 else self.qscale[None, :]
+        return (self.delta.reshape(a, b).astype(np.float32) * s).reshape(-1)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.presence, self.sign, self.delta, self.fix_index, self.fix_value) if a is not None)
+        return sum(a.nbytes for a in (self.presence, self.sign, self.delta, self.qscale, self.fix_index, self.fix_value)
+                   if a is not None)
 
 
 # -- the rules ----------------------------------------------------------------------------------
@@ -146,7 +186,7 @@ def rebuild_reference(base: np.ndarray, vector: np.ndarray | None, r: Recipe) ->
         add = np.where(unpack_bits(r.sign, n), -c, c)
         res = np.where(unpack_bits(r.presence, n), b32 + add, b32)
     else:
-        res = b32 + np.asarray(r.delta).reshape(-1).astype(np.float32)
+        res = b32 + r.dequantized()
     out = res.astype(base.dtype)
     if r.fix_index is not None and r.fix_index.size:
         out[r.fix_index] = (out[r.fix_index].astype(np.float32) + r.fix_value).astype(base.dtype)
@@ -186,7 +226,7 @@ def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndar
     elif r.kind == "tswitch":
         apply_sign(base, r.presence, r.sign, r.scale, out)
     else:
-        apply_mask(base, r.delta.reshape(base.shape), None, out)
+        apply_mask(base, r.dequantized().reshape(base.shape) if r.qscale is not None else r.delta.reshape(base.shape), None, out)
     if r.fix_index is not None and r.fix_index.size:
         flat = out.reshape(-1)
         flat[r.fix_index] = (flat[r.fix_index].astype(np.float32) + r.fix_value).astype(out.dtype)

@@ -164,8 +164,10 @@ class FlatWeights:
             g["masks"] = {t: planes(size) for t, c in self.codecs.items() if c.name != "delta"}
             g["signs"] = {t: planes(size) for t, c in self.codecs.items() if c.name == "tswitch"}
             g["scales"] = {t: {} for t, c in self.codecs.items() if c.name == "tswitch"}
-            g["deltas"] = {t: torch.zeros(size, dtype=torch_dtype(c.dtype), device=device)
+            quant = {t for t, c in self.codecs.items() if c.name == "delta" and c.qscale_rows}
+            g["deltas"] = {t: torch.zeros(size, dtype=torch.int8 if t in quant else torch_dtype(c.dtype), device=device)
                            for t, c in self.codecs.items() if c.name == "delta"}
+            g["qscales"] = {t: {} for t in quant}
             fixes: dict[str, tuple[list, list]] = {t: ([], []) for t, c in self.codecs.items() if c.correction}
             for name, o in g["offsets"].items():
                 n = params[name].numel
@@ -183,6 +185,9 @@ class FlatWeights:
                     if c.name == "tswitch":
                         g["signs"][t][o // 8 : (o + n + 7) // 8].copy_(to_torch(r.sign, "U8", device))
                         g["scales"][t][name] = r.scale
+                    elif c.name == "delta" and t in quant:
+                        g["deltas"][t][o : o + n] = torch.from_numpy(np.ascontiguousarray(r.delta)).to(device)
+                        g["qscales"][t][name] = (torch.from_numpy(r.qscale.copy()).to(device), r.qgrid)
                     elif c.name == "delta":
                         g["deltas"][t][o : o + n] = to_torch(r.delta, c.dtype, device)
                     if c.correction:
@@ -208,6 +213,11 @@ class FlatWeights:
                     e = o + math.prod(self.shapes[name])
                     apply_sign_torch(g["base"][o:e], g["masks"][task][o // 8 :], g["signs"][task][o // 8 :],
                                      g["scales"][task][name], g["out"][o:e])
+            elif codec.name == "delta" and task in g["qscales"]:  # codes × row scale, per param
+                for name, (scale, (a, b, _)) in g["qscales"][task].items():
+                    o = g["offsets"][name]
+                    delta = (g["deltas"][task][o : o + a * b].float().view(a, b) * scale[:, None]).reshape(-1)
+                    g["out"][o : o + a * b].copy_(g["base"][o : o + a * b].float() + delta)
             elif codec.name == "delta":
                 apply_mask_torch(g["base"], g["deltas"][task], _all_set(g), g["out"])
             elif self.kernel == "triton":

@@ -1,0 +1,373 @@
+"""Format v2's per-task codecs: the encoders, the planes tensor, every kernel path of every rule bit
+for bit (−0.0, subnormals, fp16/bf16), the reader's checks, and the CLI. The runtimes (TaskSession,
+TorchTaskModel) are checked against a torch forward of θ_t in tests/test_conformance.py
+(``test_codec_cell``)."""
+
+import hashlib
+import json
+import lzma
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgemerge.runtime.kernel as kernel
+from edgemerge.codecs import encode_bundle, encode_planes, parse_codec, tswitch_planes
+from edgemerge.errors import CheckpointError, ConfigError, FormatError
+from edgemerge.pipeline import MergeConfig, merge
+from edgemerge.runtime import open_bundle
+from edgemerge.runtime.bits import pack_bits
+from edgemerge.runtime.codecs import Codec, Recipe, apply_sign, decode_planes, rebuild, rebuild_reference
+from edgemerge.runtime.dtypes import DTYPES
+from safetensors.numpy import load_file
+
+from conftest import make_suite
+
+
+def _cmask_or_skip():
+    try:
+        from edgemerge.runtime import _cmask
+    except ImportError:
+        pytest.skip("the C kernel was not built (no compiler at install time)")
+    return _cmask
+
+
+def test_tswitch_planes_exact_small_case():
+    """The T-Switch step on 8 numbers: top half of the positives, top half (rounded down, at least
+    one) of the negatives, signs, and c = ‖kept‖₂ / √count."""
+    tau = np.array([0.5, -0.2, 0.1, -0.4, 0.3, 0.0, -0.1, 0.2], np.float32)
+    keep, neg, c = tswitch_planes(tau, 0.5)
+    assert keep.tolist() == [True, False, False, True, True, False, False, False]
+    assert neg[keep].tolist() == [False, True, False]
+    want = np.sqrt((np.float64(np.float32(0.5)) ** 2 + np.float64(np.float32(0.4)) ** 2 + np.float64(np.float32(0.3)) ** 2) / 3)
+    assert c == np.float32(want)
+    keep, _, c = tswitch_planes(np.zeros(5, np.float32), 0.5)
+    assert not keep.any() and c == 0
+
+
+def _values(rng, n, dtype):
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 10, n))).astype(np.float32)
+    x[::11] = -0.0
+    x[5::13] = np.float32(1e-41)  # float32 subnormals
+    with np.errstate(over="ignore"):
+        return x.astype(DTYPES[dtype])
+
+
+@pytest.mark.parametrize("path", ["c-simd", "c-scalar", "numpy"])
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("n", [1, 9, 1001, (1 << 18) + 13])
+def test_apply_sign_paths_match_the_rule(monkeypatch, path, dtype, n):
+    c = _cmask_or_skip() if path != "numpy" else None
+    monkeypatch.setattr(kernel, "_C", c if c is not None else False)
+    rng = np.random.default_rng(n)
+    base = _values(rng, n, dtype)
+    presence, sign = pack_bits(rng.random(n) < 0.3), pack_bits(rng.random(n) < 0.5)
+    for scale in (np.float32(3e-3), np.float32(2e-40), np.float32(7.0)):
+        r = Recipe("tswitch", presence=presence, sign=sign, scale=float(scale))
+        if c is not None:
+            c.use_simd(path == "c-simd")
+        try:
+            out = rebuild(base, None, r, np.empty_like(base))
+        finally:
+            if c is not None:
+                c.use_simd(True)
+        with np.errstate(over="ignore"):
+            want = rebuild_reference(base, None, r)
+        assert out.tobytes() == want.tobytes()
+        off = ~np.unpackbits(presence, count=n).astype(bool)
+        assert out[off].tobytes() == base[off].tobytes()  # −0.0 stays −0.0 where the bit is off
+
+
+def test_apply_sign_any_range_any_alignment():
+    c = _cmask_or_skip()
+    rng = np.random.default_rng(3)
+    n = 203
+    base = _values(rng, n, "F32")
+    p, s = pack_bits(rng.random(n) < 0.5), pack_bits(rng.random(n) < 0.5)
+    ref = rebuild_reference(base, None, Recipe("tswitch", presence=p, sign=s, scale=0.25))
+    raw = np.zeros(n + 8, np.float32)
+    for shift in (0, 1, 3, 5):
+        out = raw[shift : shift + n]
+        for lo, hi in [(0, n), (3, n - 5), (13, 14), (8, 200), (100, 100)]:
+            out[:] = 9.0
+            c.apply_sign(base, p, s, out, lo, hi, 0.25, 0)
+            assert out[lo:hi].tobytes() == ref[lo:hi].tobytes(), (shift, lo, hi)
+            assert (out[:lo] == 9.0).all() and (out[hi:] == 9.0).all()
+    with pytest.raises(ValueError, match="do not match"):
+        c.apply_sign(base, p[:-1], s, out, 0, n, 0.25, 0)
+    with pytest.raises(FormatError, match="presence plane has 25 bytes, 203 elements need 26"):
+        apply_sign(base, p[:-1], s, 0.25, np.empty_like(base))
+
+
+@pytest.mark.parametrize("kind", ["tall", "tswitch", "delta"])
+def test_correction_and_transposed_recipes(kind):
+    """A correction adds in float32 after the rule; a transposed recipe rebuilds the transpose."""
+    rng = np.random.default_rng(5)
+    shape = (7, 13)
+    n = 91
+    base = rng.standard_normal(shape).astype(DTYPES["BF16"])
+    vec = rng.standard_normal(shape).astype(np.float32)
+    idx = np.array([0, 4, 50, 90])
+    val = np.array([0.5, -0.25, 1e-3, 2.0], np.float32)
+    parts = {"tall": dict(presence=pack_bits(rng.random(n) < 0.5)),
+             "tswitch": dict(presence=pack_bits(rng.random(n) < 0.5), sign=pack_bits(rng.random(n) < 0.5), scale=0.125),
+             "delta": dict(delta=rng.standard_normal(n).astype(np.float16))}[kind]
+    r = Recipe(kind, fix_index=idx, fix_value=val, **parts)
+    plain = rebuild_reference(base, vec, Recipe(kind, **parts)).reshape(-1)
+    got = rebuild(base, vec, r, np.empty_like(base)).reshape(-1)
+    want = plain.copy()
+    want[idx] = (plain[idx].astype(np.float32) + val).astype(base.dtype)
+    assert got.tobytes() == want.tobytes() == rebuild_reference(base, vec, r).reshape(-1).tobytes()
+    t = rebuild(np.ascontiguousarray(base.T), np.ascontiguousarray(vec.T), r.transposed(shape), np.empty(shape[::-1], base.dtype))
+    assert t.tobytes() == np.ascontiguousarray(got.reshape(shape).T).tobytes()
+
+
+def test_planes_roundtrip_and_damage():
+    rng = np.random.default_rng(2)
+    numels = [0, 5, 64, 1003]
+    codec = Codec("tswitch", "xz", correction=0)
+    per = []
+    for n in numels:
+        keep = rng.random(n) < 0.2
+        per.append({"presence": keep, "signs": rng.random(int(keep.sum())) < 0.5})
+    blob = encode_planes(codec, per)
+    back = decode_planes("x", codec, blob, numels)
+    for d, b, n in zip(per, back, numels):
+        assert np.array_equal(np.unpackbits(b["presence"], count=n).astype(bool), d["presence"])
+        signs = np.unpackbits(b["sign"], count=n).astype(bool)
+        assert np.array_equal(signs[d["presence"]], d["signs"]) and not signs[~d["presence"]].any()
+    raw = lzma.decompress(blob.tobytes())
+    with pytest.raises(FormatError, match="truncated or has trailing bytes|does not decode"):
+        decode_planes("planes/t", codec, blob[:-3], numels)
+    with pytest.raises(FormatError, match="planes/t: the planes end early"):
+        decode_planes("planes/t", Codec("tswitch", "raw"), np.frombuffer(raw[:-1], np.uint8), numels)
+    with pytest.raises(FormatError, match="bytes after the last plane"):
+        decode_planes("planes/t", Codec("tswitch", "raw"), np.frombuffer(raw + b"\0", np.uint8), numels)
+    bad = bytearray(raw)
+    bad[0] |= 0x07  # param 1 (5 elements): its presence byte's 3 padding bits
+    with pytest.raises(FormatError, match="padding bits set"):
+        decode_planes("planes/t", Codec("tswitch", "raw"), np.frombuffer(bytes(bad), np.uint8), numels)
+
+
+@pytest.fixture
+def merged(tmp_path):
+    base, tasks = make_suite(tmp_path)
+    path = str(tmp_path / "b.safetensors")
+    merge(MergeConfig(base, tasks, private=("head.*",)), path)
+    return path, tasks, tmp_path
+
+
+MIX = {"task0": "tswitch:density=0.3,correction=0.01", "task1": "delta:dtype=BF16", "task2": "tall:planes=xz,correction=0.02"}
+
+
+def test_encode_rebuilds_each_codec_and_keeps_the_rest(merged):
+    path, tasks, d = merged
+    out = str(d / "v2.safetensors")
+    m = encode_bundle(path, tasks, {t: parse_codec(c) for t, c in MIX.items()}, out)
+    v1, v2 = open_bundle(path), open_bundle(out, verify=True)
+    assert m["format_version"] == 2 and v2.version == 2 and v1.version == 1
+    assert [t["codec"]["name"] for t in m["tasks"]] == ["tswitch", "delta", "tall"]
+    assert m["tasks"][0]["codec"]["correction"] == round(0.01 * 2592)
+    for t in v2.tasks:
+        src = load_file(tasks[t])
+        w, w1 = v2.task_weights(t), v1.task_weights(t)
+        for p in v2.params:
+            if p.role == "carried":
+                assert w[p.name].tobytes() == w1[p.name].tobytes()
+        for k in v2.private_keys[t]:
+            assert w[k].tobytes() == w1[k].tobytes() == src[k].tobytes()
+    # delta in BF16 is τ_t to 3 significant digits; a tall task keeps its TALL mask bit for bit
+    w = v2.task_weights("task1")["enc.0.weight"]
+    src = load_file(tasks["task1"])["enc.0.weight"]
+    assert np.abs(w - src).max() <= 2 ** -8 * np.abs(src - load_file(str(d / "base.safetensors"))["enc.0.weight"]).max()
+    for p in v2.merged:
+        assert np.array_equal(v2.mask("task2", p.name) if False else np.unpackbits(v2.tall_presence("task2", p.name)),
+                              np.unpackbits(v1.packed_mask("task2", p.name)))
+    with pytest.raises(FormatError, match="task 'task0' uses the 'tswitch' codec"):
+        v2.packed_mask("task0", "enc.0.weight")
+    with pytest.raises(FormatError, match="a TALL mask plus a correction"):
+        v2.packed_mask("task2", "enc.0.weight")
+
+
+def test_a_bundle_without_tall_tasks_stores_no_shared_vector(merged):
+    path, tasks, d = merged
+    out = str(d / "v2.safetensors")
+    encode_bundle(path, tasks, {t: parse_codec("tswitch:density=0.1") for t in tasks}, out)
+    b = open_bundle(out)
+    assert not b.shared and not any(n.startswith("vector/") for n in b.header.tensors)
+    assert set(b.task_weights("task0")) == set(open_bundle(path).task_weights("task0"))
+    # the encoder keeps whichever of xz and raw is smaller (xz's ~60-byte frame loses on tiny tensors)
+    for t in b.tasks:
+        e = b.header.tensors[f"planes/{t}"]
+        kept = int(round(b.codecs[t].name == "tswitch" and next(x for x in b.manifest["tasks"] if x["name"] == t)["density"] * 2592))
+        assert e.end - e.start <= (2592 + 7 * 3) // 8 + (kept + 7 * 3) // 8 + 3
+
+
+def test_xz_planes_cost_about_their_entropy():
+    """A tswitch task of density 0.1: presence H(0.1) = 0.469 bits + 0.1 sign bits per parameter at
+    best; xz stores it in under 0.62 bits (raw planes would cost 1.1)."""
+    rng = np.random.default_rng(0)
+    n = 400_000
+    keep = rng.random(n) < 0.1
+    blob = encode_planes(Codec("tswitch", "xz"), [{"presence": keep, "signs": rng.random(int(keep.sum())) < 0.5}])
+    assert 8 * blob.size / n < 0.62
+
+
+def test_v2_golden_bytes(tmp_path):
+    """Pins the v2 layout (raw planes: no dependence on the lzma build). Changing it is a format change."""
+    base = {"w": np.array([[1.0, -0.0], [2.5, 4.0]], np.float32), "b": np.array([0.5, -1.0, 3.0], np.float32)}
+    task = {"w": np.array([[1.25, -0.0], [2.0, 4.0]], np.float32), "b": np.array([0.5, -0.75, 3.0], np.float32)}
+    from safetensors.numpy import save_file
+
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(task, str(tmp_path / "t.safetensors"))
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), {"t": str(tmp_path / "t.safetensors")}, "task_arithmetic"),
+          str(tmp_path / "b.safetensors"))
+    out = tmp_path / "v2.safetensors"
+    encode_bundle(str(tmp_path / "b.safetensors"), {"t": str(tmp_path / "t.safetensors")},
+                  {"t": parse_codec("tswitch:density=1,planes=raw,correction=0.2")}, str(out))
+    raw = load_file(str(out))
+    # per param (b, then w): presence, signs of the present entries, fix plane
+    assert raw["planes/t"].tolist() == [0b01000000, 0b00000000, 0b00000000, 0b10100000, 0b01000000, 0b10000000]
+    c = np.float32(np.sqrt(np.float64(0.25 ** 2 + 0.5 ** 2) / 2))
+    assert raw["scale/t"].tolist() == [0.25, c]
+    first = np.float32(1.0) + c  # w[0,0] by the rule, then the one correction entry (the largest error)
+    fix = np.float16(np.float32(1.25) - first)
+    assert raw["fix/t"].tobytes() == fix.tobytes()
+    w = open_bundle(str(out)).task_weights("t")
+    assert w["b"].tolist() == [0.5, -0.75, 3.0]  # b: one changed entry, c = its magnitude: exact
+    want = np.array([[first + np.float32(fix), -0.0], [np.float32(2.5) - c, 4.0]], np.float32)
+    assert w["w"].tobytes() == want.tobytes()
+    tensors = {k: v for k, v in json.loads(out.read_bytes()[8 : 8 + int.from_bytes(out.read_bytes()[:8], "little")]).items()
+               if k != "__metadata__"}
+    assert sorted(tensors) == ["base/b", "base/w", "fix/t", "planes/t", "scale/t"]
+    head = out.read_bytes()
+    m = json.loads(json.loads(head[8 : 8 + int.from_bytes(head[:8], "little")])["__metadata__"]["edgemerge.manifest"])
+    m.pop("tool_version")
+    m["base"].pop("file"), m["tasks"][0]["source"].pop("file")
+    assert hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16] == GOLDEN_MANIFEST
+    data = head[8 + int.from_bytes(head[:8], "little") :]
+    assert hashlib.sha256(data).hexdigest()[:16] == GOLDEN_DATA
+
+
+GOLDEN_MANIFEST = "0cdb8a1406ecdb5b"
+GOLDEN_DATA = "731272ae242eb83d"
+
+
+def test_bad_codec_specs_and_inputs(merged):
+    path, tasks, d = merged
+    with pytest.raises(ConfigError, match="unknown codec 'tswich'.*valid: tall, tswitch, delta"):
+        parse_codec("tswich")
+    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: correction, dtype"):
+        parse_codec("delta:density=0.1")
+    for bad, msg in (("tswitch:density=0", "density must be in"), ("tswitch:density=x", "are numbers"),
+                     ("tall:correction=1", "correction must be in"), ("tall:planes=zip", "planes must be one of"),
+                     ("delta:dtype=F64", "dtype must be one of")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_codec(bad)
+    out = str(d / "v2.safetensors")
+    spec = {"task0": parse_codec("tswitch")}
+    with pytest.raises(ConfigError, match="task0 need their checkpoint for codec tswitch"):
+        encode_bundle(path, {}, spec, out)
+    with pytest.raises(ConfigError, match="unknown task\\(s\\) nope"):
+        encode_bundle(path, tasks, {"nope": parse_codec("tall")}, out)
+    with pytest.raises(CheckpointError, match="is not the checkpoint task 'task0' was merged from"):
+        encode_bundle(path, {"task0": tasks["task1"]}, spec, out)
+    with pytest.raises(ConfigError, match="is one of the inputs"):
+        encode_bundle(path, tasks, spec, path)
+    assert not os.path.exists(out)
+    encode_bundle(path, tasks, spec, out)
+    with pytest.raises(ConfigError, match="already a v2 bundle"):
+        encode_bundle(out, tasks, spec, str(d / "again.safetensors"))
+
+
+def test_reader_checks_v2_manifest(merged, tmp_path):
+    from test_format import _rewrite_header
+
+    path, tasks, d = merged
+    out = str(d / "v2.safetensors")
+    encode_bundle(path, tasks, {"task0": parse_codec("tswitch:correction=0.01")}, out)
+
+    def edit(fn):
+        def bump(h):
+            m = json.loads(h["__metadata__"]["edgemerge.manifest"])
+            fn(m)
+            h["__metadata__"]["edgemerge.manifest"] = json.dumps(m)
+        p = tmp_path / "edited.safetensors"
+        with open(out, "rb") as src, open(p, "wb") as dst:
+            dst.write(src.read())
+        _rewrite_header(p, bump)
+        return str(p)
+
+    cases = [
+        (lambda m: m["tasks"][0]["codec"].update(name="zip"), "unknown codec 'zip'; valid: delta, tall, tswitch"),
+        (lambda m: m["tasks"][0]["codec"].update(planes="gz"), "plane encoding 'gz' is not one of raw, xz"),
+        (lambda m: m["tasks"][0]["codec"].update(correction=3), "tensor 'fix/task0' is F16 \\[26\\], the manifest says F16 \\[3\\]"),
+        (lambda m: m["tasks"][0]["codec"].update(correction=-1), "'correction' must be a non-negative integer"),
+        (lambda m: m["tasks"][1].update(codec={"name": "delta", "dtype": "F16"}), "tensor 'delta/task1/enc.0.bias' named by the manifest is missing"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(FormatError, match=msg):
+            open_bundle(edit(fn))
+    # a v1 file that names codecs is read as v1: the codec keys are a v2 thing
+    p = edit(lambda m: m.update(format_version=1))
+    with pytest.raises(FormatError, match="tensor 'mask/task0/enc.0.bias' named by the manifest is missing"):
+        open_bundle(p)
+
+
+def test_cli_encode_and_inspect(merged):
+    path, tasks, d = merged
+    out = str(d / "cli.safetensors")
+    args = [sys.executable, "-m", "edgemerge", "encode", path, *(f"--task={t}={p}" for t, p in tasks.items()),
+            "--codec", "tswitch:density=0.2", "--codec-for", "task2=delta:dtype=F16", "-o", out, "--quiet"]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "tswitch" in p.stdout and "delta:dtype=F16" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "edgemerge", "inspect", out, "--json"], capture_output=True, text=True, timeout=60)
+    s = json.loads(p.stdout)
+    assert [t["codec"] for t in s["tasks"]] == ["tswitch", "tswitch", "delta"]
+    assert s["tasks"][2]["bits_per_param"] == 16.0 and s["format_version"] == 2
+    bad = subprocess.run([*args[:-7], "--codec", "tswitch:q=1", "-o", str(d / "x.safetensors")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "codec 'tswitch' has no parameter 'q'" in bad.stderr
+    assert not os.path.exists(d / "x.safetensors")
+
+
+def test_quantized_delta_codes_and_rule():
+    from edgemerge.codecs import pack_nibbles, quantize_rows
+    from edgemerge.runtime.codecs import unpack_nibbles
+
+    q = np.arange(-8, 8, dtype=np.int8)
+    odd = np.append(q, np.int8(-3))
+    assert pack_nibbles(odd).tolist()[:2] == [0x89, 0xAB] and pack_nibbles(odd)[-1] == 0xD0
+    assert np.array_equal(unpack_nibbles(pack_nibbles(odd), odd.size), odd)
+    tau = np.array([[0.5, -0.25, 0.125], [0.0, 0.0, 0.0]], np.float32)
+    codes, scale = quantize_rows(tau.reshape(-1), tau.shape, 7)
+    s0 = np.float32(0.5) / np.float32(7)
+    assert scale.tolist() == [s0, 0.0]
+    assert codes.tolist() == [7, int(np.rint(np.float32(-0.25) / s0)), 2, 0, 0, 0]  # 1.75 -> 2; a zero row stays 0
+    base = np.array([[1.0, -0.0, 2.0], [-0.0, 3.0, 1e-40]], np.float32)
+    r = Recipe("delta", delta=codes, qscale=scale, qgrid=(2, 3, 0))
+    want = (base.reshape(-1) + codes.astype(np.float32) * np.repeat(scale, 3)).reshape(2, 3)
+    got = rebuild(base, None, r, np.empty_like(base))
+    assert got.tobytes() == want.tobytes() == rebuild_reference(base, None, r).tobytes()
+    assert not np.signbit(got[1, 0])  # the delta rule is an add: −0.0 + 0.0 is +0.0 (IEEE), as docs/format.md says
+    t = rebuild(np.ascontiguousarray(base.T), None, r.transposed((2, 3)), np.empty((3, 2), np.float32))
+    assert t.tobytes() == np.ascontiguousarray(got.T).tobytes()
+
+
+def test_quantized_delta_bundle(merged):
+    path, tasks, d = merged
+    out = str(d / "q.safetensors")
+    encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I4"), "task1": parse_codec("delta:dtype=I8")}, out)
+    b = open_bundle(out, verify=True)
+    assert b.header.tensors["delta/task0/enc.0.weight"].dtype == "U8" and b.header.tensors["delta/task0/enc.0.weight"].shape == (480,)
+    assert b.header.tensors["dscale/task1/enc.1.weight"].shape == (33,)
+    src = {t: load_file(tasks[t]) for t in tasks}
+    base = load_file(str(d / "base.safetensors"))
+    for t, qmax in (("task0", 7), ("task1", 127)):
+        w = b.task_weights(t)["enc.1.weight"]
+        tau = src[t]["enc.1.weight"] - base["enc.1.weight"]
+        step = np.abs(tau).max(axis=1, keepdims=True) / qmax
+        assert (np.abs(w - src[t]["enc.1.weight"]) <= step / 2 + 1e-6).all()
