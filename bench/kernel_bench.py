@@ -1,4 +1,5 @@
-"""The mask kernel alone on 88 M parameters (one flat array): each implementation vs a memcpy.
+"""The mask kernel alone on 88 M parameters (one flat array): each implementation vs a memcpy; then
+every codec's rebuild (format v2, issue 15) against the same memcpy.
 
     python bench/kernel_bench.py [--numel 88000000] [--no-write]
 """
@@ -82,6 +83,8 @@ def main() -> None:
     print(text)
     half = half_precision(base, vec, packed, args.rounds)
     print(half)
+    codecs_text = codec_kernels(base, vec, args.rounds)
+    print(codecs_text)
     print(f"machine: {machine()}")
     if not args.no_write:
         write_section("Mask kernel", f"`python bench/kernel_bench.py` — {n / 1e6:.0f} M float32 parameters, 30% of mask bits set, "
@@ -89,6 +92,10 @@ def main() -> None:
                       "**Half-precision θ0** (same run, same parameters and mask): `apply_mask` per (θ0, τ) dtype "
                       "pair, per byte it moves (θ0 + τ read, θ_t written, mask read), against the float32 pass. "
                       "The numpy row is what float16/bfloat16 switches ran before the C half kernel.\n\n" + half)
+        write_section("Codec kernels (issue 15)", f"`python bench/kernel_bench.py` — the same {n / 1e6:.0f} M float32 "
+                      f"parameters, one task rebuilt by each codec's rule (`edgemerge.runtime.codecs.rebuild`), best of "
+                      f"{args.rounds} interleaved rounds with the memcpy, commit {git_rev()}. Goals: tswitch ≤ 1.2× a "
+                      f"memcpy, no codec above 1.6×.\n\nMachine: {machine()}.\n\n" + codecs_text)
 
 
 def half_precision(base32: np.ndarray, vec32: np.ndarray, packed: np.ndarray, rounds: int) -> str:
@@ -117,6 +124,38 @@ def half_precision(base32: np.ndarray, vec32: np.ndarray, packed: np.ndarray, ro
     rows = [[name, f"{1e3 * best[name]:.1f} ms", f"{moved[name] / 1e6:.0f} MB", f"{moved[name] / best[name] / 1e9:.1f} GB/s",
              f"{best[name] / moved[name] / per_byte32:.2f}×"] for name, _, _ in runs]
     return table(["θ0 / τ (kernel)", "time", "bytes moved", "throughput", "time per byte vs F32"], rows)
+
+
+def codec_kernels(base: np.ndarray, vec: np.ndarray, rounds: int) -> str:
+    """One task's rebuild per codec (a flat float32 param), interleaved with a memcpy, bit-checked."""
+    from edgemerge.codecs import quantize_rows
+    from edgemerge.runtime.codecs import Recipe, rebuild, rebuild_reference
+
+    rng = np.random.default_rng(1)
+    n = base.size
+    out = np.empty_like(base)
+    presence, sign = np.packbits(rng.random(n) < 0.1), np.packbits(rng.random(n) < 0.5)
+    codes, qs = quantize_rows(vec, (1000, n // 1000), 127)
+    fix_at = np.sort(rng.choice(n, n // 1000, replace=False))
+    runs = [
+        ("memcpy (np.copyto)", None),
+        ("tall (mask over τ_MTL, 30% set)", Recipe("tall", presence=np.packbits(rng.random(n) < 0.3))),
+        ("tswitch (10% present)", Recipe("tswitch", presence=presence, sign=sign, scale=1e-3)),
+        ("tswitch + correction (0.1%)", Recipe("tswitch", presence=presence, sign=sign, scale=1e-3, fix_index=fix_at,
+                                               fix_value=rng.standard_normal(fix_at.size).astype(np.float16).astype(np.float32))),
+        ("delta F16", Recipe("delta", delta=vec.astype(np.float16))),
+        ("delta I8 (per row)", Recipe("delta", delta=codes, qscale=qs, qgrid=(1000, n // 1000, 0))),
+    ]
+    best = {name: float("inf") for name, _ in runs}
+    for _ in range(rounds):
+        for name, r in runs:
+            fn = (lambda: np.copyto(out, base)) if r is None else (lambda: rebuild(base, vec, r, out))
+            best[name] = min(best[name], best_of(fn, 1))
+            if r is not None and _ == 0:
+                assert out.tobytes() == rebuild_reference(base, vec, r).tobytes(), name
+    copy = best[runs[0][0]]
+    return table(["codec (rule)", "time", "vs memcpy"], [[name, f"{1e3 * best[name]:.1f} ms", f"{best[name] / copy:.2f}×"]
+                                                         for name, _ in runs])
 
 
 if __name__ == "__main__":

@@ -371,3 +371,44 @@ def test_quantized_delta_bundle(merged):
         tau = src[t]["enc.1.weight"] - base["enc.1.weight"]
         step = np.abs(tau).max(axis=1, keepdims=True) / qmax
         assert (np.abs(w - src[t]["enc.1.weight"]) <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("vdt", ["F16", "BF16"])
+def test_c_float32_base_half_delta_is_the_rule(simd, vdt):
+    """A delta stored in F16/BF16 over a float32 θ0 (the C kernel's f32h loop): every range, both loops."""
+    c = _cmask_or_skip()
+    rng = np.random.default_rng(9)
+    n = 10_007
+    base, vec = _values(rng, n, "F32"), _values(rng, n, vdt)
+    packed = np.packbits(rng.random(n) < 0.5)
+    ref = kernel.apply_mask_reference(base, vec, packed)
+    c.use_simd(simd)
+    try:
+        for lo, hi in [(0, n), (3, n - 5), (13, 14), (8, 200)]:
+            out = np.full(n, 9.0, np.float32)
+            c.apply_f32h(base, vec.view(np.uint16), packed, out, lo, hi, {"F16": 1, "BF16": 2}[vdt])
+            assert out[lo:hi].tobytes() == ref[lo:hi].tobytes() and (out[:lo] == 9).all() and (out[hi:] == 9).all()
+    finally:
+        c.use_simd(True)
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("path", ["c", "numpy"])
+def test_quantized_delta_kernel_paths(monkeypatch, dtype, path):
+    """The int8-code kernel (row and column scales, any split) equals the numpy rule bit for bit."""
+    monkeypatch.setattr(kernel, "_C", _cmask_or_skip() if path == "c" else False)
+    rng = np.random.default_rng(4)
+    shape = (301, 517)  # > SPLIT elements: the C kernel runs split across threads
+    base = _values(rng, shape[0] * shape[1], dtype).reshape(shape)
+    codes = rng.integers(-127, 128, base.size).astype(np.int8)
+    scale = (rng.random(shape[0]) * 1e-3).astype(np.float32)
+    r = Recipe("delta", delta=codes, qscale=scale, qgrid=(shape[0], shape[1], 0))
+    with np.errstate(over="ignore"):
+        want = rebuild_reference(base, None, r)
+        got = rebuild(base, None, r, np.empty_like(base))
+        assert got.tobytes() == want.tobytes()
+        t = r.transposed(shape)
+        bt = np.ascontiguousarray(base.T)
+        assert rebuild(bt, None, t, np.empty_like(bt)).tobytes() == rebuild_reference(bt, None, t).tobytes() \
+            == np.ascontiguousarray(want.T).tobytes()

@@ -208,6 +208,59 @@ static void sign_avx2(const float *b, const uint8_t *p, const uint8_t *sg, float
 }
 #endif
 
+/* -- float32 bases with a float16 / bfloat16 vector (a delta stored in half precision) ---------- */
+static void f32h_scalar(const float *b, const void *v, const uint8_t *m, float *o, Py_ssize_t s, Py_ssize_t e, int vk) {
+    for (Py_ssize_t i = s; i < e; i++)
+        o[i] = bit_at(m, i) ? b[i] + widen(v, i, vk) : b[i];
+}
+
+#ifdef EM_AVX2
+__attribute__((target("avx2,f16c")))
+static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o, Py_ssize_t s, Py_ssize_t e, int vk) {
+    Py_ssize_t i = s;
+    while (i < e && ((i & 7) || ((uintptr_t)(o + i) & 31)))
+        f32h_scalar(b, v, m, o, i, i + 1, vk), i++;
+    const __m256i pos = _mm256_setr_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+    for (; i + 8 <= e; i += 8) {  /* i starts a mask byte: lanes 0..7 take its bits 7..0 */
+        __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m[i >> 3]), pos), pos);
+        __m256 bv = _mm256_loadu_ps(b + i);
+        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, load8(v, i, vk)), _mm256_castsi256_ps(on));
+        _mm256_stream_ps(o + i, r);
+    }
+    _mm_sfence();
+    f32h_scalar(b, v, m, o, i, e, vk);
+}
+#endif
+
+/* -- a quantized delta: out[i] = R(W(b[i]) + (float)q[i] * sc[g]), g the row (axis 0) or column
+ * (axis 1) of i in an [rows, cols] grid; the product is rounded to float32 before the add (no FMA:
+ * built with -std=c99, which turns contraction off). float32 / float16 / bfloat16 bases. */
+static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py_ssize_t s, Py_ssize_t e,
+                    Py_ssize_t cols, int axis, int bk) {
+    Py_ssize_t i = s, j = s % cols;  /* j: the column of i */
+    while (i < e) {
+        /* a run of elements that share one scale (axis 0: the rest of a row), or one element */
+        Py_ssize_t end = axis == 0 ? (i - j + cols < e ? i - j + cols : e) : i + 1;
+        float k = sc[axis == 0 ? i / cols : j];
+        if (bk == K_F32) {
+            const float *bf = b;
+            float *of = o;
+            for (Py_ssize_t t = i; t < end; t++) {
+                float d = (float)q[t] * k;
+                of[t] = bf[t] + d;
+            }
+        } else {
+            for (Py_ssize_t t = i; t < end; t++) {
+                float d = (float)q[t] * k;
+                float r = widen(b, t, bk) + d;
+                ((uint16_t *)o)[t] = bk == K_F16 ? f2h(r) : f2bf(r);
+            }
+        }
+        j = (j + (end - i)) % cols;
+        i = end;
+    }
+}
+
 #ifdef EM_AVX2  /* __builtin_cpu_supports takes a string literal: a macro, not a function */
 #define CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
 #else
@@ -292,6 +345,64 @@ static PyObject *apply_sign(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* apply_f32h(base, vec, mask, out, start, stop, vec_kind): float32 base and out, vector float16 (1) or bfloat16 (2). */
+static PyObject *apply_f32h(PyObject *self, PyObject *args) {
+    Py_buffer b, v, m, o;
+    Py_ssize_t s, e;
+    int vk;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nni", &b, &v, &m, &o, &s, &e, &vk))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = b.len / 4;
+    if ((vk != K_F16 && vk != K_BF16) || b.len % 4 || v.len != n * 2 || o.len != b.len || m.len != (n + 7) / 8 ||
+        s < 0 || e > n || s > e) {
+        PyErr_SetString(PyExc_ValueError, "apply_f32h: kind, buffer sizes or range do not match");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef EM_AVX2
+        if (avx2 && f16c)
+            f32h_avx2(b.buf, v.buf, m.buf, o.buf, s, e, vk);
+        else
+#endif
+            f32h_scalar(b.buf, v.buf, m.buf, o.buf, s, e, vk);
+        Py_END_ALLOW_THREADS
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&m);
+    PyBuffer_Release(&o);
+    return res;
+}
+
+/* apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind): a quantized delta (int8 codes). */
+static PyObject *apply_q8(PyObject *self, PyObject *args) {
+    Py_buffer b, q, sc, o;
+    Py_ssize_t s, e, cols;
+    int axis, bk;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnii", &b, &q, &sc, &o, &s, &e, &cols, &axis, &bk))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t size = bk == K_F32 ? 4 : 2, n = b.len / size;
+    Py_ssize_t groups = cols > 0 ? (axis == 0 ? n / cols : cols) : 0;
+    if ((bk != K_F32 && bk != K_F16 && bk != K_BF16) || b.len % size || o.len != b.len || q.len != n || (axis != 0 && axis != 1) ||
+        (n && (cols <= 0 || n % cols || sc.len != groups * 4)) || s < 0 || e > n || s > e) {
+        PyErr_SetString(PyExc_ValueError, "apply_q8: kind, grid, buffer sizes or range do not match");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        q8_span(b.buf, q.buf, sc.buf, o.buf, s, e, cols, axis, bk);
+        Py_END_ALLOW_THREADS
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&sc);
+    PyBuffer_Release(&o);
+    return res;
+}
+
 static PyObject *apply_f32(PyObject *self, PyObject *args) { return apply(args, 0); }
 static PyObject *apply_half(PyObject *self, PyObject *args) { return apply(args, 1); }
 
@@ -318,6 +429,10 @@ static PyMethodDef methods[] = {
      "(kinds: 0 float32, 1 float16, 2 bfloat16; the vector is float32 or the base's kind)"},
     {"apply_sign", apply_sign, METH_VARARGS,
      "apply_sign(base, presence, sign, out, start, stop, scale, kind): the T-Switch rule (kind 0 float32, 1 float16, 2 bfloat16)"},
+    {"apply_f32h", apply_f32h, METH_VARARGS,
+     "apply_f32h(base, vec, mask, out, start, stop, vec_kind): the select, float32 base, float16 (1) / bfloat16 (2) vector"},
+    {"apply_q8", apply_q8, METH_VARARGS,
+     "apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind): base + int8 code x its row (0) / column (1) scale"},
     {"simd", simd, METH_NOARGS, "which loop runs on this CPU"},
     {"simd_half", simd_half, METH_NOARGS, "which loop apply_half runs on this CPU"},
     {"use_simd", use_simd, METH_O, "use_simd(flag): False runs the scalar loops (for tests)"},

@@ -218,6 +218,19 @@ def apply_sign(base: np.ndarray, presence: np.ndarray, sign: np.ndarray, scale: 
     return out
 
 
+def apply_q8(base: np.ndarray, r: Recipe, out: np.ndarray) -> None:
+    """A quantized delta: the C kernel where built (θ0 float32/float16/bfloat16), else numpy."""
+    a, b, axis = r.qgrid
+    kind, c = _KIND.get(base.dtype), _cmask()
+    if c is None or kind is None or not base.size:
+        apply_mask(base, r.dequantized().reshape(base.shape), None, out)
+        return
+    view = (lambda x: x) if kind == 0 else (lambda x: x.view(np.uint16))
+    bb, oo = view(np.ascontiguousarray(base).reshape(-1)), view(out.reshape(-1))
+    q, sc = np.ascontiguousarray(r.delta, np.int8), np.ascontiguousarray(r.qscale, np.float32)
+    _apply_c(lambda s, e: c.apply_q8(bb, q, sc, oo, s, e, b, axis, kind), base.size)
+
+
 def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> np.ndarray:
     """θ_t of one param into ``out`` by the fastest kernel for its codec; bit-identical to
     ``rebuild_reference``."""
@@ -225,8 +238,10 @@ def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndar
         apply_mask(base, vector, r.presence, out)
     elif r.kind == "tswitch":
         apply_sign(base, r.presence, r.sign, r.scale, out)
+    elif r.qscale is not None:
+        apply_q8(base, r, out)
     else:
-        apply_mask(base, r.dequantized().reshape(base.shape) if r.qscale is not None else r.delta.reshape(base.shape), None, out)
+        apply_mask(base, r.delta.reshape(base.shape), None, out)
     if r.fix_index is not None and r.fix_index.size:
         flat = out.reshape(-1)
         flat[r.fix_index] = (flat[r.fix_index].astype(np.float32) + r.fix_value).astype(out.dtype)

@@ -143,6 +143,8 @@ def kernel_name(dtype=np.float32, vector_dtype=None) -> str:
     dtype = np.dtype(dtype)
     vector_dtype = dtype if vector_dtype is None else np.dtype(vector_dtype)
     c = _cmask()
+    if dtype == np.float32 and _HALF_KINDS.get(vector_dtype) in (1, 2) and c is not None:  # a half delta
+        return "c-avx2" if c.simd_half() != "scalar" else "c-scalar"
     if dtype != np.float32 or vector_dtype != np.float32:
         if c is None or _half_pair(dtype, vector_dtype) is None:
             return "numpy"
@@ -165,7 +167,10 @@ def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, 
     if name in ("c-avx2", "c-scalar"):
         c, m = _cmask(), np.ascontiguousarray(packed)
         pair = _half_pair(base.dtype, vector.dtype)
-        if pair is None:
+        if base.dtype == np.float32 and vector.dtype != np.float32:
+            vk, v16 = _HALF_KINDS[vector.dtype], v.view(np.uint16)
+            _apply_c(lambda s, e: c.apply_f32h(b, v16, m, o, s, e, vk), b.size)
+        elif pair is None:
             _apply_c(lambda s, e: c.apply_f32(b, v, m, o, s, e), b.size)
         else:  # the buffer protocol does not know bfloat16: hand over the bits
             b16, v16, o16 = b.view(np.uint16), v if pair[1] == 0 else v.view(np.uint16), o.view(np.uint16)
