@@ -2,8 +2,10 @@
 
 For each suite and seed (the demo's cached checkpoints and TALL bundle, `bench/accuracy_bench.py`
 builds them): every codec setting below re-encodes every task (`edgemerge.codecs.encode_bundle`,
-a real v2 file, read back through the runtime), and the selector (`select_codecs`, validation
-split) picks per task at targets 99 / 99.5 / 100. Per setting: bundle bytes, bits per parameter per
+a real v2 file, read back through the runtime), and the selector picks per task at targets 99 / 99.5 / 100
+among these settings (`edgemerge.codecs.choose`: the cheapest whose validation accuracy keeps the
+target, as `select_codecs` does; each task's candidates are scored on the settings' own bundles,
+since a task's rebuilt weights depend on its codec only). Per setting: bundle bytes, bits per parameter per
 task (bundle bytes − θ0's bytes, ÷ merged parameters ÷ tasks, as issue 15 defines it: heads and
 header included), normalized test accuracy (mean over task-seeds, its spread over seeds, worst
 task-seed), prediction agreement with each task's fine-tuned checkpoint (mean, worst), and the
@@ -29,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import git_rev, machine, table, write_section  # noqa: E402
 
-from edgemerge.codecs import choice_notes, encode_bundle, parse_codec, select_codecs  # noqa: E402
+from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec  # noqa: E402
 from edgemerge.demo import DemoOptions, run_demo  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
 from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suite, get_kind  # noqa: E402
@@ -95,22 +97,28 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
     ref_pred = {t: ev.predictions(t, "test", _load(ckpts[t])) for t in tasks}
     ft_acc = r.accuracy["finetuned"]
     rows = {}
+    ref_val = {t: ev.accuracy(t, "val", _load(ckpts[t])) for t in tasks}
+    tried: dict[str, list] = {t: [] for t in tasks}  # the selector's candidates = these settings
     for label in SETTINGS:
         spec = parse_codec(label)
         path = os.path.join(work, f"{suite_name}-{seed}.safetensors")
-        encode_bundle(v1, ckpts, {t: spec for t in tasks}, path)
+        m = encode_bundle(v1, ckpts, {t: spec for t in tasks}, path)
+        # a task's rebuilt weights depend on its own codec only: score the selector's candidates here
+        share = (32 if m["vector_dtype"] == "F32" else 16) / len(tasks) if spec.name == "tall" else 0.0
+        with open_bundle(path) as b:
+            for e in m["tasks"]:
+                t = e["name"]
+                tried[t].append((spec.label(), e["codec"]["bits_per_param"] + share,
+                                 100 * ev.accuracy(t, "val", b.task_weights(t)) / ref_val[t]))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]))
         rows[label] = res
         log(f"  {suite_name} seed {seed} {label}: {res['bits']:.3f} bits, {np.mean(list(res['norm'].values())):.2f}% "
             f"normalized, switch {res['switch']:.2f}x memcpy")
 
-    def score(task: str, weights) -> float:
-        return ev.accuracy(task, "val", {k: np.asarray(v) for k, v in weights.items()})
-
     for target in TARGETS:
         path = os.path.join(work, f"{suite_name}-{seed}-select.safetensors")
-        choices = select_codecs(v1, ckpts, score, target, os.path.join(work, "scratch.safetensors"))
+        choices = {t: choose(t, tr, target) for t, tr in tried.items()}
         encode_bundle(v1, ckpts, {t: c.spec for t, c in choices.items()}, path, notes=choice_notes(choices, target))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]),

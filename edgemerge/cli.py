@@ -373,7 +373,8 @@ def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_js
                  f"a range over {UNMEASURED_EFFICIENCY[0]:.0%}-{UNMEASURED_EFFICIENCY[1]:.0%} of peak bandwidth; run plan on "
                  "the device or pass --efficiency")
     with open_bundle(bundle) as b:
-        p = project(sizes(b), device, runtime, storage, eff, int(activation_mb * 2**20))
+        s = sizes(b)
+        p = project(s, device, runtime, storage, eff, int(activation_mb * 2**20))
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
@@ -396,7 +397,8 @@ def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_js
     t.add_row("RAM to keep switches warm", f"{_human(p['warm_ram_bytes'])} ({'fits' if p['fits'] else 'does NOT fit'})", "")
     console.print(t)
     console.print(f"switch = {_human(p['kernel_bytes'])} touched ÷ ({device.bandwidth / 1e9:.1f} GB/s peak × efficiency); "
-                  f"efficiency {escape(basis)}. Warm means θ0, τ_MTL and the masks stay in RAM (the 'bundle data' row); "
+                  f"efficiency {escape(basis)}. Warm means θ0, {'τ_MTL, ' if s.reads_vector else ''}the task's codec data "
+                  "(masks, planes, δ) and head stay in RAM (the 'bundle data' row); "
                   "from a cold page cache a switch first reads them from storage (the cold-start row). "
                   "See edgemerge/devices/plan.py")
 

@@ -380,16 +380,28 @@ def select_codecs(bundle: str, tasks: Mapping[str, str], score: Score, target: f
     task's own checkpoint on validation data (``score(task, state_dict)``, e.g. accuracy), else
     ``FALLBACK``. Each candidate is encoded into ``scratch`` (a file path) and read back through
     the runtime, so what is scored is what a device rebuilds."""
+    check_target(target)
+    return {t: choose(t, tried, target) for t, tried in try_candidates(bundle, tasks, score, scratch, candidates, progress).items()}
+
+
+def check_target(target: float) -> None:
     if not (isinstance(target, (int, float)) and 0 < target <= 100):
         raise ConfigError(f"target {target!r} must be a percentage in (0, 100]")
+
+
+def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score, scratch: str,
+                   candidates: tuple[str, ...] = CANDIDATES,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, list[tuple[str, float, float]]]:
+    """Per task, (candidate, bits it adds per merged param, validation score in % of θ_t's) for
+    every candidate; ``choose`` picks from these for any target without scoring again."""
     specs = [parse_codec(c) for c in candidates]
     with open_bundle(bundle) as b:
         missing = [t for t in b.tasks if t not in tasks]
         if missing:
             raise ConfigError(f"choosing codecs needs every task's checkpoint; missing: {', '.join(missing)}")
-        n_tall_share = 32 / len(b.tasks) if b.vector_dtype == "F32" else 16 / len(b.tasks)
+        tall_share = (32 if b.vector_dtype == "F32" else 16) / len(b.tasks)  # τ_MTL's bits, split over the tasks
         names = list(b.tasks)
-    out: dict[str, Choice] = {}
+    out: dict[str, list[tuple[str, float, float]]] = {}
     total = len(names) * len(specs)
     for i, t in enumerate(names):
         ckpt = open_checkpoint(tasks[t])
@@ -397,30 +409,32 @@ def select_codecs(bundle: str, tasks: Mapping[str, str], score: Score, target: f
             ref = score(t, {k: ckpt.read(k) for k in ckpt.keys()})
         finally:
             ckpt.close()
-        tried = []
+        out[t] = []
         for j, spec in enumerate(specs):
             if progress:
                 progress("choose codecs", i * len(specs) + j, total)
             m = encode_bundle(bundle, {t: tasks[t]}, {t: spec}, scratch)
             entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
-            bits = entry["bits_per_param"] + (n_tall_share if spec.name == "tall" else 0.0)
+            bits = entry["bits_per_param"] + (tall_share if spec.name == "tall" else 0.0)
             with open_bundle(scratch) as v2:
                 got = score(t, v2.task_weights(t))
-            tried.append((spec.label(), bits, 100 * got / ref if ref else 0.0))
-        ok = [(bits, k) for k, (_, bits, norm) in enumerate(tried) if norm >= target]
-        if ok:
-            k = min(ok)[1]
-            out[t] = Choice(t, specs[k], tried[k][1], tried[k][2], True, tried)
-        else:
-            fb = parse_codec(FALLBACK)
-            k = next((k for k, sp in enumerate(specs) if sp == fb), None)
-            norm = tried[k][2] if k is not None else float("nan")
-            out[t] = Choice(t, fb, tried[k][1] if k is not None else 16.0, norm, False, tried)
+            out[t].append((spec.label(), bits, 100 * got / ref if ref else 0.0))
     if os.path.exists(scratch):
         os.unlink(scratch)
     if progress:
         progress("choose codecs", total, total)
     return out
+
+
+def choose(task: str, tried: list[tuple[str, float, float]], target: float) -> Choice:
+    """The cheapest tried candidate at or above ``target``; else ``FALLBACK`` (met=False)."""
+    ok = [(bits, k) for k, (_, bits, norm) in enumerate(tried) if norm >= target]
+    if ok:
+        k = min(ok)[1]
+        return Choice(task, parse_codec(tried[k][0]), tried[k][1], tried[k][2], True, tried)
+    fb = parse_codec(FALLBACK)
+    k = next((k for k, (label, _, _) in enumerate(tried) if parse_codec(label) == fb), None)
+    return Choice(task, fb, tried[k][1] if k is not None else 16.0, tried[k][2] if k is not None else float("nan"), False, tried)
 
 
 def choice_notes(choices: Mapping[str, Choice], target: float) -> dict[str, dict[str, Any]]:

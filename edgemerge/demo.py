@@ -32,6 +32,8 @@ ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 # TALL's λ grid, wider than the paper's 0.2-0.6: on the vision suite every task chose 0.6, its edge
 TALL_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 3.0)
 MERGED = ("task_arithmetic", "ties", "consensus_ta", "consensus_ties")
+# per-task codecs the report sets beside the TALL bundle (format v2; bench/frontier_bench.py has more)
+DEMO_CODECS = ("tswitch:density=0.1", "tswitch:density=0.3", "delta:dtype=I4")
 LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "task_arithmetic": "TA", "ties": "TIES",
           "consensus_ta": "Cons-TA", "consensus_ties": "Cons-TIES", "tall": "TALL bundle"}
 
@@ -75,6 +77,7 @@ class DemoResult:
     options: dict[str, Any] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)     # tasks fine-tuned in this run (others: cache)
     evaluations: int = 0                                # accuracies computed in this run (others: cache)
+    codecs: dict[str, dict[str, Any]] = field(default_factory=dict)  # codec -> bytes, bits, per-task accuracy, agreement
 
     def normalized(self, method: str, task: str) -> float:
         ft = self.accuracy["finetuned"][task]
@@ -207,6 +210,10 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
     tick()
     ev.save()
     seconds["merge + select + evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    codecs = _codec_frontier(suite, tasks, bundles["task_arithmetic"].path, measure, acc, agree, progress)
+    ev.save()
+    seconds["codecs"] = time.perf_counter() - t0
     info = {t["name"]: t for t in tall.manifest["tasks"]}
     task_bytes = sum(os.path.getsize(suite.checkpoints[t]) for t in tasks)
     storage = {"n_checkpoints": task_bytes, "tall_bundle": os.path.getsize(tall.path),
@@ -217,7 +224,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
                         {t: info[t]["lambda"] for t in tasks}, {t: info[t]["density"] for t in tasks},
                         {t: len(suite.data[t]["test"].labels) for t in tasks},
                         cos.round(4).tolist(), storage, seconds=seconds, options={**asdict(opts), **asdict(cfg)},
-                        built=list(suite.build_seconds), evaluations=ev.computed)
+                        built=list(suite.build_seconds), evaluations=ev.computed, codecs=codecs)
     if opts.deploy:
         t0 = time.perf_counter()
         result.deploy = deploy(tall, suite, os.path.join(opts.out, "onnx"), acc["tall"])
@@ -227,6 +234,32 @@ def run_demo(opts: DemoOptions, progress: Callable[[str, int, int], None] | None
     seconds["total"] = time.perf_counter() - t_start
     write_report(result, opts.out)
     return result
+
+
+def _codec_frontier(suite, tasks, v1: str, measure, acc, agree, progress) -> dict[str, dict[str, Any]]:
+    """Each of DEMO_CODECS for every task (a v2 bundle next to the merged ones, reused while the
+    TALL bundle is unchanged), measured like the methods: bytes, bits per param per task, accuracy."""
+    from .codecs import encode_bundle, parse_codec
+
+    def bits(b, size: int) -> float:
+        base = sum(e.end - e.start for n, e in b.header.tensors.items() if n.startswith("base/"))
+        return (size - base) * 8 / sum(p.numel for p in b.merged) / len(tasks)
+
+    with open_bundle(v1) as b:
+        out = {"tall (the v1 bundle)": {"bundle_bytes": os.path.getsize(v1), "bits_per_param_task": bits(b, os.path.getsize(v1)),
+                                        "accuracy": dict(acc["tall"]), "agreement": dict(agree["tall"])}}
+    for i, label in enumerate(DEMO_CODECS):
+        path = os.path.join(os.path.dirname(v1), f"codec-{label.replace(':', '-').replace(',', '-')}-{'+'.join(tasks)}.safetensors")
+        if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(v1):
+            encode_bundle(v1, dict(suite.checkpoints), {t: parse_codec(label) for t in tasks}, path)
+        with open_bundle(path) as b:
+            for t in tasks:
+                measure(label, t, b.task_weights(t))
+            out[label] = {"bundle_bytes": os.path.getsize(path), "bits_per_param_task": bits(b, os.path.getsize(path)),
+                          "accuracy": acc.pop(label), "agreement": agree.pop(label)}
+        if progress:
+            progress("codecs", i + 1, len(DEMO_CODECS))
+    return out
 
 
 CLIENT = '''"""Example client for the bundle the edgemerge demo wrote: one of its tasks on ONNX Runtime.
@@ -430,6 +463,16 @@ def write_report(r: DemoResult, out: str) -> None:
     lines += ["", f"Storage: {len(r.tasks)} fine-tuned checkpoints {s['n_checkpoints'] / 2**20:.1f} MiB; TALL bundle "
               f"{s['tall_bundle'] / 2**20:.1f} MiB ({100 * s['tall_bundle'] / s['n_checkpoints']:.1f}%); one merged model "
               f"{s['one_merged_model'] / 2**20:.1f} MiB."]
+    if r.codecs:
+        ft = r.accuracy["finetuned"]
+        lines += ["", "Per-task codecs (bundle format v2, `edgemerge encode`): the same tasks, each rebuilt by its codec "
+                  "(bits per parameter per task = bundle bytes beyond θ0 ÷ merged parameters ÷ tasks; "
+                  "`bench/frontier_bench.py` measures more settings and the per-task selector).", "",
+                  "| bundle | MiB | bits / param / task | normalized % (mean) | worst task % | agreement % |", "|---|---|---|---|---|---|"]
+        for label, c in r.codecs.items():
+            norm = [100 * c["accuracy"][t] / ft[t] for t in r.tasks if ft[t]]
+            lines.append(f"| {label} | {c['bundle_bytes'] / 2**20:.1f} | {c['bits_per_param_task']:.3f} | {np.mean(norm):.1f} | "
+                         f"{min(norm):.1f} | {100 * np.mean([c['agreement'][t][0] for t in r.tasks]):.1f} |")
     if r.deploy:
         d = r.deploy
         lines += ["", "Deploy (ONNX Runtime, switchable graph): accuracy equals torch on "

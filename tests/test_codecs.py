@@ -412,3 +412,31 @@ def test_quantized_delta_kernel_paths(monkeypatch, dtype, path):
         bt = np.ascontiguousarray(base.T)
         assert rebuild(bt, None, t, np.empty_like(bt)).tobytes() == rebuild_reference(bt, None, t).tobytes() \
             == np.ascontiguousarray(want.T).tobytes()
+
+
+def test_selector_picks_the_cheapest_candidate_that_meets_the_target(merged):
+    from edgemerge.codecs import choice_notes, select_codecs
+
+    path, tasks, d = merged
+    src = {t: load_file(p) for t, p in tasks.items()}
+
+    def score(task, weights):  # a stand-in for validation accuracy: 1 at θ_t, lower the further from it
+        err = sum(float(np.abs(np.asarray(weights[k], np.float64) - src[task][k]).sum()) for k in ("enc.0.weight", "enc.1.weight"))
+        return 1.0 / (1.0 + err)
+
+    cands = ("tswitch:density=0.1", "tall:planes=raw", "delta:dtype=I8", "delta:dtype=F16")
+    for target in (50.0, 99.0):
+        got = select_codecs(path, tasks, score, target, str(d / "scratch.safetensors"), candidates=cands)
+        for t, c in got.items():
+            ok = [(bits, label) for label, bits, norm in c.tried if norm >= target]
+            assert c.met and c.spec.label() == parse_codec(min(ok)[1]).label() and c.normalized >= target
+            assert [x[0] for x in c.tried] == [parse_codec(x).label() for x in cands]
+    strict = select_codecs(path, tasks, score, 100.0, str(d / "scratch.safetensors"), candidates=cands)
+    assert all(not c.met and c.spec.label() == "delta:dtype=F16" for c in strict.values())  # F16 is not exact: fallback
+    assert not os.path.exists(d / "scratch.safetensors")
+    out = str(d / "chosen.safetensors")
+    m = encode_bundle(path, tasks, {t: c.spec for t, c in got.items()}, out, notes=choice_notes(got, 99.0))
+    assert all(e["codec"]["chosen_by"]["target"] == 99.0 and len(e["codec"]["chosen_by"]["tried"]) == 4 for e in m["tasks"])
+    for bad in (0, 100.5, float("nan")):
+        with pytest.raises(ConfigError, match="must be a percentage in \\(0, 100\\]"):
+            select_codecs(path, tasks, score, bad, str(d / "s.safetensors"))

@@ -14,7 +14,7 @@ from edgemerge.suites import text_data  # noqa: E402
 DOCUMENTED = {
     "sentiment": (12752, ["rotten", "fresh"]),
     "speaker": (772, ["CLINTON", "KAINE", "PENCE", "TRUMP"]),
-    "news": (2125, ["business", "entertainment", "politics", "sports", "tech"]),
+    "order": (3000, ["original", "shuffled"]),
     "language": (1984, list(text_data.LANGUAGES)),
     "drugs": (978, ["negative", "neutral", "positive"]),
 }
@@ -78,11 +78,11 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     from edgemerge.demo import DemoOptions, run_demo
 
     out = tmp_path / "out"
-    r = run_demo(DemoOptions(suite="text", tasks=("language", "news"), steps=4, test=60, val=40, out=str(out)))
+    r = run_demo(DemoOptions(suite="text", tasks=("language", "order"), steps=4, test=60, val=40, out=str(out)))
     for method in ("task_arithmetic", "ties", "consensus_ta", "consensus_ties", "tall"):
-        for task in r.tasks:
+        for task in r.tasks:  # language is easy from frozen features; order needs more than 4 steps
             chance = 1 / r.classes[task]
-            assert r.accuracy[method][task] > chance + 0.2, (method, task, r.accuracy[method][task])
+            assert r.accuracy[method][task] > chance + (0.2 if task == "language" else 0.05), (method, task, r.accuracy[method][task])
     assert all(r.deploy["matches_torch"].values())
     from edgemerge.inspect import summarize
     from edgemerge.runtime import open_bundle
@@ -101,7 +101,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert saved["accuracy"]["tall"] == r.accuracy["tall"]
     report = (out / "report.md").read_text()
-    assert f"{100 * r.accuracy['finetuned']['news']:.1f}" in report
+    assert f"{100 * r.accuracy['finetuned']['order']:.1f}" in report
     for png in ("accuracy_per_task.png", "accuracy_vs_bytes.png", "deploy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from edgemerge.demo import headline
@@ -114,29 +114,37 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     from edgemerge.runtime.session import TaskSession
     from edgemerge.suites.text_model import pad, tokenizer
 
-    texts = ["The central bank raised interest rates again.", "The striker scored twice in the final."]
+    texts = ["The central bank raised interest rates again.", "The raised bank central rates interest again."]
     classes = json.loads((out / "onnx" / "classes.json").read_text())
-    assert classes["news"] == DOCUMENTED["news"][1]
-    p = subprocess.run([sys.executable, str(out / "onnx" / "client.py"), "news", *texts], capture_output=True, text=True,
+    assert classes["order"] == DOCUMENTED["order"][1]
+    p = subprocess.run([sys.executable, str(out / "onnx" / "client.py"), "order", *texts], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
     ids, mask = pad(tokenizer()(texts, truncation=True, max_length=64)["input_ids"])
     session = TaskSession(str(out / "tasks.safetensors"), str(out / "onnx" / "text.switchable.onnx"))
-    (logits,) = session.run({"input_ids": ids, "attention_mask": mask}, task="news")
-    assert p.stdout.splitlines() == [f"{classes['news'][int(np.argmax(row))]}\t{t}" for row, t in zip(logits, texts)]
+    (logits,) = session.run({"input_ids": ids, "attention_mask": mask}, task="order")
+    assert p.stdout.splitlines() == [f"{classes['order'][int(np.argmax(row))]}\t{t}" for row, t in zip(logits, texts)]
     bad = subprocess.run([sys.executable, str(out / "onnx" / "client.py"), "nope", "x"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "unknown task 'nope'; valid: language, news" in bad.stderr
+    assert bad.returncode == 1 and "unknown task 'nope'; valid: language, order" in bad.stderr
     # a second run reuses the checkpoints and every evaluation
-    r2 = run_demo(DemoOptions(suite="text", tasks=("language", "news"), steps=4, test=60, val=40, out=str(out), deploy=False))
-    assert r2.accuracy == r.accuracy
-    assert r.built == ["language", "news"] and r.evaluations > 0
+    r2 = run_demo(DemoOptions(suite="text", tasks=("language", "order"), steps=4, test=60, val=40, out=str(out), deploy=False))
+    assert r2.accuracy == r.accuracy and r2.codecs == r.codecs  # the codec bundles are reused too
+    # the per-task codecs beside the TALL bundle: real v2 files, measured like the methods
+    from edgemerge.demo import DEMO_CODECS
+
+    assert list(r.codecs) == ["tall (the v1 bundle)", *DEMO_CODECS] and "Per-task codecs" in report
+    bits = [r.codecs[c]["bits_per_param_task"] for c in DEMO_CODECS]
+    assert bits[0] < bits[1] < 1.5 < bits[2] < 5  # tswitch 0.1 < tswitch 0.3 < delta I4 (+ its row scales)
+    assert r.codecs["tall (the v1 bundle)"]["accuracy"] == r.accuracy["tall"]
+    assert all(set(c["accuracy"]) == set(r.tasks) for c in r.codecs.values())
+    assert r.built == ["language", "order"] and r.evaluations > 0
     assert r2.built == [] and r2.evaluations == 0
     # fine-tuning leaves the word-embedding table as it was and moves the rest of the encoder
     from safetensors.numpy import load_file
 
     folder = next((tmp_path / "cache" / "suites").glob("text-*/*"))
-    base, news = load_file(folder / "base.safetensors"), load_file(folder / "news.safetensors")
+    base, order = load_file(folder / "base.safetensors"), load_file(folder / "order.safetensors")
     emb = "encoder.embeddings.word_embeddings.weight"
-    assert np.array_equal(base[emb], news[emb])
+    assert np.array_equal(base[emb], order[emb])
     assert not np.array_equal(base["encoder.encoder.layer.0.attention.self.query.weight"],
-                              news["encoder.encoder.layer.0.attention.self.query.weight"])
+                              order["encoder.encoder.layer.0.attention.self.query.weight"])

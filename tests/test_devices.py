@@ -67,6 +67,30 @@ def test_sizes_from_a_real_bundle(tmp_path):
     assert s.private_one_task == 4 * 4 * 33  # task2's head: 4 x 33 floats
 
 
+def test_sizes_of_a_v2_bundle_without_a_shared_vector(tmp_path):
+    """tswitch tasks read θ0 + their own compressed bits: a cold switch reads about one checkpoint."""
+    from conftest import make_suite
+    from edgemerge.codecs import encode_bundle, parse_codec
+
+    base, tasks = make_suite(tmp_path)
+    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {t: parse_codec("tswitch:density=0.1") for t in tasks},
+                  str(tmp_path / "v2.safetensors"))
+    b = open_bundle(tmp_path / "v2.safetensors")
+    s = sizes(b)
+    h = b.header.tensors
+    own = {t: sum(e.end - e.start for n, e in h.items() if n.split("/")[0] in ("planes", "scale") and n.split("/")[1] == t)
+           for t in b.tasks}
+    reads = {t: own[t] + sum(h[f"task/{t}/{k}"].end - h[f"task/{t}/{k}"].start for k in b.private_keys[t]) for t in b.tasks}
+    worst = max(reads, key=reads.get)
+    assert s.vector == 0 and not s.reads_vector and s.mask_one_task == own[worst] and s.codec_bytes == sum(own.values())
+    numel = 48 * 20 + 48 + 33 * 48
+    assert s.kernel_touch == 8 * numel + 2 * (120 + 6 + 198)  # θ0 read, θ_t written, two planes
+    p = project(s, DEVICES["orin-nano-8gb"])
+    assert p["cold_switch_read_bytes"] == s.base + reads[worst]
+    assert p["cold_read_vs_checkpoint"] == (s.base + reads[worst]) / (s.base + s.private_one_task) < 1.1
+
+
 def test_cli_devices_and_plan(tmp_path):
     from conftest import make_suite
 

@@ -7,7 +7,9 @@ These are projections from data-sheet figures, not measurements on the device:
   it fits when that is at most RAM − what the OS keeps.
 - cold start = bytes read for the first task ÷ the storage's sequential read speed; a *cold
   switch* (page cache dropped, e.g. after memory pressure) reads the same bytes again -- θ0,
-  τ_MTL, the task's masks and head: about 2× one checkpoint for TALL -- and then runs the kernel.
+  τ_MTL, the task's masks and head: about 2× one checkpoint for TALL; θ0 + the task's own
+  compressed bits and head for a codec without a shared vector (tswitch, delta) -- and then runs
+  the kernel. Format v2 tasks differ; the figures are those of the task whose switch reads most.
   Switches stay warm only while those bytes stay resident (``warm_ram_bytes``, with the engine's
   weights); the RAM row says whether they fit.
 - our switch = bytes the mask kernel touches (reads θ0 and τ, 1/8 byte of mask per parameter,
@@ -42,31 +44,54 @@ UNMEASURED_EFFICIENCY = (0.25, 1.0)  # assumed when nothing was measured on the 
 
 @dataclass(frozen=True)
 class Sizes:
-    """What the projections need to know about a bundle, in bytes."""
+    """What the projections need to know about a bundle, in bytes. Per-task figures are those of
+    the task whose switch reads the most (format v2 tasks differ: a tswitch task reads no τ_MTL)."""
 
     n_tasks: int
     base: int            # θ0, all params
-    vector: int          # τ_MTL
-    mask_one_task: int
-    private_one_task: int  # the largest task's private tensors
+    vector: int          # τ_MTL (0 when no task reads it: then none is stored)
+    mask_one_task: int   # that task's own codec data as stored (TALL masks, planes, δ, scales, fixes)
+    private_one_task: int  # that task's private tensors
     model: int           # θ_t as the engine holds it (θ0 dtypes)
     merged_numel: int
-    kernel_touch: int    # bytes the mask kernel reads and writes for one switch
+    kernel_touch: int    # bytes the rebuild reads and writes for one switch (the most of any task)
     separate_model: int  # one task's own checkpoint (source dtype, with its head)
+    reads_vector: bool = True   # that task's switch reads τ_MTL
+    codec_bytes: int = -1       # all tasks' codec data (−1: n_tasks × mask_one_task, v1)
+    private_bytes: int = -1     # all tasks' private tensors (−1: n_tasks × private_one_task)
+
+
+_CODEC_KINDS = ("mask", "planes", "scale", "delta", "dscale", "fix")  # tensor kinds that are one task's codec data
 
 
 def sizes(bundle: Bundle) -> Sizes:
     h = bundle.header
     nbytes = lambda name: h.tensors[name].end - h.tensors[name].start  # noqa: E731
-    merged = [p for p in bundle.params if p.role == "merged"]
+    merged = bundle.merged
     base = sum(nbytes(f"base/{p.name}") for p in bundle.params)
-    vector = sum(nbytes(f"vector/{p.name}") for p in merged)
-    t0 = bundle.tasks[0]
-    masks = sum(nbytes(f"mask/{t0}/{p.name}") for p in merged) if bundle.mask_policy == "tall" else 0
-    private = max(sum(nbytes(f"task/{t}/{k}") for k in keys) for t, keys in bundle.private_keys.items())
-    vsize = DTYPES[bundle.vector_dtype].itemsize
-    touch = sum(p.numel * (2 * DTYPES[p.dtype].itemsize + vsize) + (p.numel + 7) // 8 for p in merged)
-    return Sizes(len(bundle.tasks), base, vector, masks, private, base, sum(p.numel for p in merged), touch, base + private)
+    vector = sum(nbytes(f"vector/{p.name}") for p in merged) if bundle.shared else 0
+    own = {t: 0 for t in bundle.tasks}
+    for name in h.tensors:
+        kind, _, rest = name.partition("/")
+        if kind in _CODEC_KINDS:
+            own[rest.split("/", 1)[0]] += nbytes(name)
+    private = {t: sum(nbytes(f"task/{t}/{k}") for k in bundle.private_keys[t]) for t in bundle.tasks}
+    reads = {t: own[t] + private[t] + (vector if bundle.codecs[t].shared else 0) for t in bundle.tasks}
+    worst = max(bundle.tasks, key=lambda t: reads[t])
+    numel = sum(p.numel for p in merged)
+    item = sum(p.numel * DTYPES[p.dtype].itemsize for p in merged)
+    planes = sum((p.numel + 7) // 8 for p in merged)
+
+    def touch(t: str) -> int:  # θ0 read + θ_t written, plus what the task's rule reads per element
+        c = bundle.codecs[t]
+        per = {"tall": lambda: DTYPES[bundle.vector_dtype].itemsize * numel + planes,
+               "tswitch": lambda: 2 * planes,
+               "delta": lambda: (numel + 1) // 2 if c.dtype == "I4" else numel * DTYPES["I8" if c.dtype == "I8" else c.dtype].itemsize}
+        return 2 * item + per[c.name]()
+
+    return Sizes(len(bundle.tasks), base, vector, own[worst], private[worst], base, numel,
+                 max(touch(t) for t in bundle.tasks), base + private[worst], bundle.codecs[worst].shared,
+                 sum(own.values()), sum(private.values()))
 
 
 def measure_efficiency(numel: int = 1 << 24, repeat: int = 5) -> float:
@@ -100,7 +125,7 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
     if not 0 < low <= high <= 1:
         raise ConfigError("efficiency must be in (0, 1] (a range: low <= high)")
     read = STORAGE_READ[storage]
-    touched = s.base + s.vector + s.mask_one_task + s.private_one_task
+    touched = s.base + (s.vector if s.reads_vector else 0) + s.mask_one_task + s.private_one_task
     engines = s.model * (s.n_tasks if runtime == "sessions" else 1)
     resident = touched + engines + activation_bytes
     available = device.ram_bytes - device.os_reserved_bytes
@@ -110,7 +135,8 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
         "device": device.name, "runtime": runtime, "storage": storage,
         "available_bytes": available, "resident_bytes": resident, "fits": resident <= available,
         "separate_resident_bytes": s.separate_model + activation_bytes,
-        "bundle_storage_bytes": s.base + s.vector + s.n_tasks * (s.mask_one_task + s.private_one_task),
+        "bundle_storage_bytes": s.base + s.vector + (s.codec_bytes if s.codec_bytes >= 0 else s.n_tasks * s.mask_one_task)
+        + (s.private_bytes if s.private_bytes >= 0 else s.n_tasks * s.private_one_task),
         "separate_storage_bytes": s.n_tasks * s.separate_model,
         "cold_start_s": touched / read,
         # a switch from a cold page cache reads θ0, τ_MTL, the task's masks and head from storage
