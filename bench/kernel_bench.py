@@ -128,14 +128,15 @@ def half_precision(base32: np.ndarray, vec32: np.ndarray, packed: np.ndarray, ro
 
 def codec_kernels(base: np.ndarray, vec: np.ndarray, rounds: int) -> str:
     """One task's rebuild per codec (a flat float32 param), interleaved with a memcpy, bit-checked."""
-    from edgemerge.codecs import quantize_rows
+    from edgemerge.codecs import pack_nibbles, quantize_rows
     from edgemerge.runtime.codecs import Recipe, rebuild, rebuild_reference
 
     rng = np.random.default_rng(1)
     n = base.size
     out = np.empty_like(base)
     presence, sign = np.packbits(rng.random(n) < 0.1), np.packbits(rng.random(n) < 0.5)
-    codes, qs = quantize_rows(vec, (1000, n // 1000), 127)
+    rows = 1000 if n % 1000 == 0 else 1
+    codes, qs = quantize_rows(vec, (rows, n // rows), 127)
     fix_at = np.sort(rng.choice(n, n // 1000, replace=False))
     runs = [
         ("memcpy (np.copyto)", None),
@@ -144,7 +145,9 @@ def codec_kernels(base: np.ndarray, vec: np.ndarray, rounds: int) -> str:
         ("tswitch + correction (0.1%)", Recipe("tswitch", presence=presence, sign=sign, scale=1e-3, fix_index=fix_at,
                                                fix_value=rng.standard_normal(fix_at.size).astype(np.float16).astype(np.float32))),
         ("delta F16", Recipe("delta", delta=vec.astype(np.float16))),
-        ("delta I8 (per row)", Recipe("delta", delta=codes, qscale=qs, qgrid=(1000, n // 1000, 0))),
+        ("delta I8 (per row)", Recipe("delta", delta=codes, qscale=qs, qgrid=(rows, n // rows, 0))),
+        ("delta I4 (per row)", Recipe("delta", delta=pack_nibbles(np.clip(codes, -7, 7)), qscale=qs, qgrid=(rows, n // rows, 0),
+                                      packed4=True)),
     ]
     best = {name: float("inf") for name, _ in runs}
     for _ in range(rounds):

@@ -355,6 +355,9 @@ def test_quantized_delta_codes_and_rule():
     assert not np.signbit(got[1, 0])  # the delta rule is an add: −0.0 + 0.0 is +0.0 (IEEE), as docs/format.md says
     t = rebuild(np.ascontiguousarray(base.T), None, r.transposed((2, 3)), np.empty((3, 2), np.float32))
     assert t.tobytes() == np.ascontiguousarray(got.T).tobytes()
+    r4 = Recipe("delta", delta=pack_nibbles(codes), qscale=scale, qgrid=(2, 3, 0), packed4=True)  # I4 storage, C-decoded
+    assert rebuild(base, None, r4, np.empty_like(base)).tobytes() == got.tobytes() == rebuild_reference(base, None, r4).tobytes()
+    assert rebuild(np.ascontiguousarray(base.T), None, r4.transposed((2, 3)), np.empty((3, 2), np.float32)).tobytes() == t.tobytes()
 
 
 def test_quantized_delta_bundle(merged):
@@ -399,11 +402,17 @@ def test_quantized_delta_kernel_paths(monkeypatch, dtype, path):
     """The int8-code kernel (row and column scales, any split) equals the numpy rule bit for bit."""
     monkeypatch.setattr(kernel, "_C", _cmask_or_skip() if path == "c" else False)
     rng = np.random.default_rng(4)
-    shape = (301, 517)  # > SPLIT elements: the C kernel runs split across threads
+    shape = (601, 517)  # > SPLIT elements, odd: the C kernel runs split across threads
     base = _values(rng, shape[0] * shape[1], dtype).reshape(shape)
     codes = rng.integers(-127, 128, base.size).astype(np.int8)
     scale = (rng.random(shape[0]) * 1e-3).astype(np.float32)
     r = Recipe("delta", delta=codes, qscale=scale, qgrid=(shape[0], shape[1], 0))
+    from edgemerge.codecs import pack_nibbles
+
+    c4 = rng.integers(-8, 8, base.size).astype(np.int8)
+    r4 = Recipe("delta", delta=pack_nibbles(c4), qscale=scale, qgrid=(shape[0], shape[1], 0), packed4=True)
+    with np.errstate(over="ignore"):  # I4 codes, odd element count, threads splitting inside a byte
+        assert rebuild(base, None, r4, np.empty_like(base)).tobytes() == rebuild_reference(base, None, r4).tobytes()
     with np.errstate(over="ignore"):
         want = rebuild_reference(base, None, r)
         got = rebuild(base, None, r, np.empty_like(base))

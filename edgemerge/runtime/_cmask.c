@@ -235,23 +235,37 @@ static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o,
 /* -- a quantized delta: out[i] = R(W(b[i]) + (float)q[i] * sc[g]), g the row (axis 0) or column
  * (axis 1) of i in an [rows, cols] grid; the product is rounded to float32 before the add (no FMA:
  * built with -std=c99, which turns contraction off). float32 / float16 / bfloat16 bases. */
+static inline float code_at(const int8_t *q, Py_ssize_t t, int nib) {
+    if (!nib) return (float)q[t];
+    int v = ((const uint8_t *)q)[t >> 1];  /* I4: element 2j in the high nibble of byte j */
+    v = (t & 1) ? (v & 15) : (v >> 4);
+    return (float)(v > 7 ? v - 16 : v);
+}
+
 static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py_ssize_t s, Py_ssize_t e,
-                    Py_ssize_t cols, int axis, int bk) {
+                    Py_ssize_t cols, int axis, int bk, int nib) {
     Py_ssize_t i = s, j = s % cols;  /* j: the column of i */
     while (i < e) {
         /* a run of elements that share one scale (axis 0: the rest of a row), or one element */
         Py_ssize_t end = axis == 0 ? (i - j + cols < e ? i - j + cols : e) : i + 1;
         float k = sc[axis == 0 ? i / cols : j];
-        if (bk == K_F32) {
+        if (bk == K_F32 && !nib) {
             const float *bf = b;
             float *of = o;
             for (Py_ssize_t t = i; t < end; t++) {
                 float d = (float)q[t] * k;
                 of[t] = bf[t] + d;
             }
+        } else if (bk == K_F32) {
+            const float *bf = b;
+            float *of = o;
+            for (Py_ssize_t t = i; t < end; t++) {
+                float d = code_at(q, t, 1) * k;
+                of[t] = bf[t] + d;
+            }
         } else {
             for (Py_ssize_t t = i; t < end; t++) {
-                float d = (float)q[t] * k;
+                float d = code_at(q, t, nib) * k;
                 float r = widen(b, t, bk) + d;
                 ((uint16_t *)o)[t] = bk == K_F16 ? f2h(r) : f2bf(r);
             }
@@ -376,22 +390,24 @@ static PyObject *apply_f32h(PyObject *self, PyObject *args) {
     return res;
 }
 
-/* apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind): a quantized delta (int8 codes). */
+/* apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind, nibbles): a quantized delta
+   (int8 codes, or I4 codes two per byte when nibbles is 1). */
 static PyObject *apply_q8(PyObject *self, PyObject *args) {
     Py_buffer b, q, sc, o;
     Py_ssize_t s, e, cols;
-    int axis, bk;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnii", &b, &q, &sc, &o, &s, &e, &cols, &axis, &bk))
+    int axis, bk, nib;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnniii", &b, &q, &sc, &o, &s, &e, &cols, &axis, &bk, &nib))
         return NULL;
     PyObject *res = NULL;
     Py_ssize_t size = bk == K_F32 ? 4 : 2, n = b.len / size;
     Py_ssize_t groups = cols > 0 ? (axis == 0 ? n / cols : cols) : 0;
-    if ((bk != K_F32 && bk != K_F16 && bk != K_BF16) || b.len % size || o.len != b.len || q.len != n || (axis != 0 && axis != 1) ||
+    if ((bk != K_F32 && bk != K_F16 && bk != K_BF16) || b.len % size || o.len != b.len || q.len != (nib ? (n + 1) / 2 : n) ||
+        (axis != 0 && axis != 1) || (nib != 0 && nib != 1) ||
         (n && (cols <= 0 || n % cols || sc.len != groups * 4)) || s < 0 || e > n || s > e) {
         PyErr_SetString(PyExc_ValueError, "apply_q8: kind, grid, buffer sizes or range do not match");
     } else {
         Py_BEGIN_ALLOW_THREADS
-        q8_span(b.buf, q.buf, sc.buf, o.buf, s, e, cols, axis, bk);
+        q8_span(b.buf, q.buf, sc.buf, o.buf, s, e, cols, axis, bk, nib);
         Py_END_ALLOW_THREADS
         res = Py_None;
         Py_INCREF(res);
@@ -432,7 +448,8 @@ static PyMethodDef methods[] = {
     {"apply_f32h", apply_f32h, METH_VARARGS,
      "apply_f32h(base, vec, mask, out, start, stop, vec_kind): the select, float32 base, float16 (1) / bfloat16 (2) vector"},
     {"apply_q8", apply_q8, METH_VARARGS,
-     "apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind): base + int8 code x its row (0) / column (1) scale"},
+     "apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind, nibbles): base + code x its row (0) / "
+     "column (1) scale; codes int8, or I4 two per byte (nibbles=1)"},
     {"simd", simd, METH_NOARGS, "which loop runs on this CPU"},
     {"simd_half", simd_half, METH_NOARGS, "which loop apply_half runs on this CPU"},
     {"use_simd", use_simd, METH_O, "use_simd(flag): False runs the scalar loops (for tests)"},

@@ -20,7 +20,6 @@ from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .codecs import (
     Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild, scales_name,
-    unpack_nibbles,
 )
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .safetensors import Header, map_file, parse_json, read_header, tensor_view
@@ -296,10 +295,9 @@ class Bundle:
                           scale=float(self._view(scales_name(task))[i]), **fix)
         p = self.merged[i]
         if c.dtype in ("I8", "I4"):
-            raw = self._view(delta_name(task, param))
-            q = unpack_nibbles(raw, p.numel) if c.dtype == "I4" else raw.reshape(-1)
             rows = quant_rows(p.shape)
-            return Recipe("delta", delta=q, qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
+            return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), packed4=c.dtype == "I4",
+                          qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
                           qgrid=(rows, p.numel // rows if rows else 0, 0), **fix)
         return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), **fix)
 

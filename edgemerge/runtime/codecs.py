@@ -63,13 +63,12 @@ def quant_rows(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
+_NIBBLES = np.array([[hi - 16 * (hi > 7), lo - 16 * (lo > 7)] for hi in range(16) for lo in range(16)], np.int8)
+
+
 def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
     """I4 storage -> int8: element 2j is the high nibble of byte j, 2j+1 the low one (two's complement)."""
-    b = np.asarray(packed, np.uint8)
-    q = np.empty(2 * b.size, np.int8)
-    q[0::2], q[1::2] = (b >> 4).astype(np.int8), (b & 15).astype(np.int8)
-    q[q > 7] -= 16
-    return q[:n]
+    return _NIBBLES[np.asarray(packed, np.uint8)].reshape(-1)[:n]
 
 
 def fix_name(task: str) -> str:
@@ -136,6 +135,7 @@ class Recipe:
     delta: np.ndarray | None = None            # delta: τ_t, or its int8 codes when quantized
     qscale: np.ndarray | None = None           # quantized delta: float32 scale per row
     qgrid: tuple[int, int, int] = (0, 0, 0)    # (a, b, axis): codes as [a, b], one scale per row (0) or column (1)
+    packed4: bool = False                      # codes still in I4 storage (two per byte), decoded by the kernel
     fix_index: np.ndarray | None = None        # correction positions (int64, increasing)
     fix_value: np.ndarray | None = None        # correction values (float32)
 
@@ -147,7 +147,7 @@ class Recipe:
         def plane(p):
             return None if p is None else pack_bits(unpack_bits(p, n).reshape(shape).T)
 
-        delta = None if self.delta is None else np.ascontiguousarray(self.delta.reshape(shape).T).reshape(-1)
+        delta = None if self.delta is None else np.ascontiguousarray(self.codes().reshape(shape).T).reshape(-1)
         grid = (cols, rows, 1 - self.qgrid[2]) if self.qscale is not None else self.qgrid
         idx, val = self.fix_index, self.fix_value
         if idx is not None:
@@ -156,7 +156,11 @@ class Recipe:
             order = np.argsort(t, kind="stable")
             idx, val = t[order], val[order]
         return replace(self, presence=plane(self.presence), sign=plane(self.sign), delta=delta, fix_index=idx, fix_value=val,
-                       qgrid=grid)
+                       qgrid=grid, packed4=False)
+
+    def codes(self) -> np.ndarray:
+        """δ as stored, with I4 codes unpacked to int8."""
+        return unpack_nibbles(self.delta, self.qgrid[0] * self.qgrid[1]) if self.packed4 else self.delta
 
     def dequantized(self) -> np.ndarray:
         """δ in float32 (flat): τ_t as stored, or the quantized codes times their row's scale."""
@@ -164,7 +168,7 @@ class Recipe:
             return np.asarray(self.delta).reshape(-1).astype(np.float32, copy=False)
         a, b, axis = self.qgrid
         s = self.qscale[:, None] if axis == 0 else self.qscale[None, :]
-        return (self.delta.reshape(a, b).astype(np.float32) * s).reshape(-1)
+        return (self.codes().reshape(a, b).astype(np.float32) * s).reshape(-1)
 
     @property
     def nbytes(self) -> int:
@@ -227,8 +231,10 @@ def apply_q8(base: np.ndarray, r: Recipe, out: np.ndarray) -> None:
         return
     view = (lambda x: x) if kind == 0 else (lambda x: x.view(np.uint16))
     bb, oo = view(np.ascontiguousarray(base).reshape(-1)), view(out.reshape(-1))
-    q, sc = np.ascontiguousarray(r.delta, np.int8), np.ascontiguousarray(r.qscale, np.float32)
-    _apply_c(lambda s, e: c.apply_q8(bb, q, sc, oo, s, e, b, axis, kind), base.size)
+    q = np.ascontiguousarray(r.delta, np.uint8 if r.packed4 else np.int8)
+    sc = np.ascontiguousarray(r.qscale, np.float32)
+    nib = int(r.packed4)  # threads may split inside a byte of I4 codes: they only read it
+    _apply_c(lambda s, e: c.apply_q8(bb, q, sc, oo, s, e, b, axis, kind, nib), base.size)
 
 
 def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> np.ndarray:

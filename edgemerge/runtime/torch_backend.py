@@ -186,7 +186,7 @@ class FlatWeights:
                         g["signs"][t][o // 8 : (o + n + 7) // 8].copy_(to_torch(r.sign, "U8", device))
                         g["scales"][t][name] = r.scale
                     elif c.name == "delta" and t in quant:
-                        g["deltas"][t][o : o + n] = torch.from_numpy(np.ascontiguousarray(r.delta)).to(device)
+                        g["deltas"][t][o : o + n] = torch.from_numpy(np.ascontiguousarray(r.codes())).to(device)
                         g["qscales"][t][name] = (torch.from_numpy(r.qscale.copy()).to(device), r.qgrid)
                     elif c.name == "delta":
                         g["deltas"][t][o : o + n] = to_torch(r.delta, c.dtype, device)
