@@ -235,6 +235,8 @@ static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o,
 /* -- a quantized delta: out[i] = R(W(b[i]) + (float)q[i] * sc[g]), g the row (axis 0) or column
  * (axis 1) of i in an [rows, cols] grid; the product is rounded to float32 before the add (no FMA:
  * built with -std=c99, which turns contraction off). float32 / float16 / bfloat16 bases. */
+static int8_t nibble_lut[256][2];  /* byte -> its two I4 codes (high nibble first), filled at import */
+
 static inline float code_at(const int8_t *q, Py_ssize_t t, int nib) {
     if (!nib) return (float)q[t];
     int v = ((const uint8_t *)q)[t >> 1];  /* I4: element 2j in the high nibble of byte j */
@@ -256,12 +258,18 @@ static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py
                 float d = (float)q[t] * k;
                 of[t] = bf[t] + d;
             }
-        } else if (bk == K_F32) {
+        } else if (bk == K_F32) {  /* I4: decode a block of codes through a table, then the int8 loop */
             const float *bf = b;
             float *of = o;
-            for (Py_ssize_t t = i; t < end; t++) {
-                float d = code_at(q, t, 1) * k;
-                of[t] = bf[t] + d;
+            int8_t buf[1024];
+            for (Py_ssize_t t0 = i; t0 < end; t0 += 1024 - 2) {
+                Py_ssize_t t1 = t0 + 1024 - 2 < end ? t0 + 1024 - 2 : end, first = t0 & ~(Py_ssize_t)1;
+                for (Py_ssize_t j2 = first; j2 < t1; j2 += 2)
+                    memcpy(buf + (j2 - first), nibble_lut[((const uint8_t *)q)[j2 >> 1]], 2);
+                for (Py_ssize_t t = t0; t < t1; t++) {
+                    float d = (float)buf[t - first] * k;
+                    of[t] = bf[t] + d;
+                }
             }
         } else {
             for (Py_ssize_t t = i; t < end; t++) {
@@ -459,6 +467,11 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cmask", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__cmask(void) {
+    for (int v = 0; v < 256; v++) {
+        int hi = v >> 4, lo = v & 15;
+        nibble_lut[v][0] = (int8_t)(hi > 7 ? hi - 16 : hi);
+        nibble_lut[v][1] = (int8_t)(lo > 7 ? lo - 16 : lo);
+    }
     avx2 = CPU_HAS("avx2");
     f16c = CPU_HAS("f16c");
     return PyModule_Create(&module);
