@@ -172,7 +172,9 @@ def _read_task(ckpt: Checkpoint, key: str, bundle: Bundle, task: str, shape: tup
 
 
 def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec) -> _TaskOut:
-    """One task's planes, scales, δ and correction (``ckpt`` None: a plain TALL task, re-stored)."""
+    """One task's planes, scales, δ and correction (``ckpt`` None: a plain TALL task, re-stored).
+    Tensor by tensor; a correction needs the whole task's error and rebuilt values in memory
+    (8 bytes per merged parameter) to pick its largest entries."""
     total = sum(p.numel for p in bundle.merged)
     k_fix = int(round(spec.correction * total))
     codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix)
@@ -207,10 +209,15 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             rows = quant_rows(p.shape)
             r = Recipe("delta", delta=q, qscale=scale, qgrid=(rows, p.numel // rows if rows else 0, 0))
         else:
-            delta = tau.astype(DTYPES[spec.dtype])
+            with np.errstate(over="ignore"):  # an overflow is refused below, naming the tensor
+                delta = tau.astype(DTYPES[spec.dtype])
             out.deltas[p.name] = delta.reshape(p.shape)
             r = Recipe("delta", delta=delta)
-        hat = rebuild(base, bundle.vector(p.name) if codec.shared else None, r, np.empty(p.shape, base.dtype))
+        with np.errstate(over="ignore", invalid="ignore"):
+            hat = rebuild(base, bundle.vector(p.name) if codec.shared else None, r, np.empty(p.shape, base.dtype))
+        if not np.isfinite(hat.astype(np.float32)).all():  # e.g. a τ beyond float16's range stored as F16
+            raise CheckpointError(f"task {task!r}, tensor {p.name!r}: codec {spec.label()} rebuilds non-finite values; "
+                                  "choose another (delta:dtype=BF16 or F32 keeps the range)")
         err = theta.astype(np.float32).reshape(-1) - hat.astype(np.float32).reshape(-1)
         if k_fix:
             errors.append(err)

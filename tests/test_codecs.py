@@ -449,3 +449,18 @@ def test_selector_picks_the_cheapest_candidate_that_meets_the_target(merged):
     for bad in (0, 100.5, float("nan")):
         with pytest.raises(ConfigError, match="must be a percentage in \\(0, 100\\]"):
             select_codecs(path, tasks, score, bad, str(d / "s.safetensors"))
+
+
+def test_a_codec_that_would_rebuild_infinities_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(4, np.float32)}, str(tmp_path / "base.safetensors"))
+    save_file({"w": np.array([1e5, 0, 1, 0], np.float32)}, str(tmp_path / "t.safetensors"))
+    tasks = {"t": str(tmp_path / "t.safetensors")}
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks, "task_arithmetic"), str(tmp_path / "b.safetensors"))
+    out = tmp_path / "v2.safetensors"
+    with pytest.raises(CheckpointError, match="tensor 'w': codec delta:dtype=F16 rebuilds non-finite values.*BF16 or F32"):
+        encode_bundle(str(tmp_path / "b.safetensors"), tasks, {"t": parse_codec("delta:dtype=F16")}, str(out))
+    assert not out.exists()
+    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {"t": parse_codec("delta:dtype=BF16")}, str(out))
+    assert open_bundle(str(out)).task_weights("t")["w"].tolist() == [99840.0, 0, 1, 0]  # 1e5 to bfloat16's 8 bits
