@@ -3,8 +3,9 @@
 For each suite and seed (the demo's cached checkpoints and TALL bundle, `bench/accuracy_bench.py`
 builds them): every codec setting below re-encodes every task (`edgemerge.codecs.encode_bundle`,
 a real v2 file, read back through the runtime), and the selector picks per task at targets 99 / 99.5 / 100
-among these settings (`edgemerge.codecs.choose`: the cheapest whose validation accuracy keeps the
-target, as `select_codecs` does; each task's candidates are scored on the settings' own bundles,
+among these settings (`edgemerge.codecs.choose`: the cheapest whose validation score keeps the
+target, as `select_codecs` does -- the score here is the lower of normalized accuracy and prediction
+agreement with the fine-tuned checkpoint; each task's candidates are scored on the settings' own bundles,
 since a task's rebuilt weights depend on its codec only). Per setting: bundle bytes, bits per parameter per
 task (bundle bytes − θ0's bytes, ÷ merged parameters ÷ tasks, as issue 15 defines it: heads and
 header included), normalized test accuracy (mean over task-seeds, its spread over seeds, worst
@@ -78,6 +79,16 @@ def evaluate(ev: Evaluator, suite, path: str, tasks: list[str], ref_pred: dict, 
     return out
 
 
+def val_criterion(ev: Evaluator, suite, task: str, bundle, ref_pred: np.ndarray) -> float:
+    """What the selector holds against the target, on the validation split: the lower of normalized
+    accuracy and prediction agreement with the task's fine-tuned checkpoint (agreement is the far
+    less noisy of the two on 100-200 items; both must keep the target)."""
+    pred = ev.predictions(task, "val", bundle.task_weights(task))
+    labels = suite.data[task]["val"].labels
+    ref_acc = float((ref_pred == labels).mean())
+    return min(100 * float((pred == labels).mean()) / ref_acc if ref_acc else 0.0, 100 * agreement(pred, ref_pred)[0])
+
+
 def bits_per_param_task(path: str) -> float:
     with open_bundle(path) as b:
         base = sum(e.end - e.start for n, e in b.header.tensors.items() if n.startswith("base/"))
@@ -97,7 +108,7 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
     ref_pred = {t: ev.predictions(t, "test", _load(ckpts[t])) for t in tasks}
     ft_acc = r.accuracy["finetuned"]
     rows = {}
-    ref_val = {t: ev.accuracy(t, "val", _load(ckpts[t])) for t in tasks}
+    ref_val = {t: ev.predictions(t, "val", _load(ckpts[t])) for t in tasks}
     tried: dict[str, list] = {t: [] for t in tasks}  # the selector's candidates = these settings
     for label in SETTINGS:
         spec = parse_codec(label)
@@ -108,8 +119,7 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
         with open_bundle(path) as b:
             for e in m["tasks"]:
                 t = e["name"]
-                tried[t].append((spec.label(), e["codec"]["bits_per_param"] + share,
-                                 100 * ev.accuracy(t, "val", b.task_weights(t)) / ref_val[t]))
+                tried[t].append((spec.label(), e["codec"]["bits_per_param"] + share, val_criterion(ev, suite, t, b, ref_val[t])))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]))
         rows[label] = res
@@ -157,7 +167,8 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
     bits = max(r["bits"] for r in sel)
     ok = worst_n >= 99 and worst_a >= 99 and bits <= 0.65
     goals.append(f"`--target 99.5`: worst task-seed {worst_n:.2f}% normalized, worst agreement {worst_a:.2f}%, "
-                 f"{bits:.3f} bits/param/task (goal: ≥ 99%, ≥ 99%, ≤ 0.65 — {'met' if ok else 'MISSED'})")
+                 f"{np.mean([r['bits'] for r in sel]):.3f} bits/param/task (mean over seeds; highest seed {bits:.3f}) "
+                 f"(goal: ≥ 99%, ≥ 99%, ≤ 0.65 — {'met' if ok else 'MISSED'})")
     choice = {}
     for s in sel:
         for t, c in s["chosen"].items():
@@ -170,8 +181,10 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
                  f"(goal ≥ 99% — {'met' if best_ts[2] >= 99 else 'MISSED'})")
     sw = {label: np.median([s[label]["switch"] for s in per_seed]) for label in labels if label in SETTINGS}
     ts = max(v for k, v in sw.items() if k.startswith("tswitch"))
-    goals.append(f"switch ÷ memcpy: tswitch ≤ {ts:.2f}× (goal ≤ 1.2 — {'met' if ts <= 1.2 else 'MISSED'}); highest of any "
-                 f"codec {max(sw.values()):.2f}× (goal ≤ 1.6 — {'met' if max(sw.values()) <= 1.6 else 'MISSED'})")
+    goals.append(f"switch ÷ memcpy, the whole model param by param as a runtime does it (per-tensor overhead included; "
+                 f"bench/kernel_bench.py times the kernels alone): tswitch ≤ {ts:.2f}× (goal ≤ 1.2 — "
+                 f"{'met' if ts <= 1.2 else 'MISSED'}); highest of any codec {max(sw.values()):.2f}× (goal ≤ 1.6 — "
+                 f"{'met' if max(sw.values()) <= 1.6 else 'MISSED'})")
     return text, goals, points
 
 
@@ -228,7 +241,8 @@ def main() -> None:
                       f"`python bench/frontier_bench.py --suites {args.suites} --seeds {args.seeds}` — commit {git_rev()}; "
                       f"{get_kind(suite_name).label}; seeds {seeds}. Normalized = test accuracy / fine-tuned test accuracy; "
                       "agreement = share of test items predicted as the task's fine-tuned checkpoint predicts; the selector "
-                      "scores candidates on the validation split. Plot: [frontier.png](frontier.png).\n\n"
+                      "picks, per task, the cheapest setting whose validation accuracy (normalized) and validation agreement "
+                      "both keep the target. Plot: [frontier.png](frontier.png).\n\n"
                       f"Machine: {machine()}.\n\n" + text + "\n\n" + "\n".join(f"- {g}" for g in goals))
 
 

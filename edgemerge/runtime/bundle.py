@@ -125,6 +125,8 @@ class Bundle:
         self.codecs: dict[str, Codec] = {t["name"]: Codec.parse(f"{path}: task {t['name']!r}", t.get("codec") if self.version >= 2 else None)
                                          for t in manifest["tasks"]}
         self.shared = any(c.shared for c in self.codecs.values())  # τ_MTL is stored
+        self._merged_pos = {p.name: i for i, p in enumerate(self.merged)}
+        self._recipes: dict[tuple[str, str], Recipe] = {}  # views and decoded planes: built once per (task, param)
         self._decoded: dict[str, list[dict[str, np.ndarray]]] = {}
         self._decode_lock = threading.Lock()
         self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
@@ -258,10 +260,10 @@ class Bundle:
         return self._view(mask_name(task, param))
 
     def _merged_index(self, param: str) -> int:
-        for i, p in enumerate(self.merged):
-            if p.name == param:
-                return i
-        raise FormatError(f"{self.path}: no merged parameter {param!r}")
+        i = self._merged_pos.get(param)
+        if i is None:
+            raise FormatError(f"{self.path}: no merged parameter {param!r}")
+        return i
 
     def _planes(self, task: str) -> list[dict[str, np.ndarray]]:
         """The task's bit planes, decoded once (first use) into the packed planes the kernels take."""
@@ -272,20 +274,29 @@ class Bundle:
                     where = f"{self.path}: tensor {planes_name(task)!r}"
                     planes = decode_planes(where, c, self._view(planes_name(task)), [p.numel for p in self.merged])
                     if c.correction:
-                        k = sum(d["fix"].size for d in planes)
+                        k = 0
+                        for d in planes:  # where each param's values start in fix/<task>
+                            d["fix_start"], k = k, k + d["fix"].size
                         _expect(k == c.correction, self.path,
                                 f"task {task!r}: the fix planes mark {k} positions, the codec declares {c.correction}")
                     self._decoded[task] = planes
         return self._decoded[task]
 
     def recipe(self, task: str, param: str) -> Recipe:
-        """What rebuilds merged param ``param`` of ``task`` (its codec's planes, scale, δ, correction)."""
+        """What rebuilds merged param ``param`` of ``task`` (its codec's planes, scale, δ, correction);
+        built once per (task, param) and kept while the bundle is open."""
+        r = self._recipes.get((task, param))
+        if r is None:
+            r = self._recipes[(task, param)] = self._make_recipe(task, param)
+        return r
+
+    def _make_recipe(self, task: str, param: str) -> Recipe:
         self.check_task(task)
         c, i = self.codecs[task], self._merged_index(param)
         planes = self._planes(task)[i] if c.uses_planes_tensor else {}
         fix = {}
         if c.correction:
-            start = sum(d["fix"].size for d in self._planes(task)[:i])
+            start = planes["fix_start"]
             idx = planes["fix"]
             fix = {"fix_index": idx, "fix_value": self._view(fix_name(task))[start : start + idx.size].astype(np.float32)}
         if c.name == "tall":
@@ -358,6 +369,7 @@ class Bundle:
         self._verified.update(self.header.tensors)
 
     def close(self) -> None:
+        self._recipes.clear()  # they hold views of the mapping
         if self._mm is not None:
             try:
                 self._mm.close()
