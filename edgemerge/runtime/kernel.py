@@ -154,12 +154,25 @@ def kernel_name(dtype=np.float32, vector_dtype=None) -> str:
     return "numba" if _fused() is not None else "c-scalar" if c is not None else "numpy"
 
 
+_ALL_SET = np.zeros(0, np.uint8)
+
+
+def _all_set(nbytes: int) -> np.ndarray:
+    """A read-only mask with every bit set (no mask, a delta), from one buffer grown as needed."""
+    global _ALL_SET
+    if _ALL_SET.size < nbytes:
+        grown = np.full(max(nbytes, 2 * _ALL_SET.size), 0xFF, np.uint8)
+        grown.flags.writeable = False
+        _ALL_SET = grown
+    return _ALL_SET[:nbytes]
+
+
 def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, out: np.ndarray) -> np.ndarray:
     """Write θ_t into ``out`` (preallocated, θ0's shape and dtype). ``packed=None``: all bits set."""
     if out.shape != base.shape or out.dtype != base.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {base.dtype} array of shape {base.shape}")
     if packed is None:
-        packed = np.full(packed_nbytes(base.size), 0xFF, dtype=np.uint8)
+        packed = _all_set(packed_nbytes(base.size))
     elif packed.size != packed_nbytes(base.size):
         unpack_bits(packed, base.size)  # raises the FormatError with the counts
     name = kernel_name(base.dtype, vector.dtype) if base.size else "numpy"
