@@ -218,13 +218,17 @@ static void f32h_scalar(const float *b, const void *v, const uint8_t *m, float *
 __attribute__((target("avx2,f16c")))
 static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o, Py_ssize_t s, Py_ssize_t e, int vk) {
     Py_ssize_t i = s;
-    while (i < e && ((i & 7) || ((uintptr_t)(o + i) & 31)))
+    while (i < e && ((uintptr_t)(o + i) & 31))  /* scalar head up to a 32-byte aligned output */
         f32h_scalar(b, v, m, o, i, i + 1, vk), i++;
-    const __m256i pos = _mm256_setr_epi32(128, 64, 32, 16, 8, 4, 2, 1);
-    for (; i + 8 <= e; i += 8) {  /* i starts a mask byte: lanes 0..7 take its bits 7..0 */
-        __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m[i >> 3]), pos), pos);
+    /* any i: the 16-bit window of the two mask bytes under lanes i..i+7, as span_avx2 takes it */
+    const __m256i lane = _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8);
+    const __m256i one = _mm256_set1_epi32(1);
+    for (; i + 16 <= e; i += 8) {
+        int w = (m[i >> 3] << 8) | m[(i >> 3) + 1];
+        __m256i sh = _mm256_sub_epi32(lane, _mm256_set1_epi32((int)(i & 7)));
+        __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), sh), one);
         __m256 bv = _mm256_loadu_ps(b + i);
-        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, load8(v, i, vk)), _mm256_castsi256_ps(on));
+        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, load8(v, i, vk)), _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, one)));
         _mm256_stream_ps(o + i, r);
     }
     _mm_sfence();
