@@ -91,14 +91,15 @@ def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
-def _parse_tasks(items: tuple[str, ...]) -> dict[str, str]:
+def _parse_tasks(items: tuple[str, ...], option: str = "--task", value: str = "PATH") -> dict[str, str]:
+    """NAME=VALUE per item (a task name each, once)."""
     tasks: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--task {item!r} must look like NAME=PATH")
+            raise ConfigError(f"{option} {item!r} must look like NAME={value}")
         if name in tasks:
-            raise ConfigError(f"task {name!r} given twice")
+            raise ConfigError(f"task {name!r} given twice to {option}")
         tasks[name] = path
     return tasks
 
@@ -185,12 +186,7 @@ def encode(bundle, tasks, default, per_task, output, quiet) -> None:
     from .runtime import open_bundle
 
     paths = _parse_tasks(tasks) if tasks else {}
-    chosen = {}
-    for item in per_task:
-        name, sep, spec = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--codec-for {item!r} must be NAME=SPEC, e.g. news=tswitch:density=0.1")
-        chosen[name] = parse_codec(spec)
+    chosen = {name: parse_codec(spec) for name, spec in _parse_tasks(per_task, "--codec-for", "SPEC").items()}
     with open_bundle(bundle) as b:
         codecs = {t: chosen.get(t) or parse_codec(default) for t in b.tasks}
         unknown = sorted(set(chosen) - set(b.tasks))

@@ -30,21 +30,25 @@ static inline void span_scalar(const float *b, const float *v, const uint8_t *m,
 }
 
 #ifdef EM_AVX2
+/* The selection mask of lanes 0..7 of the group at i: bit i + k of a big-order plane, as all-ones /
+   all-zeros floats. Takes the 16-bit window of bytes i/8 and i/8 + 1 (it exists while i + 16 <= e)
+   and shifts lane k right by 15 - (i % 8) - k, so a group may start at any i. */
+__attribute__((target("avx2")))
+static inline __m256 window_sel(const uint8_t *m, Py_ssize_t i) {
+    const __m256i lane = _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8), one = _mm256_set1_epi32(1);
+    int w = (m[i >> 3] << 8) | m[(i >> 3) + 1];
+    __m256i sh = _mm256_sub_epi32(lane, _mm256_set1_epi32((int)(i & 7)));
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), sh), one), one));
+}
+
 __attribute__((target("avx2")))
 static void span_avx2(const float *b, const float *v, const uint8_t *m, float *o,
                       Py_ssize_t s, Py_ssize_t e) {
     Py_ssize_t i = s;
     while (i < e && ((uintptr_t)(o + i) & 31))  /* scalar head up to a 32-byte aligned output */
         span_scalar(b, v, m, o, i, i + 1), i++;
-    /* lane k of the group at i needs bit (i + k): take the 16-bit window of bytes i/8 and i/8 + 1
-       and shift lane k right by 15 - (i % 8) - k; the window's second byte exists while i + 16 <= e */
-    const __m256i lane = _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8);
-    const __m256i one = _mm256_set1_epi32(1);
     for (; i + 16 <= e; i += 8) {
-        int w = (m[i >> 3] << 8) | m[(i >> 3) + 1];
-        __m256i sh = _mm256_sub_epi32(lane, _mm256_set1_epi32((int)(i & 7)));
-        __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), sh), one);
-        __m256 sel = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, one));
+        __m256 sel = window_sel(m, i);
         __m256 bv = _mm256_loadu_ps(b + i);
         __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, _mm256_loadu_ps(v + i)), sel);
         _mm256_stream_ps(o + i, r);
@@ -190,17 +194,11 @@ static void sign_avx2(const float *b, const uint8_t *p, const uint8_t *sg, float
     Py_ssize_t i = s;
     while (i < e && ((uintptr_t)(o + i) & 31))
         sign_scalar(b, p, sg, o, i, i + 1, c, K_F32), i++;
-    const __m256i lane = _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8);
-    const __m256i one = _mm256_set1_epi32(1);
     const __m256 pos = _mm256_set1_ps(c), neg = _mm256_set1_ps(-c);
-    for (; i + 16 <= e; i += 8) {  /* the 16-bit window of both planes, as in span_avx2 */
-        Py_ssize_t k = i >> 3;
-        __m256i sh = _mm256_sub_epi32(lane, _mm256_set1_epi32((int)(i & 7)));
-        __m256i pb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((p[k] << 8) | p[k + 1]), sh), one);
-        __m256i sb = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((sg[k] << 8) | sg[k + 1]), sh), one);
-        __m256 add = _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_cmpeq_epi32(sb, one)));
+    for (; i + 16 <= e; i += 8) {  /* both planes' windows, as in span_avx2 */
+        __m256 add = _mm256_blendv_ps(pos, neg, window_sel(sg, i));
         __m256 bv = _mm256_loadu_ps(b + i);
-        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, add), _mm256_castsi256_ps(_mm256_cmpeq_epi32(pb, one)));
+        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, add), window_sel(p, i));
         _mm256_stream_ps(o + i, r);
     }
     _mm_sfence();
@@ -220,15 +218,9 @@ static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o,
     Py_ssize_t i = s;
     while (i < e && ((uintptr_t)(o + i) & 31))  /* scalar head up to a 32-byte aligned output */
         f32h_scalar(b, v, m, o, i, i + 1, vk), i++;
-    /* any i: the 16-bit window of the two mask bytes under lanes i..i+7, as span_avx2 takes it */
-    const __m256i lane = _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8);
-    const __m256i one = _mm256_set1_epi32(1);
-    for (; i + 16 <= e; i += 8) {
-        int w = (m[i >> 3] << 8) | m[(i >> 3) + 1];
-        __m256i sh = _mm256_sub_epi32(lane, _mm256_set1_epi32((int)(i & 7)));
-        __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), sh), one);
+    for (; i + 16 <= e; i += 8) {  /* any i: the mask window, as span_avx2 takes it */
         __m256 bv = _mm256_loadu_ps(b + i);
-        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, load8(v, i, vk)), _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, one)));
+        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, load8(v, i, vk)), window_sel(m, i));
         _mm256_stream_ps(o + i, r);
     }
     _mm_sfence();
@@ -295,6 +287,15 @@ static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py
 
 static int avx2 = 0, f16c = 0;
 
+/* every entry point takes four buffers: release them and hand back its result */
+static PyObject *release4(Py_buffer *a, Py_buffer *b, Py_buffer *c, Py_buffer *d, PyObject *res) {
+    PyBuffer_Release(a);
+    PyBuffer_Release(b);
+    PyBuffer_Release(c);
+    PyBuffer_Release(d);
+    return res;
+}
+
 /* apply_f32 / apply_half: parse, check every size against the element count, run with the GIL released */
 static PyObject *apply(PyObject *args, int half) {
     Py_buffer b, v, m, o;
@@ -331,11 +332,7 @@ static PyObject *apply(PyObject *args, int half) {
         res = Py_None;
         Py_INCREF(res);
     }
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&v);
-    PyBuffer_Release(&m);
-    PyBuffer_Release(&o);
-    return res;
+    return release4(&b, &v, &m, &o, res);
 }
 
 /* apply_sign(base, presence, sign, out, start, stop, scale, kind): the T-Switch rule; kind 0 float32,
@@ -364,11 +361,7 @@ static PyObject *apply_sign(PyObject *self, PyObject *args) {
         res = Py_None;
         Py_INCREF(res);
     }
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&p);
-    PyBuffer_Release(&sg);
-    PyBuffer_Release(&o);
-    return res;
+    return release4(&b, &p, &sg, &o, res);
 }
 
 /* apply_f32h(base, vec, mask, out, start, stop, vec_kind): float32 base and out, vector float16 (1) or bfloat16 (2). */
@@ -395,11 +388,7 @@ static PyObject *apply_f32h(PyObject *self, PyObject *args) {
         res = Py_None;
         Py_INCREF(res);
     }
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&v);
-    PyBuffer_Release(&m);
-    PyBuffer_Release(&o);
-    return res;
+    return release4(&b, &v, &m, &o, res);
 }
 
 /* apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind, nibbles): a quantized delta
@@ -424,11 +413,7 @@ static PyObject *apply_q8(PyObject *self, PyObject *args) {
         res = Py_None;
         Py_INCREF(res);
     }
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&q);
-    PyBuffer_Release(&sc);
-    PyBuffer_Release(&o);
-    return res;
+    return release4(&b, &q, &sc, &o, res);
 }
 
 static PyObject *apply_f32(PyObject *self, PyObject *args) { return apply(args, 0); }
