@@ -139,8 +139,11 @@ def test_planes_roundtrip_and_damage():
         signs = np.unpackbits(b["sign"], count=n).astype(bool)
         assert np.array_equal(signs[d["presence"]], d["signs"]) and not signs[~d["presence"]].any()
     raw = lzma.decompress(blob.tobytes())
-    with pytest.raises(FormatError, match="truncated or has trailing bytes|does not decode"):
+    with pytest.raises(FormatError, match="truncated, has trailing bytes|does not decode"):
         decode_planes("planes/t", codec, blob[:-3], numels)
+    bomb = np.frombuffer(lzma.compress(bytes(10_000_000), format=lzma.FORMAT_XZ), np.uint8)  # 10 MB of zeros, ~1.5 kB
+    with pytest.raises(FormatError, match="inflates past its planes"):  # refused after ~3 planes' worth, not 10 MB
+        decode_planes("planes/t", codec, bomb, numels)
     with pytest.raises(FormatError, match="planes/t: the planes end early"):
         decode_planes("planes/t", Codec("tswitch", "raw"), np.frombuffer(raw[:-1], np.uint8), numels)
     with pytest.raises(FormatError, match="bytes after the last plane"):

@@ -1,4 +1,4 @@
-"""Per-task codecs (bundle format v2, docs/format.md §4): how one task's θ_t is rebuilt.
+"""Per-task codecs (bundle format v2, docs/format.md §8): how one task's θ_t is rebuilt.
 
 Each task names one codec; each codec has one rule, written here once as plain numpy
 (``rebuild_reference``) and run by the fast kernels (``rebuild``), bit for bit:
@@ -36,7 +36,6 @@ PLANE_ENCODINGS = ("raw", "xz")
 _KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 if "BF16" in DTYPES:
     _KIND[DTYPES["BF16"]] = 2
-MAX_DECODED = 1 << 40  # an xz stream may not claim to inflate beyond this (bytes)
 
 
 def planes_name(task: str) -> str:
@@ -267,14 +266,15 @@ def decode_planes(where: str, codec: Codec, blob: np.ndarray, numels: list[int])
     (0 where absent) and the fix positions ``fix`` (int64). Every length is checked."""
     raw = memoryview(np.ascontiguousarray(blob).reshape(-1).view(np.uint8))
     if codec.planes == "xz":
+        bound = sum(3 * packed_nbytes(n) for n in numels)  # presence + signs + fix at most: no bomb inflates past it
         try:
             d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 28)
-            raw = memoryview(d.decompress(raw, max_length=MAX_DECODED))
-            ok = d.eof and not d.unused_data
+            raw = memoryview(d.decompress(raw, max_length=bound + 1))
+            ok = d.eof and not d.unused_data and len(raw) <= bound
         except lzma.LZMAError as exc:
             raise FormatError(f"{where}: the xz stream does not decode ({exc})") from None
         if not ok:
-            raise FormatError(f"{where}: the xz stream is truncated or has trailing bytes")
+            raise FormatError(f"{where}: the xz stream is truncated, has trailing bytes or inflates past its planes")
     layout = planes_layout(codec, numels).split()
     pos, out = 0, []
 
