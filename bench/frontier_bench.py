@@ -34,6 +34,7 @@ from common import git_rev, machine, table, write_section  # noqa: E402
 
 from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec  # noqa: E402
 from edgemerge.demo import DemoOptions, run_demo  # noqa: E402
+from edgemerge.inspect import bits_per_param_per_task  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
 from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suite, get_kind  # noqa: E402
 
@@ -91,9 +92,7 @@ def val_criterion(ev: Evaluator, suite, task: str, bundle, ref_pred: np.ndarray)
 
 def bits_per_param_task(path: str) -> float:
     with open_bundle(path) as b:
-        base = sum(e.end - e.start for n, e in b.header.tensors.items() if n.startswith("base/"))
-        merged = sum(p.numel for p in b.merged)
-        return (os.path.getsize(path) - base) * 8 / merged / len(b.tasks)
+        return bits_per_param_per_task(b)
 
 
 def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
@@ -105,10 +104,12 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
     tasks = list(cfg.tasks)
     v1 = os.path.join(cfg.folder, "merged", f"task_arithmetic-{'+'.join(tasks)}.safetensors")
     ckpts = dict(suite.checkpoints)
-    ref_pred = {t: ev.predictions(t, "test", _load(ckpts[t])) for t in tasks}
+    ref_pred, ref_val = {}, {}
+    for t in tasks:  # each fine-tuned checkpoint read once, predictions on both splits
+        weights = _load(ckpts[t])
+        ref_pred[t], ref_val[t] = ev.predictions(t, "test", weights), ev.predictions(t, "val", weights)
     ft_acc = r.accuracy["finetuned"]
     rows = {}
-    ref_val = {t: ev.predictions(t, "val", _load(ckpts[t])) for t in tasks}
     tried: dict[str, list] = {t: [] for t in tasks}  # the selector's candidates = these settings
     for label in SETTINGS:
         spec = parse_codec(label)

@@ -29,6 +29,7 @@ import numpy as np
 from . import __version__
 from .checkpoints import Checkpoint, file_sha256, open_checkpoint
 from .errors import CheckpointError, ConfigError, FormatError
+from .inspect import PER_TASK
 from .io import write_safetensors
 from .runtime.bundle import (
     MANIFEST_KEY, Bundle, base_name, mask_name, open_bundle, private_name, vector_name,
@@ -331,7 +332,7 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
             tensors[dscale_name(t, p)] = sc
         if c.correction:
             tensors[fix_name(t)] = np.concatenate(o.fixes)
-        task_bytes = sum(v.nbytes for k, v in tensors.items() if _belongs(k, t) and not k.startswith("task/"))
+        task_bytes = sum(v.nbytes for k, v in tensors.items() if _belongs(k, t))
         entry = entries[t]
         entry["codec"] = {**c.to_json(), "bits_per_param": round(8 * task_bytes / merged_total, 4) if merged_total else 0.0,
                           **dict(notes.get(t, {}))}
@@ -357,8 +358,9 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
 
 
 def _belongs(name: str, task: str) -> bool:
+    """A tensor of ``task``'s own codec data (what ``inspect.codec_bytes`` counts)."""
     kind, _, rest = name.partition("/")
-    return kind in ("mask", "planes", "scale", "delta", "dscale", "fix", "task") and (rest == task or rest.startswith(task + "/"))
+    return kind in PER_TASK and rest.split("/", 1)[0] == task
 
 
 # -- choosing a codec per task --------------------------------------------------------------------

@@ -240,13 +240,10 @@ def _codec_frontier(suite, tasks, v1: str, measure, acc, agree, progress) -> dic
     """Each of DEMO_CODECS for every task (a v2 bundle next to the merged ones, reused while the
     TALL bundle is unchanged), measured like the methods: bytes, bits per param per task, accuracy."""
     from .codecs import encode_bundle, parse_codec
-
-    def bits(b, size: int) -> float:
-        base = sum(e.end - e.start for n, e in b.header.tensors.items() if n.startswith("base/"))
-        return (size - base) * 8 / sum(p.numel for p in b.merged) / len(tasks)
+    from .inspect import bits_per_param_per_task
 
     with open_bundle(v1) as b:
-        out = {"tall (the v1 bundle)": {"bundle_bytes": os.path.getsize(v1), "bits_per_param_task": bits(b, os.path.getsize(v1)),
+        out = {"tall (the v1 bundle)": {"bundle_bytes": os.path.getsize(v1), "bits_per_param_task": bits_per_param_per_task(b),
                                         "accuracy": dict(acc["tall"]), "agreement": dict(agree["tall"])}}
     for i, label in enumerate(DEMO_CODECS):
         path = os.path.join(os.path.dirname(v1), f"codec-{label.replace(':', '-').replace(',', '-')}-{'+'.join(tasks)}.safetensors")
@@ -255,7 +252,7 @@ def _codec_frontier(suite, tasks, v1: str, measure, acc, agree, progress) -> dic
         with open_bundle(path) as b:
             for t in tasks:
                 measure(label, t, b.task_weights(t))
-            out[label] = {"bundle_bytes": os.path.getsize(path), "bits_per_param_task": bits(b, os.path.getsize(path)),
+            out[label] = {"bundle_bytes": os.path.getsize(path), "bits_per_param_task": bits_per_param_per_task(b),
                           "accuracy": acc.pop(label), "agreement": agree.pop(label)}
         if progress:
             progress("codecs", i + 1, len(DEMO_CODECS))

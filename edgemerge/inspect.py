@@ -12,6 +12,23 @@ SECTIONS = ("base", "vector", "mask", "planes", "scale", "delta", "dscale", "fix
 PER_TASK = ("mask", "planes", "scale", "delta", "dscale", "fix")  # a task's own codec data
 
 
+def codec_bytes(bundle: Bundle) -> dict[str, int]:
+    """Bytes of each task's own codec data (TALL masks, planes, scales, δ, fixes; not its head)."""
+    own = dict.fromkeys(bundle.tasks, 0)
+    for name, e in bundle.header.tensors.items():
+        kind, _, rest = name.partition("/")
+        if kind in PER_TASK:
+            own[rest.split("/", 1)[0]] += e.end - e.start
+    return own
+
+
+def bits_per_param_per_task(bundle: Bundle) -> float:
+    """Bundle bytes beyond θ0 (header, τ_MTL, codec data, heads) ÷ merged parameters ÷ tasks."""
+    base = sum(e.end - e.start for name, e in bundle.header.tensors.items() if name.startswith("base/"))
+    merged = sum(p.numel for p in bundle.merged)
+    return (os.path.getsize(bundle.path) - base) * 8 / merged / len(bundle.tasks) if merged else 0.0
+
+
 def summarize(bundle: Bundle) -> dict[str, Any]:
     """Tasks (codec, λ_t, density, bits per merged param of its own tensors), bytes per section,
     bits per param per task beyond θ0 (shared vector included), and storage vs N separate checkpoints.
@@ -33,8 +50,7 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
     separate_f32 = n * shared_f32 + sum(private.values())
     m = bundle.manifest
     merged = sum(p.numel for p in bundle.merged)
-    own = {t: sum(e.end - e.start for name, e in h.tensors.items()
-                  if name.split("/", 1)[0] in PER_TASK and name.split("/")[1] == t) for t in bundle.tasks}
+    own = codec_bytes(bundle)
     return {
         "path": bundle.path,
         "format_version": m["format_version"],
@@ -46,7 +62,7 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
         "tasks": [{**{k: t.get(k) for k in ("name", "lambda", "density", "recon_error")},
                    "codec": bundle.codecs[t["name"]].name + (" + correction" if bundle.codecs[t["name"]].correction else ""),
                    "bits_per_param": own[t["name"]] * 8 / merged if merged else 0.0} for t in m["tasks"]],
-        "bits_per_param_per_task": (file_bytes - sections["base"]) * 8 / merged / n if merged else 0.0,
+        "bits_per_param_per_task": bits_per_param_per_task(bundle),
         "sections": {**sections, "header": h.data_start},
         "bundle_bytes": file_bytes,
         "separate_bytes_source_dtype": separate_src,

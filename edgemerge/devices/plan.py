@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..inspect import codec_bytes
 from ..runtime.bundle import Bundle
 from ..runtime.dtypes import DTYPES
 from .profiles import STORAGE_READ, Device
@@ -61,20 +62,13 @@ class Sizes:
     private_bytes: int = -1     # all tasks' private tensors (−1: n_tasks × private_one_task)
 
 
-_CODEC_KINDS = ("mask", "planes", "scale", "delta", "dscale", "fix")  # tensor kinds that are one task's codec data
-
-
 def sizes(bundle: Bundle) -> Sizes:
     h = bundle.header
     nbytes = lambda name: h.tensors[name].end - h.tensors[name].start  # noqa: E731
     merged = bundle.merged
     base = sum(nbytes(f"base/{p.name}") for p in bundle.params)
     vector = sum(nbytes(f"vector/{p.name}") for p in merged) if bundle.shared else 0
-    own = {t: 0 for t in bundle.tasks}
-    for name in h.tensors:
-        kind, _, rest = name.partition("/")
-        if kind in _CODEC_KINDS:
-            own[rest.split("/", 1)[0]] += nbytes(name)
+    own = codec_bytes(bundle)
     private = {t: sum(nbytes(f"task/{t}/{k}") for k in bundle.private_keys[t]) for t in bundle.tasks}
     reads = {t: own[t] + private[t] + (vector if bundle.codecs[t].shared else 0) for t in bundle.tasks}
     worst = max(bundle.tasks, key=lambda t: reads[t])

@@ -182,7 +182,7 @@ class Bundle:
                     _check_tensor(h, delta_name(t, p.name), "U8", ((p.numel + 1) // 2,), seen)
                 elif c.name == "delta":
                     _check_tensor(h, delta_name(t, p.name), c.dtype, p.shape, seen)
-                if c.name == "delta" and c.dtype in ("I8", "I4"):
+                if c.qscale_rows:
                     _check_tensor(h, dscale_name(t, p.name), "F32", (quant_rows(p.shape),), seen)
         for t, keys in self.private_keys.items():
             for k in keys:
@@ -305,7 +305,7 @@ class Bundle:
             return Recipe("tswitch", presence=planes["presence"], sign=planes["sign"],
                           scale=float(self._view(scales_name(task))[i]), **fix)
         p = self.merged[i]
-        if c.dtype in ("I8", "I4"):
+        if c.qscale_rows:
             rows = quant_rows(p.shape)
             return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), packed4=c.dtype == "I4",
                           qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
