@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import git_rev, machine, table, write_section  # noqa: E402
 
 from edgemerge.demo import ALPHAS, LABELS, MERGED, TALL_LAMBDAS, DemoOptions, run_demo  # noqa: E402
-from edgemerge.suites.suite import get_kind  # noqa: E402
+from edgemerge.suites.suite import get_kind, task_steps  # noqa: E402
 
 
 def _inside(value: float, grid: tuple[float, ...]) -> bool:
@@ -58,7 +58,10 @@ def report(suite: str, results: list) -> tuple[str, list[str]]:
     o = results[0].options
     n_test = results[0].test_items
     goals = [
-        f"Fine-tuning: {o['steps']} steps at lr {o['lr']:g}; test items per task: "
+        f"Fine-tuning: {o['steps']} steps at lr {o['lr']:g}"
+        + "".join(f" ({t}: {task_steps(get_kind(suite), t, o['steps'])})" for t in tasks
+                  if task_steps(get_kind(suite), t, o['steps']) != o['steps'])
+        + "; test items per task: "
         + ", ".join(f"{t} {n_test[t]}" for t in tasks) + f"; val {o['val']}.",
         f"Tasks: {len(tasks)}" + (" (goal ≥ 8 — met)." if len(tasks) >= 8 else (" (goal ≥ 8 — MISSED)." if suite == "vision" else ".")),
         f"Fine-tune gain over the zero-shot head, mean over tasks and seeds: {mean_gain:+.1f} points (goal ≥ 5 — "

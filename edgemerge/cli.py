@@ -137,10 +137,16 @@ def _parse_ties(items) -> dict[str, str]:
               help="Running statistics (BatchNorm running_mean/var): kept whole per task, or merged like weights.")
 @click.option("--vector-dtype", type=click.Choice(["auto", "F32", "F16", "BF16"]), default="auto", show_default=True,
               help="Storage dtype of τ_MTL (auto: θ0's, that of most of its float elements).")
+@click.option("--target", type=float, default=None, metavar="PERCENT",
+              help="Choose each task's codec (bundle format v2): the cheapest candidate whose rebuilt weights keep "
+                   "PERCENT of τ_t's energy (a data-free proxy; the Python API takes a validation score instead).")
+@click.option("--candidate", "candidates", multiple=True, metavar="SPEC",
+              help="A codec --target may choose (repeat; default: the built-in list, see `edgemerge encode --help`).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle file to write (.safetensors).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge(base, tasks, method, params, masks, lambdas, private, ties, statistics, vector_dtype, output, as_json, quiet) -> None:
+def merge(base, tasks, method, params, masks, lambdas, private, ties, statistics, vector_dtype, target, candidates, output,
+          as_json, quiet) -> None:
     """Merge task checkpoints of BASE into one bundle."""
     from .pipeline import MergeConfig, merge as run_merge
 
@@ -151,12 +157,21 @@ def merge(base, tasks, method, params, masks, lambdas, private, ties, statistics
     cfg = MergeConfig(base=base, tasks=_parse_tasks(tasks), method=method, params=_parse_kv(params, "--param"),
                       masks=masks, lambdas=grid, private=tuple(private), statistics=statistics, vector_dtype=vector_dtype,
                       ties=_parse_ties(ties))
+    chosen = None
     with progress_bar(quiet or as_json) as prog:
-        report = run_merge(cfg, output, progress=prog)
+        if target is None:
+            report = run_merge(cfg, output, progress=prog)
+        else:
+            _check_target_options(target, candidates, output, [base, *cfg.tasks.values()])
+            with _scratch_dir(output) as tmp:  # the v1 bundle lives only until the v2 one is written
+                v1 = os.path.join(tmp, "merged.safetensors")
+                report = run_merge(cfg, v1, progress=prog)
+                chosen = _encode_to_target(v1, cfg.tasks, target, candidates, output, prog, tmp)
+            report.path, report.bundle_bytes = output, os.path.getsize(output)
     if as_json:
         from dataclasses import asdict
 
-        click.echo(json.dumps(asdict(report), indent=2))
+        click.echo(json.dumps({**asdict(report), **({"codecs": chosen} if chosen else {})}, indent=2))
         return
     table = Table(title=f"{report.method} → {report.path}")
     for col in ("task", "λ_t", "mask density", "‖θ̂_t − θ_t‖", "relative"):
@@ -166,45 +181,102 @@ def merge(base, tasks, method, params, masks, lambdas, private, ties, statistics
         table.add_row(t.name, lam, f"{t.density:.3f}", f"{t.error:.4g}", f"{t.relative_error:.3f}")
     console.print(table)
     unchanged = f" ({report.n_unchanged:,} more that no task changed, stored once)" if report.n_unchanged else ""
+    if chosen:
+        _codec_table(chosen, f"codecs chosen for {target:g}% weight fidelity")
     console.print(f"{report.n_params:,} merged parameters{unchanged}, {len(report.tasks)} tasks: inputs {_human(report.input_bytes)} "
                   f"→ bundle {_human(report.bundle_bytes)} in {report.seconds:.1f} s")
+
+
+def _check_target_options(target: float, candidates, output: str, inputs) -> None:
+    """Everything --target needs, checked before any work."""
+    from .codecs import check_target, parse_codec
+    from .io import check_writable, refuse_inputs
+
+    check_target(target)
+    for c in candidates:
+        parse_codec(c)
+    refuse_inputs(output, inputs)
+    check_writable(output)
+
+
+@contextmanager
+def _scratch_dir(output: str) -> Iterator[str]:
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix=".edgemerge-", dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _encode_to_target(bundle: str, tasks: dict[str, str], target: float, candidates, output: str, prog, tmp: str) -> list[dict]:
+    """Per task the cheapest codec that keeps ``target``% weight fidelity, written to ``output``;
+    returns the manifest's task entries."""
+    from .codecs import CANDIDATES, choice_notes, encode_bundle, select_codecs
+
+    choices = select_codecs(bundle, tasks, None, target, os.path.join(tmp, "candidate.safetensors"),
+                            tuple(candidates) or CANDIDATES, progress=prog)
+    manifest = encode_bundle(bundle, tasks, {t: c.spec for t, c in choices.items()}, output, progress=prog,
+                             notes=choice_notes(choices, target, "weight fidelity"))
+    return manifest["tasks"]
+
+
+def _codec_table(entries: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("task", "codec", "bits/param", "fixes", "rel. error", "chosen by"):
+        table.add_column(col, justify="left" if col in ("task", "codec", "chosen by") else "right", overflow="fold")
+    for t in entries:
+        c = t["codec"]
+        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype") if k in c)
+        why = c.get("chosen_by")
+        table.add_row(t["name"], f"{c['name']}:{stored}", f"{c['bits_per_param']:.3f}", f"{c['correction']:,}",
+                      f"{c['relative_error']:.4f}" if "relative_error" in c else "-",
+                      "-" if not why else f"{why['score']:.2f}%" + ("" if why["met"] else " (not met: fallback)"))
+    console.print(table)
 
 
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--task", "tasks", multiple=True, metavar="NAME=PATH",
               help="The checkpoint a task was merged from (repeat); needed by every codec but plain tall.")
-@click.option("--codec", "default", default="tswitch", show_default=True, metavar="SPEC",
-              help="Codec for every task: tall[:planes=raw|xz], tswitch[:density=0.1,planes=xz|raw], "
-                   "delta[:dtype=F16|BF16|F32]; any takes correction=SHARE (e.g. 0.001).")
+@click.option("--codec", "default", default=None, metavar="SPEC",
+              help="Codec for every task (default tswitch): tall[:planes=raw|xz], tswitch[:density=0.1,planes=xz|raw], "
+                   "delta[:dtype=F16|BF16|F32|I8|I4]; any takes correction=SHARE (e.g. 0.001).")
 @click.option("--codec-for", "per_task", multiple=True, metavar="NAME=SPEC", help="Codec for one task (repeat).")
+@click.option("--target", type=float, default=None, metavar="PERCENT",
+              help="Instead of --codec: per task the cheapest candidate whose rebuilt weights keep PERCENT of τ_t's "
+                   "energy (a data-free proxy); none does: delta:dtype=F16, and the manifest says so.")
+@click.option("--candidate", "candidates", multiple=True, metavar="SPEC", help="A codec --target may choose (repeat).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="v2 bundle to write.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def encode(bundle, tasks, default, per_task, output, quiet) -> None:
+def encode(bundle, tasks, default, per_task, target, candidates, output, quiet) -> None:
     """Re-encode BUNDLE's tasks with per-task codecs (bundle format v2)."""
     from .codecs import encode_bundle, parse_codec
     from .runtime import open_bundle
 
     paths = _parse_tasks(tasks) if tasks else {}
+    if target is not None:
+        if default or per_task:
+            raise ConfigError("--target chooses every task's codec: drop --codec / --codec-for, or drop --target")
+        _check_target_options(target, candidates, output, [bundle, *paths.values()])
+        with progress_bar(quiet) as prog, _scratch_dir(output) as tmp:
+            entries = _encode_to_target(bundle, paths, target, candidates, output, prog, tmp)
+        _codec_table(entries, f"{bundle} → {output}, codecs chosen for {target:g}% weight fidelity")
+        console.print(f"bundle {_human(os.path.getsize(bundle))} → {_human(os.path.getsize(output))}")
+        return
+    if candidates:
+        raise ConfigError("--candidate is for --target")
     chosen = {name: parse_codec(spec) for name, spec in _parse_tasks(per_task, "--codec-for", "SPEC").items()}
     with open_bundle(bundle) as b:
-        codecs = {t: chosen.get(t) or parse_codec(default) for t in b.tasks}
+        codecs = {t: chosen.get(t) or parse_codec(default or "tswitch") for t in b.tasks}
         unknown = sorted(set(chosen) - set(b.tasks))
         if unknown:
             raise ConfigError(f"--codec-for names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(b.tasks)}")
         with progress_bar(quiet) as prog:
             manifest = encode_bundle(b, paths, codecs, output, progress=prog)
-    table = Table(title=f"{bundle} → {output}")
-    for col in ("task", "codec", "bits / param", "correction", "relative error"):
-        table.add_column(col, justify="left" if col in ("task", "codec") else "right")
-    for t in manifest["tasks"]:
-        c = t["codec"]
-        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype") if k in c)
-        table.add_row(t["name"], f"{c['name']}:{stored}", f"{c['bits_per_param']:.3f}", f"{c['correction']:,}",
-                      f"{c['relative_error']:.4f}" if "relative_error" in c else "-")
-    console.print(table)
-    import os
-
+    _codec_table(manifest["tasks"], f"{bundle} → {output}")
     console.print(f"bundle {_human(os.path.getsize(bundle))} → {_human(os.path.getsize(output))}")
 
 

@@ -253,8 +253,9 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
                   notes: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``output``: the bundle's θ0, heads and statistics, each task re-encoded with its codec
     (``codecs``: task -> CodecSpec; tasks not named keep ``tall``). ``tasks``: task -> the
-    checkpoint it was merged from (tswitch, delta and corrections need θ_t itself; each file is
-    checked against the sha256 the bundle recorded). ``notes``: task -> extra keys for its codec
+    checkpoint it was merged from (tswitch, delta and corrections need θ_t itself; each file given
+    is checked against the sha256 the bundle recorded, and the task's ``relative_error`` measured
+    against it). ``notes``: task -> extra keys for its codec
     entry (what chose it). Returns the new manifest."""
     b = open_bundle(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
     unknown = sorted(set(codecs) - set(b.tasks))
@@ -273,8 +274,9 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
     if missing:
         raise ConfigError(f"task(s) {', '.join(missing)} need their checkpoint for codec {specs[missing[0]].name}: "
                           "pass --task NAME=PATH")
+    use = [t for t in b.tasks if t in tasks]  # every task given its checkpoint is measured against it
     sources = {t["name"]: t.get("source", {}) for t in b.manifest["tasks"]}
-    for t in need:
+    for t in use:
         want = sources[t].get("sha256")
         if want and os.path.isfile(tasks[t]) and file_sha256(tasks[t]) != want:
             raise CheckpointError(f"{tasks[t]} is not the checkpoint task {t!r} was merged from (sha256 differs from "
@@ -283,7 +285,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
     for i, t in enumerate(b.tasks):
         if progress:
             progress("encode", i, len(b.tasks))
-        if t in need:
+        if t in use:
             ckpt = open_checkpoint(tasks[t])
             try:
                 outs[t] = _encode_task(b, t, ckpt, specs[t])
@@ -382,13 +384,21 @@ class Choice:
     tried: list[tuple[str, float, float]] = field(default_factory=list)   # (spec, bits, normalized)
 
 
-def select_codecs(bundle: str, tasks: Mapping[str, str], score: Score, target: float, scratch: str,
+def weight_fidelity(relative_error: float) -> float:
+    """The data-free proxy (no ``score``): the share of τ_t's energy the rebuilt weights keep,
+    ``100 · (1 − ‖θ̂_t − θ_t‖² / ‖θ_t − θ0‖²)`` over the merged params, in percent.
+    bench/frontier_bench.py measures how it relates to accuracy: conservative (a codec that keeps
+    99% of accuracy may keep far less of τ_t's energy), never a substitute for validation data."""
+    return 100.0 * (1.0 - relative_error ** 2)
+
+
+def select_codecs(bundle: str, tasks: Mapping[str, str], score: Score | None, target: float, scratch: str,
                   candidates: tuple[str, ...] = CANDIDATES,
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Choice]:
     """For each task, the cheapest candidate whose rebuilt model scores ≥ ``target`` percent of the
-    task's own checkpoint on validation data (``score(task, state_dict)``, e.g. accuracy), else
-    ``FALLBACK``. Each candidate is encoded into ``scratch`` (a file path) and read back through
-    the runtime, so what is scored is what a device rebuilds."""
+    task's own checkpoint on validation data (``score(task, state_dict)``, e.g. accuracy; ``None``:
+    the data-free ``weight_fidelity``), else ``FALLBACK``. Each candidate is encoded into ``scratch``
+    (a file path) and read back through the runtime, so what is scored is what a device rebuilds."""
     check_target(target)
     return {t: choose(t, tried, target) for t, tried in try_candidates(bundle, tasks, score, scratch, candidates, progress).items()}
 
@@ -398,11 +408,12 @@ def check_target(target: float) -> None:
         raise ConfigError(f"target {target!r} must be a percentage in (0, 100]")
 
 
-def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score, scratch: str,
+def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, scratch: str,
                    candidates: tuple[str, ...] = CANDIDATES,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, list[tuple[str, float, float]]]:
-    """Per task, (candidate, bits it adds per merged param, validation score in % of θ_t's) for
-    every candidate; ``choose`` picks from these for any target without scoring again."""
+    """Per task, (candidate, bits it adds per merged param, score in % of θ_t's) for every
+    candidate (``score=None``: ``weight_fidelity``); ``choose`` picks from these for any target
+    without scoring again."""
     specs = [parse_codec(c) for c in candidates]
     with open_bundle(bundle) as b:
         missing = [t for t in b.tasks if t not in tasks]
@@ -410,14 +421,18 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score, scratch:
             raise ConfigError(f"choosing codecs needs every task's checkpoint; missing: {', '.join(missing)}")
         tall_share = (32 if b.vector_dtype == "F32" else 16) / len(b.tasks)  # τ_MTL's bits, split over the tasks
         names = list(b.tasks)
+        if b.mask_policy != "tall":  # no masks to compress
+            specs = [c for c in specs if not (c.name == "tall" and c.planes == "xz")]
     out: dict[str, list[tuple[str, float, float]]] = {}
     total = len(names) * len(specs)
     for i, t in enumerate(names):
-        ckpt = open_checkpoint(tasks[t])
-        try:
-            ref = score(t, {k: ckpt.read(k) for k in ckpt.keys()})
-        finally:
-            ckpt.close()
+        ref = None
+        if score is not None:
+            ckpt = open_checkpoint(tasks[t])
+            try:
+                ref = score(t, {k: ckpt.read(k) for k in ckpt.keys()})
+            finally:
+                ckpt.close()
         out[t] = []
         for j, spec in enumerate(specs):
             if progress:
@@ -425,9 +440,12 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score, scratch:
             m = encode_bundle(bundle, {t: tasks[t]}, {t: spec}, scratch)
             entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
             bits = entry["bits_per_param"] + (tall_share if spec.name == "tall" else 0.0)
-            with open_bundle(scratch) as v2:
-                got = score(t, v2.task_weights(t))
-            out[t].append((spec.label(), bits, 100 * got / ref if ref else 0.0))
+            if score is None:
+                got = weight_fidelity(entry["relative_error"])
+            else:
+                with open_bundle(scratch) as v2:
+                    got = 100 * score(t, v2.task_weights(t)) / ref if ref else 0.0
+            out[t].append((spec.label(), bits, got))
     if os.path.exists(scratch):
         os.unlink(scratch)
     if progress:
@@ -446,8 +464,9 @@ def choose(task: str, tried: list[tuple[str, float, float]], target: float) -> C
     return Choice(task, fb, tried[k][1] if k is not None else 16.0, tried[k][2] if k is not None else float("nan"), False, tried)
 
 
-def choice_notes(choices: Mapping[str, Choice], target: float) -> dict[str, dict[str, Any]]:
-    """What the manifest records about each choice (``encode_bundle(notes=...)``)."""
-    return {t: {"chosen_by": {"target": target, "validation_normalized": round(c.normalized, 3), "met": c.met,
+def choice_notes(choices: Mapping[str, Choice], target: float, criterion: str = "validation") -> dict[str, dict[str, Any]]:
+    """What the manifest records about each choice (``encode_bundle(notes=...)``); ``criterion``:
+    'validation' (a score callback) or 'weight fidelity' (the data-free proxy)."""
+    return {t: {"chosen_by": {"target": target, "criterion": criterion, "score": round(c.normalized, 3), "met": c.met,
                               "tried": [{"codec": s, "bits": round(b, 4), "normalized": round(n, 3)} for s, b, n in c.tried]}}
             for t, c in choices.items()}

@@ -467,3 +467,158 @@ def test_a_codec_that_would_rebuild_infinities_is_refused(tmp_path):
     assert not out.exists()
     encode_bundle(str(tmp_path / "b.safetensors"), tasks, {"t": parse_codec("delta:dtype=BF16")}, str(out))
     assert open_bundle(str(out)).task_weights("t")["w"].tolist() == [99840.0, 0, 1, 0]  # 1e5 to bfloat16's 8 bits
+
+
+def _plan_items(rng, dtype):
+    """One param per rule (tall, mask-less tall, tswitch, F16/F32 delta, I8 row / I4 column grids),
+    most with a correction, sized so thread cuts land inside params and inside I4 bytes."""
+    from edgemerge.codecs import pack_nibbles
+
+    def fix(n, k):
+        idx = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+        return {"fix_index": idx, "fix_value": rng.standard_normal(k).astype(np.float32)}
+
+    items = []
+    for kind, shape in [("tall", (301, 7)), ("tall-all", (13,)), ("tswitch", (257, 1031)), ("delta16", (1,)),
+                        ("delta32", (5, 3)), ("i8", (97, 61)), ("i4", (131, 1021)), ("tswitch", (3,))]:
+        n = int(np.prod(shape))
+        base = _values(rng, n, dtype).reshape(shape)
+        vector = _values(rng, n, "F32").reshape(shape) if dtype == "F32" else _values(rng, n, dtype).reshape(shape)
+        planes = lambda: np.packbits(rng.random(n) < 0.3)  # noqa: E731
+        f = fix(n, min(n, 5)) if kind != "delta32" else {}
+        if kind == "tall":
+            r = Recipe("tall", presence=planes(), **f)
+        elif kind == "tall-all":
+            r = Recipe("tall", **f)
+        elif kind == "tswitch":
+            r = Recipe("tswitch", presence=planes(), sign=planes(), scale=float(np.float32(0.0625)), **f)
+        elif kind.startswith("delta"):
+            r = Recipe("delta", delta=_values(rng, n, "F16" if kind == "delta16" else "F32"), **f)
+        else:
+            q = rng.integers(-8 if kind == "i4" else -127, 8 if kind == "i4" else 128, n).astype(np.int8)
+            rows = shape[0]
+            axis = 0 if kind == "i8" else 1
+            scales = (rng.random(rows if axis == 0 else shape[1]) * 1e-2).astype(np.float32)
+            r = Recipe("delta", delta=pack_nibbles(q) if kind == "i4" else q, qscale=scales, qgrid=(*shape, axis),
+                       packed4=kind == "i4", **f)
+        items.append((base, vector if kind.startswith("tall") else None, r, np.full(shape, 7, base.dtype)))
+    return items
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_switch_plan_is_the_rule(simd, dtype):
+    """A plan of every rule, corrections included, run as one call, split by threads (cuts inside
+    params) and over arbitrary ranges: each output equals rebuild_reference bit for bit."""
+    from edgemerge.runtime.codecs import SwitchPlan
+
+    c = _cmask_or_skip()
+    rng = np.random.default_rng(11)
+    items = _plan_items(rng, dtype)
+    want = [rebuild_reference(b, v, r) for b, v, r, _ in items]
+    c.use_simd(simd)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            plan = SwitchPlan(items)
+            assert plan.size > kernel.SPLIT
+            if simd:  # every param in the one C plan but a float16 delta over bfloat16 (numpy: no C pair)
+                assert [(it[0].dtype, it[2].delta.dtype) for it in plan.rest] == \
+                    ([(DTYPES["BF16"], np.dtype(np.float16))] if dtype == "BF16" else [])
+            plan.run()
+            for (b, v, r, out), w in zip(items, want):
+                assert out.tobytes() == w.tobytes(), r.kind
+            for _, _, _, out in items:
+                out.fill(7)
+            cuts = sorted({0, plan.size, *rng.integers(0, plan.size, 9).tolist()})
+            for s, e in zip(cuts, cuts[1:]):  # any range: a run starts and stops inside params and I4 bytes
+                c.run_plan(plan._plan, s, e)
+            for item in plan.rest:
+                rebuild(*item)
+            for (b, v, r, out), w in zip(items, want):
+                assert out.tobytes() == w.tobytes(), r.kind
+    finally:
+        c.use_simd(True)
+
+
+def test_switch_plan_holds_its_arrays_and_checks_jobs():
+    import gc
+
+    from edgemerge.runtime.codecs import SwitchPlan
+    from edgemerge.runtime.kernel import OP_SELECT, c_job
+
+    c = _cmask_or_skip()
+    rng = np.random.default_rng(5)
+    items = _plan_items(rng, "F32")
+    want = [rebuild_reference(b, v, r) for b, v, r, _ in items]
+    outs = [o for *_, o in items]
+    plan = SwitchPlan(items)
+    del items
+    gc.collect()
+    plan.run()  # the plan holds every input buffer: nothing it reads was freed
+    assert all(o.tobytes() == w.tobytes() for o, w in zip(outs, want))
+    x, m, o = np.ones(16, np.float32), np.zeros(2, np.uint8), np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="job 1: vector or mask size"):
+        c.plan([c_job(OP_SELECT, x, x, m, o), c_job(OP_SELECT, x, x, m[:1], o)])
+    with pytest.raises(ValueError, match="job 0: correction positions are not increasing"):
+        c.plan([c_job(OP_SELECT, x, x, m, o, fix=(np.array([3, 3]), np.zeros(2, np.float32)))])
+    with pytest.raises(ValueError, match="job 0: correction positions are not increasing"):
+        c.plan([c_job(OP_SELECT, x, x, m, o, fix=(np.array([16]), np.zeros(1, np.float32)))])
+    with pytest.raises(TypeError):
+        c.plan([c_job(OP_SELECT, x, x, m, bytes(64))])  # a read-only output
+    with pytest.raises(ValueError, match="outside the plan"):
+        c.run_plan(c.plan([c_job(OP_SELECT, x, x, m, o)]), 0, 17)
+    with pytest.raises(ValueError, match="out must be a C-contiguous"):  # a strided output would lose the writes
+        SwitchPlan([(x.reshape(4, 4), None, Recipe("tswitch", presence=m, sign=m, scale=1.0), np.zeros((4, 8), np.float32)[:, ::2])])
+
+
+def _fidelity(bundle_path, task, ckpt_path, base_path):
+    """100 (1 − ‖θ̂_t − θ_t‖² / ‖θ_t − θ0‖²) over the merged params, straight from the files."""
+    ckpt, base = load_file(ckpt_path), load_file(base_path)
+    with open_bundle(bundle_path) as b:
+        w = b.task_weights(task)
+        names = [p.name for p in b.merged]
+    err = sum(float(np.sum((w[k].astype(np.float64) - ckpt[k]) ** 2)) for k in names)
+    ref = sum(float(np.sum((ckpt[k].astype(np.float64) - base[k]) ** 2)) for k in names)
+    return 100 * (1 - err / ref)
+
+
+def test_cli_merge_to_a_target_picks_the_cheapest_codec_that_keeps_it(tmp_path):
+    """`edgemerge merge --target`: per task the cheapest candidate whose rebuilt weights keep the
+    target's share of τ_t's energy, checked against every candidate encoded on its own."""
+    base, tasks = make_suite(tmp_path, n_tasks=2, scale=0.01)
+    cands = ["tswitch:density=0.3", "delta:dtype=I4", "delta:dtype=I8"]
+    out = str(tmp_path / "out.safetensors")
+    task_args = [f"--task={t}={p}" for t, p in tasks.items()]
+    cmd = [sys.executable, "-m", "edgemerge"]
+    p = subprocess.run([*cmd, "merge", base, *task_args, "--method", "task_arithmetic", "--private", "head.*", "--target", "98",
+                        *(f"--candidate={c}" for c in cands), "-o", out, "--quiet", "--json"], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # the v1 bundle and candidates are gone
+    report = json.loads(p.stdout)
+    assert report["path"] == out and report["bundle_bytes"] == os.path.getsize(out)
+    v1 = str(tmp_path / "v1.safetensors")
+    merge(MergeConfig(base=base, tasks=tasks, method="task_arithmetic", private=("head.*",)), v1)
+    fid = {}
+    for c in cands:  # each candidate on its own, through the other CLI command
+        f = str(tmp_path / f"{c.replace(':', '_')}.safetensors")
+        q = subprocess.run([*cmd, "encode", v1, *task_args, "--codec", c, "-o", f, "--quiet"], capture_output=True, text=True, timeout=120)
+        assert q.returncode == 0, q.stderr
+        fid[c] = {t: _fidelity(f, t, tasks[t], base) for t in tasks}
+    with open_bundle(out) as b:
+        entries = {t["name"]: t["codec"] for t in b.manifest["tasks"]}
+    for t in tasks:
+        want = next(c for c in cands if fid[c][t] >= 98)  # the list is cheapest first here
+        got = entries[t]
+        assert parse_codec(want).label() == parse_codec(f"{got['name']}:" + ",".join(
+            f"{k}={got[k]}" for k in ("planes", "dtype") if k in got)).label()
+        assert got["chosen_by"]["criterion"] == "weight fidelity" and got["chosen_by"]["met"]
+        assert got["chosen_by"]["score"] == pytest.approx(fid[want][t], abs=1e-3)
+        assert _fidelity(out, t, tasks[t], base) == pytest.approx(fid[want][t], abs=1e-6)
+    assert fid["tswitch:density=0.3"]["task0"] < 98  # the proxy is strict: a sparse sign code keeps far less energy
+    for bad, msg in ((["--target", "0"], "must be a percentage in (0, 100]"),
+                     (["--target", "99", "--candidate", "tswitch:q=1"], "codec 'tswitch' has no parameter 'q'"),
+                     (["--target", "99", "--codec", "tswitch"], "--target chooses every task's codec")):
+        x = str(tmp_path / "x.safetensors")
+        r = subprocess.run([*cmd, "encode", v1, *task_args, *bad, "-o", x, "--quiet"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        assert not os.path.exists(x)

@@ -233,49 +233,59 @@ static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o,
  * built with -std=c99, which turns contraction off). float32 / float16 / bfloat16 bases. */
 static int8_t nibble_lut[256][2];  /* byte -> its two I4 codes (high nibble first), filled at import */
 
-static inline float code_at(const int8_t *q, Py_ssize_t t, int nib) {
-    if (!nib) return (float)q[t];
-    int v = ((const uint8_t *)q)[t >> 1];  /* I4: element 2j in the high nibble of byte j */
-    v = (t & 1) ? (v & 15) : (v >> 4);
-    return (float)(v > 7 ? v - 16 : v);
+#define Q8_CHUNK 1024
+
+/* elements [c0, c1) of I4 storage (element 2j in the high nibble of byte j) as int8 codes */
+static void decode_nibbles(const uint8_t *q, Py_ssize_t c0, Py_ssize_t c1, int8_t *buf) {
+    Py_ssize_t t = c0;
+    if (t < c1 && (t & 1))
+        buf[0] = nibble_lut[q[t >> 1]][1], t++;
+    for (; t + 1 < c1; t += 2)
+        memcpy(buf + (t - c0), nibble_lut[q[t >> 1]], 2);
+    if (t < c1)
+        buf[t - c0] = nibble_lut[q[t >> 1]][0];
 }
 
+/* chunks of up to Q8_CHUNK codes (I4 decoded into a buffer first), each cut into runs inside one
+   row of the grid: a run shares one scale (axis 0) or takes consecutive column scales (axis 1),
+   so the float32 loops vectorize whatever the row length */
 static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py_ssize_t s, Py_ssize_t e,
                     Py_ssize_t cols, int axis, int bk, int nib) {
-    Py_ssize_t i = s, j = s % cols;  /* j: the column of i */
-    while (i < e) {
-        /* a run of elements that share one scale (axis 0: the rest of a row), or one element */
-        Py_ssize_t end = axis == 0 ? (i - j + cols < e ? i - j + cols : e) : i + 1;
-        float k = sc[axis == 0 ? i / cols : j];
-        if (bk == K_F32 && !nib) {
-            const float *bf = b;
-            float *of = o;
-            for (Py_ssize_t t = i; t < end; t++) {
-                float d = (float)q[t] * k;
-                of[t] = bf[t] + d;
-            }
-        } else if (bk == K_F32) {  /* I4: decode a block of codes through a table, then the int8 loop */
-            const float *bf = b;
-            float *of = o;
-            int8_t buf[1024];
-            for (Py_ssize_t t0 = i; t0 < end; t0 += 1024 - 2) {
-                Py_ssize_t t1 = t0 + 1024 - 2 < end ? t0 + 1024 - 2 : end, first = t0 & ~(Py_ssize_t)1;
-                for (Py_ssize_t j2 = first; j2 < t1; j2 += 2)
-                    memcpy(buf + (j2 - first), nibble_lut[((const uint8_t *)q)[j2 >> 1]], 2);
-                for (Py_ssize_t t = t0; t < t1; t++) {
-                    float d = (float)buf[t - first] * k;
-                    of[t] = bf[t] + d;
+    int8_t buf[Q8_CHUNK];
+    for (Py_ssize_t c0 = s; c0 < e; c0 += Q8_CHUNK) {
+        Py_ssize_t c1 = c0 + Q8_CHUNK < e ? c0 + Q8_CHUNK : e;
+        const int8_t *codes = q + c0;  /* codes[t - c0] is element t's code */
+        if (nib) {
+            decode_nibbles((const uint8_t *)q, c0, c1, buf);
+            codes = buf;
+        }
+        for (Py_ssize_t i = c0; i < c1;) {
+            Py_ssize_t j = i % cols, end = i - j + cols < c1 ? i - j + cols : c1, n = end - i;
+            const int8_t *cq = codes + (i - c0);
+            float k = axis == 0 ? sc[i / cols] : 0.0f;
+            const float *ks = sc + j;  /* axis 1: element i + t takes column j + t's scale */
+            if (bk == K_F32) {
+                const float *bf = (const float *)b + i;
+                float *of = (float *)o + i;
+                if (axis == 0)
+                    for (Py_ssize_t t = 0; t < n; t++) {
+                        float d = (float)cq[t] * k;
+                        of[t] = bf[t] + d;
+                    }
+                else
+                    for (Py_ssize_t t = 0; t < n; t++) {
+                        float d = (float)cq[t] * ks[t];
+                        of[t] = bf[t] + d;
+                    }
+            } else {
+                for (Py_ssize_t t = 0; t < n; t++) {
+                    float d = (float)cq[t] * (axis == 0 ? k : ks[t]);
+                    float r = widen(b, i + t, bk) + d;
+                    ((uint16_t *)o)[i + t] = bk == K_F16 ? f2h(r) : f2bf(r);
                 }
             }
-        } else {
-            for (Py_ssize_t t = i; t < end; t++) {
-                float d = code_at(q, t, nib) * k;
-                float r = widen(b, t, bk) + d;
-                ((uint16_t *)o)[t] = bk == K_F16 ? f2h(r) : f2bf(r);
-            }
+            i = end;
         }
-        j = (j + (end - i)) % cols;
-        i = end;
     }
 }
 
@@ -287,137 +297,272 @@ static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py
 
 static int avx2 = 0, f16c = 0;
 
-/* every entry point takes four buffers: release them and hand back its result */
-static PyObject *release4(Py_buffer *a, Py_buffer *b, Py_buffer *c, Py_buffer *d, PyObject *res) {
-    PyBuffer_Release(a);
-    PyBuffer_Release(b);
-    PyBuffer_Release(c);
-    PyBuffer_Release(d);
-    return res;
+/* -- one rebuild, and plans of many ------------------------------------------------------------
+ * A job is one param's rebuild: its op, buffers and parameters. Every entry point parses its
+ * arguments into a job, checks it (job_check) and runs a range of it (job_span), so a single
+ * rebuild and a plan of many run the same code. A correction is part of the job: after the op,
+ * out[fi[k]] = R(W(out[fi[k]]) + fv[k]) for the positions fi (int64, strictly increasing) inside
+ * the range -- the rule's `(out[idx].astype(float32) + value).astype(dtype)`. */
+enum { OP_F32 = 0, OP_HALF = 1, OP_F32H = 2, OP_SIGN = 3, OP_Q8 = 4 };
+
+typedef struct {
+    int op, bk, vk, axis, nib;
+    float c;
+    Py_ssize_t n, cols, start;  /* start: the job's first element in a plan's element space */
+    Py_buffer b, x, y, o, fi, fv;  /* x, y: vector + mask (select ops), presence + sign, codes + scales */
+    int nbuf;  /* buffers acquired, in the order b, x, y, o, fi, fv */
+} job_t;
+
+static void job_release(job_t *j) {
+    Py_buffer *all[6] = {&j->b, &j->x, &j->y, &j->o, &j->fi, &j->fv};
+    for (int k = 0; k < j->nbuf; k++)
+        PyBuffer_Release(all[k]);
+    j->nbuf = 0;
 }
 
-/* apply_f32 / apply_half: parse, check every size against the element count, run with the GIL released */
+static int kind_ok(int k) { return k == K_F32 || k == K_F16 || k == K_BF16; }
+
+/* sets j->n from the base; NULL when every size matches it, else what does not */
+static const char *job_check(job_t *j) {
+    Py_ssize_t bsize = (j->op == OP_HALF || ((j->op == OP_SIGN || j->op == OP_Q8) && j->bk != K_F32)) ? 2 : 4;
+    Py_ssize_t n = j->n = j->b.len / bsize, bits = (n + 7) / 8;
+    if (j->b.len % bsize || j->o.len != j->b.len)
+        return "base and out sizes do not match";
+    switch (j->op) {
+    case OP_F32:
+        if (j->x.len != n * 4 || j->y.len != bits) return "vector or mask size does not match the base";
+        break;
+    case OP_HALF:
+        if (!((j->bk == K_F16 || j->bk == K_BF16) && (j->vk == K_F32 || j->vk == j->bk)))
+            return "kinds do not match";
+        if (j->x.len != n * (j->vk == K_F32 ? 4 : 2) || j->y.len != bits) return "vector or mask size does not match the base";
+        break;
+    case OP_F32H:
+        if (j->vk != K_F16 && j->vk != K_BF16) return "kind does not match";
+        if (j->x.len != n * 2 || j->y.len != bits) return "vector or mask size does not match the base";
+        break;
+    case OP_SIGN:
+        if (!kind_ok(j->bk)) return "kind does not match";
+        if (j->x.len != bits || j->y.len != bits) return "presence or sign plane size does not match the base";
+        break;
+    case OP_Q8: {
+        Py_ssize_t groups = j->cols > 0 ? (j->axis == 0 ? n / j->cols : j->cols) : 0;
+        if (!kind_ok(j->bk) || (j->axis != 0 && j->axis != 1) || (j->nib != 0 && j->nib != 1)) return "kind or grid does not match";
+        if (j->x.len != (j->nib ? (n + 1) / 2 : n) || (n && (j->cols <= 0 || n % j->cols || j->y.len != groups * 4)))
+            return "codes, scales or grid do not match the base";
+        break;
+    }
+    default:
+        return "unknown op";
+    }
+    if (j->nbuf == 6) {  /* a correction */
+        Py_ssize_t k = j->fi.len / 8;
+        const int64_t *fi = j->fi.buf;
+        if (j->fi.len % 8 || j->fv.len != k * 4) return "correction positions and values do not match";
+        for (Py_ssize_t t = 0; t < k; t++)
+            if (fi[t] < 0 || fi[t] >= n || (t && fi[t] <= fi[t - 1])) return "correction positions are not increasing positions of the base";
+    }
+    return NULL;
+}
+
+static void job_span(const job_t *j, Py_ssize_t s, Py_ssize_t e) {
+    const void *b = j->b.buf, *x = j->x.buf, *y = j->y.buf;
+    void *o = j->o.buf;
+    switch (j->op) {
+    case OP_F32:
+#ifdef EM_AVX2
+        if (avx2) { span_avx2(b, x, y, o, s, e); break; }
+#endif
+        span_scalar(b, x, y, o, s, e);
+        break;
+    case OP_HALF:
+#ifdef EM_AVX2
+        if (avx2 && f16c) { span_half_avx2(b, x, y, o, s, e, j->bk, j->vk); break; }
+#endif
+        span_half_scalar(b, x, y, o, s, e, j->bk, j->vk);
+        break;
+    case OP_F32H:
+#ifdef EM_AVX2
+        if (avx2 && f16c) { f32h_avx2(b, x, y, o, s, e, j->vk); break; }
+#endif
+        f32h_scalar(b, x, y, o, s, e, j->vk);
+        break;
+    case OP_SIGN:
+#ifdef EM_AVX2
+        if (avx2 && j->bk == K_F32) { sign_avx2(b, x, y, o, s, e, j->c); break; }
+#endif
+        sign_scalar(b, x, y, o, s, e, j->c, j->bk);
+        break;
+    case OP_Q8:
+        q8_span(b, x, y, o, s, e, j->cols, j->axis, j->bk, j->nib);
+        break;
+    }
+    if (j->nbuf == 6 && j->fi.len) {
+        const int64_t *fi = j->fi.buf;
+        const float *fv = j->fv.buf;
+        Py_ssize_t lo = 0, hi = j->fi.len / 8;
+        while (lo < hi) {  /* the first position >= s */
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (fi[mid] < s) lo = mid + 1; else hi = mid;
+        }
+        int fk = j->op == OP_F32 || j->op == OP_F32H ? K_F32 : j->bk;  /* the output's kind */
+        for (Py_ssize_t t = lo; t < j->fi.len / 8 && fi[t] < e; t++) {
+            float r = widen(o, fi[t], fk) + fv[t];
+            if (fk == K_F32) ((float *)o)[fi[t]] = r;
+            else ((uint16_t *)o)[fi[t]] = fk == K_F16 ? f2h(r) : f2bf(r);
+        }
+    }
+}
+
+/* check the job and the range [s, e), run it with the GIL released, release the buffers */
+static PyObject *run_one(job_t *j, Py_ssize_t s, Py_ssize_t e, const char *name) {
+    const char *err = job_check(j);
+    if (!err && (s < 0 || e > j->n || s > e))
+        err = "range does not match";
+    if (err) {
+        PyErr_Format(PyExc_ValueError, "%s: %s (buffer sizes, kinds or range do not match)", name, err);
+        job_release(j);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    job_span(j, s, e);
+    Py_END_ALLOW_THREADS
+    job_release(j);
+    Py_RETURN_NONE;
+}
+
+/* apply_f32(base, vec, mask, out, start, stop) / apply_half(..., base_kind, vec_kind): the select */
 static PyObject *apply(PyObject *args, int half) {
-    Py_buffer b, v, m, o;
+    job_t j = {.op = half ? OP_HALF : OP_F32, .nbuf = 0};
     Py_ssize_t s, e;
-    int bk = K_F32, vk = K_F32;
-    int ok = half ? PyArg_ParseTuple(args, "y*y*y*w*nnii", &b, &v, &m, &o, &s, &e, &bk, &vk)
-                  : PyArg_ParseTuple(args, "y*y*y*w*nn", &b, &v, &m, &o, &s, &e);
+    int ok = half ? PyArg_ParseTuple(args, "y*y*y*w*nnii", &j.b, &j.x, &j.y, &j.o, &s, &e, &j.bk, &j.vk)
+                  : PyArg_ParseTuple(args, "y*y*y*w*nn", &j.b, &j.x, &j.y, &j.o, &s, &e);
     if (!ok)
         return NULL;
-    PyObject *res = NULL;
-    Py_ssize_t size = half ? 2 : 4, n = b.len / size, vsize = vk == K_F32 ? 4 : 2;
-    int kinds_ok = half ? (bk == K_F16 || bk == K_BF16) && (vk == K_F32 || vk == bk) : 1;
-    if (!kinds_ok || b.len % size || v.len != n * vsize || o.len != b.len || m.len != (n + 7) / 8 || s < 0 || e > n || s > e) {
-        PyErr_SetString(PyExc_ValueError, half ? "apply_half: kinds, buffer sizes or range do not match"
-                                               : "apply_f32: buffer sizes or range do not match");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        if (half) {
-#ifdef EM_AVX2
-            if (avx2 && f16c)
-                span_half_avx2(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
-            else
-#endif
-                span_half_scalar(b.buf, v.buf, m.buf, o.buf, s, e, bk, vk);
-        } else {
-#ifdef EM_AVX2
-            if (avx2)
-                span_avx2(b.buf, v.buf, m.buf, o.buf, s, e);
-            else
-#endif
-                span_scalar(b.buf, v.buf, m.buf, o.buf, s, e);
-        }
-        Py_END_ALLOW_THREADS
-        res = Py_None;
-        Py_INCREF(res);
-    }
-    return release4(&b, &v, &m, &o, res);
+    j.nbuf = 4;
+    return run_one(&j, s, e, half ? "apply_half" : "apply_f32");
 }
 
 /* apply_sign(base, presence, sign, out, start, stop, scale, kind): the T-Switch rule; kind 0 float32,
    1 float16, 2 bfloat16 (base and out). The AVX2 loop serves float32; half bases run the scalar loop. */
 static PyObject *apply_sign(PyObject *self, PyObject *args) {
-    Py_buffer b, p, sg, o;
+    job_t j = {.op = OP_SIGN, .nbuf = 0};
     Py_ssize_t s, e;
-    float c;
-    int bk;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnfi", &b, &p, &sg, &o, &s, &e, &c, &bk))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnfi", &j.b, &j.x, &j.y, &j.o, &s, &e, &j.c, &j.bk))
         return NULL;
-    PyObject *res = NULL;
-    Py_ssize_t size = bk == K_F32 ? 4 : 2, n = b.len / size;
-    if ((bk != K_F32 && bk != K_F16 && bk != K_BF16) || b.len % size || o.len != b.len || p.len != (n + 7) / 8 ||
-        sg.len != p.len || s < 0 || e > n || s > e) {
-        PyErr_SetString(PyExc_ValueError, "apply_sign: kind, buffer sizes or range do not match");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-#ifdef EM_AVX2
-        if (avx2 && bk == K_F32)
-            sign_avx2(b.buf, p.buf, sg.buf, o.buf, s, e, c);
-        else
-#endif
-            sign_scalar(b.buf, p.buf, sg.buf, o.buf, s, e, c, bk);
-        Py_END_ALLOW_THREADS
-        res = Py_None;
-        Py_INCREF(res);
-    }
-    return release4(&b, &p, &sg, &o, res);
+    j.nbuf = 4;
+    return run_one(&j, s, e, "apply_sign");
 }
 
 /* apply_f32h(base, vec, mask, out, start, stop, vec_kind): float32 base and out, vector float16 (1) or bfloat16 (2). */
 static PyObject *apply_f32h(PyObject *self, PyObject *args) {
-    Py_buffer b, v, m, o;
+    job_t j = {.op = OP_F32H, .nbuf = 0};
     Py_ssize_t s, e;
-    int vk;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nni", &b, &v, &m, &o, &s, &e, &vk))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nni", &j.b, &j.x, &j.y, &j.o, &s, &e, &j.vk))
         return NULL;
-    PyObject *res = NULL;
-    Py_ssize_t n = b.len / 4;
-    if ((vk != K_F16 && vk != K_BF16) || b.len % 4 || v.len != n * 2 || o.len != b.len || m.len != (n + 7) / 8 ||
-        s < 0 || e > n || s > e) {
-        PyErr_SetString(PyExc_ValueError, "apply_f32h: kind, buffer sizes or range do not match");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-#ifdef EM_AVX2
-        if (avx2 && f16c)
-            f32h_avx2(b.buf, v.buf, m.buf, o.buf, s, e, vk);
-        else
-#endif
-            f32h_scalar(b.buf, v.buf, m.buf, o.buf, s, e, vk);
-        Py_END_ALLOW_THREADS
-        res = Py_None;
-        Py_INCREF(res);
-    }
-    return release4(&b, &v, &m, &o, res);
+    j.nbuf = 4;
+    return run_one(&j, s, e, "apply_f32h");
 }
 
 /* apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind, nibbles): a quantized delta
    (int8 codes, or I4 codes two per byte when nibbles is 1). */
 static PyObject *apply_q8(PyObject *self, PyObject *args) {
-    Py_buffer b, q, sc, o;
-    Py_ssize_t s, e, cols;
-    int axis, bk, nib;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnniii", &b, &q, &sc, &o, &s, &e, &cols, &axis, &bk, &nib))
+    job_t j = {.op = OP_Q8, .nbuf = 0};
+    Py_ssize_t s, e;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnniii", &j.b, &j.x, &j.y, &j.o, &s, &e, &j.cols, &j.axis, &j.bk, &j.nib))
         return NULL;
-    PyObject *res = NULL;
-    Py_ssize_t size = bk == K_F32 ? 4 : 2, n = b.len / size;
-    Py_ssize_t groups = cols > 0 ? (axis == 0 ? n / cols : cols) : 0;
-    if ((bk != K_F32 && bk != K_F16 && bk != K_BF16) || b.len % size || o.len != b.len || q.len != (nib ? (n + 1) / 2 : n) ||
-        (axis != 0 && axis != 1) || (nib != 0 && nib != 1) ||
-        (n && (cols <= 0 || n % cols || sc.len != groups * 4)) || s < 0 || e > n || s > e) {
-        PyErr_SetString(PyExc_ValueError, "apply_q8: kind, grid, buffer sizes or range do not match");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        q8_span(b.buf, q.buf, sc.buf, o.buf, s, e, cols, axis, bk, nib);
-        Py_END_ALLOW_THREADS
-        res = Py_None;
-        Py_INCREF(res);
-    }
-    return release4(&b, &q, &sc, &o, res);
+    j.nbuf = 4;
+    return run_one(&j, s, e, "apply_q8");
 }
 
 static PyObject *apply_f32(PyObject *self, PyObject *args) { return apply(args, 0); }
 static PyObject *apply_half(PyObject *self, PyObject *args) { return apply(args, 1); }
+
+/* A plan: many jobs laid end to end in one element space [0, total), so one call (or one per
+   thread, on disjoint ranges) rebuilds every param of a task. It holds its buffers until freed. */
+typedef struct {
+    Py_ssize_t njobs, total;
+    job_t jobs[];
+} plan_t;
+
+static const char *PLAN = "edgemerge.plan";
+
+static void plan_free(PyObject *cap) {
+    plan_t *p = PyCapsule_GetPointer(cap, PLAN);
+    if (!p) return;
+    for (Py_ssize_t k = 0; k < p->njobs; k++)
+        job_release(&p->jobs[k]);
+    PyMem_Free(p);
+}
+
+/* plan(jobs): each job (op, base, x, y, out, fix_index, fix_value, scale, base_kind, vec_kind, cols,
+   axis, nibbles) with x, y as the entry point of that op takes them; fix_index (int64) and
+   fix_value (float32) may be empty. Every job is checked here, once. */
+static PyObject *plan(PyObject *self, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "plan: a sequence of jobs");
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    plan_t *p = PyMem_Calloc(1, sizeof(plan_t) + (size_t)count * sizeof(job_t));
+    if (!p) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    PyObject *cap = PyCapsule_New(p, PLAN, plan_free);
+    if (!cap) { PyMem_Free(p); Py_DECREF(seq); return NULL; }
+    for (Py_ssize_t k = 0; k < count; k++) {
+        job_t *j = &p->jobs[k];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "iy*y*y*w*y*y*fiinii:plan",
+                              &j->op, &j->b, &j->x, &j->y, &j->o, &j->fi, &j->fv, &j->c, &j->bk, &j->vk,
+                              &j->cols, &j->axis, &j->nib))
+            goto fail;
+        j->nbuf = 6;
+        p->njobs = k + 1;
+        const char *err = job_check(j);
+        if (err) {
+            PyErr_Format(PyExc_ValueError, "plan: job %zd: %s", k, err);
+            goto fail;
+        }
+        j->start = p->total;
+        p->total += j->n;
+    }
+    Py_DECREF(seq);
+    return cap;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(cap);  /* frees the jobs parsed so far */
+    return NULL;
+}
+
+static plan_t *get_plan(PyObject *cap) { return PyCapsule_GetPointer(cap, PLAN); }
+
+/* run_plan(plan, start, stop): elements [start, stop) of the plan's space, GIL released */
+static PyObject *run_plan(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    Py_ssize_t s, e;
+    if (!PyArg_ParseTuple(args, "Onn", &cap, &s, &e))
+        return NULL;
+    plan_t *p = get_plan(cap);
+    if (!p) return NULL;
+    if (s < 0 || e > p->total || s > e) {
+        PyErr_SetString(PyExc_ValueError, "run_plan: range outside the plan");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t lo = 0, hi = p->njobs;
+    while (hi - lo > 1) {  /* the last job starting at or before s */
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (p->jobs[mid].start <= s) lo = mid; else hi = mid;
+    }
+    for (Py_ssize_t k = lo; k < p->njobs && p->jobs[k].start < e; k++) {
+        const job_t *j = &p->jobs[k];
+        Py_ssize_t a = s > j->start ? s - j->start : 0, z = e - j->start < j->n ? e - j->start : j->n;
+        if (a < z) job_span(j, a, z);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *plan_size(PyObject *self, PyObject *cap) {
+    plan_t *p = get_plan(cap);
+    return p ? PyLong_FromSsize_t(p->total) : NULL;
+}
 
 static PyObject *simd(PyObject *self, PyObject *unused) {
     return PyUnicode_FromString(avx2 ? "avx2+stream" : "scalar");
@@ -447,6 +592,9 @@ static PyMethodDef methods[] = {
     {"apply_q8", apply_q8, METH_VARARGS,
      "apply_q8(base, codes, scales, out, start, stop, cols, axis, base_kind, nibbles): base + code x its row (0) / "
      "column (1) scale; codes int8, or I4 two per byte (nibbles=1)"},
+    {"plan", plan, METH_O, "plan(jobs): many rebuilds in one element space (see the source for a job's fields)"},
+    {"run_plan", run_plan, METH_VARARGS, "run_plan(plan, start, stop): elements [start, stop) of a plan"},
+    {"plan_size", plan_size, METH_O, "plan_size(plan): the plan's element count"},
     {"simd", simd, METH_NOARGS, "which loop runs on this CPU"},
     {"simd_half", simd_half, METH_NOARGS, "which loop apply_half runs on this CPU"},
     {"use_simd", use_simd, METH_O, "use_simd(flag): False runs the scalar loops (for tests)"},

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .codecs import (
-    Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild, scales_name,
+    Codec, Recipe, SwitchPlan, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild,
+    scales_name,
 )
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .safetensors import Header, map_file, parse_json, read_header, tensor_view
@@ -341,6 +342,16 @@ class Bundle:
         codec; the fast kernels are bit-identical to the rule (runtime/codecs.py)."""
         vector = self.vector(param) if self.codecs[task].shared else None
         return rebuild(self.base(param), vector, self.recipe(task, param), out)
+
+    def plan_item(self, task: str, param: str, out: np.ndarray) -> tuple:
+        """What a ``SwitchPlan`` takes to rebuild merged param ``param`` of ``task`` into ``out``."""
+        shared = self.codecs[self.check_task(task)].shared
+        return self.base(param), self.vector(param) if shared else None, self.recipe(task, param), out
+
+    def switch_plan(self, task: str, outs: dict[str, np.ndarray]) -> SwitchPlan:
+        """θ_t of every merged param in ``outs`` (param name -> its output array), rebuilt by one
+        ``SwitchPlan``: build it once per task and output set, ``run()`` it per switch."""
+        return SwitchPlan([self.plan_item(task, p, out) for p, out in outs.items()])
 
     def task_weights(self, task: str) -> dict[str, np.ndarray]:
         """The full state dict of task ``task``: rebuilt params, carried buffers, private tensors."""

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import FormatError, unknown_name
 from .bits import BIT_ORDER, pack_bits, packed_nbytes, unpack_bits
 from .dtypes import DTYPES, VECTOR_DTYPES
-from .kernel import _apply_c, _cmask, apply_mask
+from .kernel import OP_Q8, OP_SIGN, _apply_c, _cmask, apply_mask, c_job, check_out, run_jobs, select_job, select_operands
 
 CODECS = ("tall", "tswitch", "delta")
 PLANE_ENCODINGS = ("raw", "xz")
@@ -196,21 +196,33 @@ def rebuild_reference(base: np.ndarray, vector: np.ndarray | None, r: Recipe) ->
     return out.reshape(base.shape)
 
 
-def apply_sign(base: np.ndarray, presence: np.ndarray, sign: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
-    """The tswitch rule into ``out`` (θ0's shape and dtype): the C kernel where it is built and
-    takes the dtype, else numpy in blocks."""
+def _view(kind: int):
+    """Flat float32 arrays as they are, half ones as their bits (the buffer protocol has no bfloat16)."""
+    return (lambda a: a.reshape(-1)) if kind == 0 else (lambda a: a.reshape(-1).view(np.uint16))
+
+
+def sign_job(base: np.ndarray, presence: np.ndarray, sign: np.ndarray, scale: float, out: np.ndarray) -> tuple | None:
+    """The C job of the tswitch rule (planes and ``out`` checked), or None where numpy runs it."""
     n = base.size
+    check_out(base, out)
     for what, plane in (("presence", presence), ("sign", sign)):
         if plane.dtype != np.uint8 or plane.size != packed_nbytes(n):
             raise FormatError(f"tswitch {what} plane has {plane.size} bytes, {n} elements need {packed_nbytes(n)}")
-    b, o = np.ascontiguousarray(base).reshape(-1), out.reshape(-1)
-    kind, c = _KIND.get(base.dtype), _cmask()
-    if c is not None and kind is not None and n:
-        view = (lambda a: a) if kind == 0 else (lambda a: a.view(np.uint16))  # no buffer format for bfloat16
-        bb, oo = view(b), view(o)
-        _apply_c(lambda s, e: c.apply_sign(bb, presence, sign, oo, s, e, float(scale), kind), n)
+    kind = _KIND.get(base.dtype)
+    if _cmask() is None or kind is None or not n:
+        return None
+    v = _view(kind)
+    return c_job(OP_SIGN, v(np.ascontiguousarray(base)), presence, sign, v(out), scale=scale, bk=kind)
+
+
+def apply_sign(base: np.ndarray, presence: np.ndarray, sign: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
+    """The tswitch rule into ``out`` (θ0's shape and dtype): the C kernel where it is built and
+    takes the dtype, else numpy in blocks."""
+    job = sign_job(base, presence, sign, scale, out)
+    if job is not None:
+        run_jobs([job])
         return out
-    c32 = np.float32(scale)
+    b, o, n, c32 = np.ascontiguousarray(base).reshape(-1), out.reshape(-1), base.size, np.float32(scale)
     block = 1 << 20
     for s in range(0, n, block):
         e = min(n, s + block)
@@ -221,36 +233,82 @@ def apply_sign(base: np.ndarray, presence: np.ndarray, sign: np.ndarray, scale: 
     return out
 
 
-def apply_q8(base: np.ndarray, r: Recipe, out: np.ndarray) -> None:
-    """A quantized delta: the C kernel where built (θ0 float32/float16/bfloat16), else numpy."""
+def q8_job(base: np.ndarray, r: Recipe, out: np.ndarray) -> tuple | None:
+    """The C job of a quantized delta (θ0 float32/float16/bfloat16), or None where numpy runs it."""
+    check_out(base, out)
+    kind = _KIND.get(base.dtype)
+    if _cmask() is None or kind is None or not base.size:
+        return None
     a, b, axis = r.qgrid
-    kind, c = _KIND.get(base.dtype), _cmask()
-    if c is None or kind is None or not base.size:
-        apply_mask(base, r.dequantized().reshape(base.shape), None, out)
-        return
-    view = (lambda x: x) if kind == 0 else (lambda x: x.view(np.uint16))
-    bb, oo = view(np.ascontiguousarray(base).reshape(-1)), view(out.reshape(-1))
+    v = _view(kind)
     q = np.ascontiguousarray(r.delta, np.uint8 if r.packed4 else np.int8)
-    sc = np.ascontiguousarray(r.qscale, np.float32)
-    nib = int(r.packed4)  # threads may split inside a byte of I4 codes: they only read it
-    _apply_c(lambda s, e: c.apply_q8(bb, q, sc, oo, s, e, b, axis, kind, nib), base.size)
+    # threads may split inside a byte of I4 codes: they only read it
+    return c_job(OP_Q8, v(np.ascontiguousarray(base)), q, np.ascontiguousarray(r.qscale, np.float32), v(out),
+                 bk=kind, cols=b, axis=axis, nib=int(r.packed4))
+
+
+def rebuild_job(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> tuple | None:
+    """The C job that rebuilds one param by its recipe, correction included (operands checked),
+    or None where ``rebuild`` runs numba or numpy."""
+    if r.kind == "tall":
+        job = select_job(base, vector, select_operands(base, r.presence, out), out)
+    elif r.kind == "tswitch":
+        job = sign_job(base, r.presence, r.sign, r.scale, out)
+    elif r.qscale is not None:
+        job = q8_job(base, r, out)
+    else:
+        delta = r.delta.reshape(base.shape)
+        job = select_job(base, delta, select_operands(base, None, out), out)
+    if job is None or r.fix_index is None or not r.fix_index.size:
+        return job
+    return job[:5] + (np.ascontiguousarray(r.fix_index, np.int64), np.ascontiguousarray(r.fix_value, np.float32)) + job[7:]
 
 
 def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> np.ndarray:
     """θ_t of one param into ``out`` by the fastest kernel for its codec; bit-identical to
     ``rebuild_reference``."""
+    job = rebuild_job(base, vector, r, out)
+    if job is not None:
+        run_jobs([job])
+        return out
     if r.kind == "tall":
         apply_mask(base, vector, r.presence, out)
     elif r.kind == "tswitch":
         apply_sign(base, r.presence, r.sign, r.scale, out)
     elif r.qscale is not None:
-        apply_q8(base, r, out)
+        apply_mask(base, r.dequantized().reshape(base.shape), None, out)
     else:
         apply_mask(base, r.delta.reshape(base.shape), None, out)
     if r.fix_index is not None and r.fix_index.size:
         flat = out.reshape(-1)
         flat[r.fix_index] = (flat[r.fix_index].astype(np.float32) + r.fix_value).astype(out.dtype)
     return out
+
+
+class SwitchPlan:
+    """One task's rebuild of many params into fixed outputs, checked once: every param a C kernel
+    takes runs in one C call (one per thread) over all their elements, so a switch pays no
+    per-tensor overhead; the rest (no C build, dtypes only numpy takes) run through ``rebuild``.
+    Holds its arrays while it lives. ``items``: (θ0, τ_MTL or None, recipe, out) per param."""
+
+    def __init__(self, items: list[tuple[np.ndarray, np.ndarray | None, Recipe, np.ndarray]]):
+        jobs, self.rest = [], []
+        for item in items:
+            job = rebuild_job(*item)
+            if job is None:
+                self.rest.append(item)
+            else:
+                jobs.append(job)
+        c = _cmask()
+        self._plan = c.plan(jobs) if jobs else None
+        self.size = c.plan_size(self._plan) if jobs else 0
+
+    def run(self) -> None:
+        if self._plan is not None:
+            plan, c = self._plan, _cmask()
+            _apply_c(lambda s, e: c.run_plan(plan, s, e), self.size)
+        for item in self.rest:
+            rebuild(*item)
 
 
 # -- the planes tensor --------------------------------------------------------------------------

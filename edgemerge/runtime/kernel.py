@@ -14,6 +14,8 @@ float32 the first of: the C kernel
 non-temporal stores, run by one thread per core on slices of the array; a fused numba loop; the C
 kernel's scalar loop; else (and for other dtypes) a blocked numpy pass that keeps temporaries small.
 ``kernel_name()`` says which one runs. ``EDGEMERGE_NO_C=1`` / ``EDGEMERGE_NO_NUMBA=1`` switch one off.
+The C paths run as jobs of a C plan (``c_job``, ``run_jobs``): one param here, every param of a
+task in ``codecs.SwitchPlan``.
 """
 
 from __future__ import annotations
@@ -111,10 +113,13 @@ def _cmask():
     return _C or None
 
 
+_WORKERS = os.cpu_count() or 1
+
+
 def _apply_c(run, n: int) -> None:
     """``run(start, stop)`` over [0, n), split across one thread per core for large arrays."""
     global _POOL
-    workers = os.cpu_count() or 1
+    workers = _WORKERS
     if n < SPLIT or workers == 1:
         run(0, n)
         return
@@ -123,6 +128,26 @@ def _apply_c(run, n: int) -> None:
             _POOL = ThreadPoolExecutor(workers, thread_name_prefix="edgemerge-kernel")
     cuts = [n * k // workers for k in range(workers + 1)]
     list(_POOL.map(lambda k: run(cuts[k], cuts[k + 1]), range(workers)))
+
+
+# ops of a C job (_cmask.c): what x and y of the job hold
+OP_SELECT, OP_HALF, OP_F32H, OP_SIGN, OP_Q8 = range(5)  # vector+mask, vector+mask, vector+mask, presence+sign, codes+scales
+_NO_FIX = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+def c_job(op: int, base, x, y, out, scale: float = 0.0, bk: int = 0, vk: int = 0, cols: int = 0, axis: int = 0,
+          nib: int = 0, fix: tuple[np.ndarray, np.ndarray] = _NO_FIX) -> tuple:
+    """One rebuild as the C plan takes it (flat buffers; ``fix``: increasing int64 positions and
+    float32 values of a correction, applied after the op)."""
+    return (op, base, x, y, out, np.ascontiguousarray(fix[0], np.int64), np.ascontiguousarray(fix[1], np.float32),
+            float(scale), bk, vk, cols, axis, nib)
+
+
+def run_jobs(jobs: list[tuple]) -> None:
+    """Run C jobs as one plan: one call (one per thread for large plans) over all their elements."""
+    c = _cmask()
+    plan = c.plan(jobs)
+    _apply_c(lambda s, e: c.run_plan(plan, s, e), c.plan_size(plan))
 
 
 # the C kernel's half-precision kinds; a vector is float32 or the base's own type
@@ -167,29 +192,46 @@ def _all_set(nbytes: int) -> np.ndarray:
     return _ALL_SET[:nbytes]
 
 
-def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, out: np.ndarray) -> np.ndarray:
-    """Write θ_t into ``out`` (preallocated, θ0's shape and dtype). ``packed=None``: all bits set."""
+def select_job(base: np.ndarray, vector: np.ndarray, packed: np.ndarray, out: np.ndarray) -> tuple | None:
+    """The C job of the select (operands checked by ``select_operands``), or None where ``kernel_name``
+    picks numba or numpy."""
+    name = kernel_name(base.dtype, vector.dtype) if base.size else "numpy"
+    if name not in ("c-avx2", "c-scalar"):
+        return None
+    b, v, o = (np.ascontiguousarray(a).reshape(-1) for a in (base, vector, out))
+    m = np.ascontiguousarray(packed)
+    if base.dtype == np.float32 and vector.dtype != np.float32:
+        return c_job(OP_F32H, b, v.view(np.uint16), m, o, vk=_HALF_KINDS[vector.dtype])
+    pair = _half_pair(base.dtype, vector.dtype)
+    if pair is None:
+        return c_job(OP_SELECT, b, v, m, o)
+    # the buffer protocol does not know bfloat16: hand over the bits
+    return c_job(OP_HALF, b.view(np.uint16), v if pair[1] == 0 else v.view(np.uint16), m, o.view(np.uint16), bk=pair[0], vk=pair[1])
+
+
+def check_out(base: np.ndarray, out: np.ndarray) -> None:
     if out.shape != base.shape or out.dtype != base.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {base.dtype} array of shape {base.shape}")
+
+
+def select_operands(base: np.ndarray, packed: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+    """Check ``out`` and the mask against θ0; the mask to use (``None``: every bit set)."""
+    check_out(base, out)
     if packed is None:
-        packed = _all_set(packed_nbytes(base.size))
-    elif packed.size != packed_nbytes(base.size):
+        return _all_set(packed_nbytes(base.size))
+    if packed.size != packed_nbytes(base.size):
         unpack_bits(packed, base.size)  # raises the FormatError with the counts
-    name = kernel_name(base.dtype, vector.dtype) if base.size else "numpy"
-    b, v, o = (np.ascontiguousarray(a).reshape(-1) for a in (base, vector, out))
-    if name in ("c-avx2", "c-scalar"):
-        c, m = _cmask(), np.ascontiguousarray(packed)
-        pair = _half_pair(base.dtype, vector.dtype)
-        if base.dtype == np.float32 and vector.dtype != np.float32:
-            vk, v16 = _HALF_KINDS[vector.dtype], v.view(np.uint16)
-            _apply_c(lambda s, e: c.apply_f32h(b, v16, m, o, s, e, vk), b.size)
-        elif pair is None:
-            _apply_c(lambda s, e: c.apply_f32(b, v, m, o, s, e), b.size)
-        else:  # the buffer protocol does not know bfloat16: hand over the bits
-            b16, v16, o16 = b.view(np.uint16), v if pair[1] == 0 else v.view(np.uint16), o.view(np.uint16)
-            _apply_c(lambda s, e: c.apply_half(b16, v16, m, o16, s, e, *pair), b.size)
-    elif name == "numba":
-        _fused()(b, v, packed, o)
+    return packed
+
+
+def apply_mask(base: np.ndarray, vector: np.ndarray, packed: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+    """Write θ_t into ``out`` (preallocated, θ0's shape and dtype). ``packed=None``: all bits set."""
+    packed = select_operands(base, packed, out)
+    job = select_job(base, vector, packed, out)
+    if job is not None:
+        run_jobs([job])
+    elif (base.size and kernel_name(base.dtype, vector.dtype)) == "numba":
+        _fused()(base.reshape(-1), vector.reshape(-1), packed, out.reshape(-1))
     else:
         _apply_blocked(base, vector, packed, out)
     return out

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import BackendError, ConfigError, FormatError
 from .bundle import Bundle, open_bundle
 from .dtypes import DTYPES
-from .codecs import Recipe, rebuild
+from .codecs import Recipe, SwitchPlan
 from .safetensors import parse_json
 
 MODES = ("inputs", "sessions")
@@ -218,6 +218,7 @@ class TaskSession(Switchable):
             self._t_parts = {n: (_t(self.bundle.base(p.name)), _t(self.bundle.vector(p.name)) if self.bundle.shared else None)
                              for n, p in self._params.items() if n in self.transposed and p.role == "merged"}
             self._t_recipes: dict[tuple[str, str], Recipe] = {}
+            self._plans: dict[str, SwitchPlan] = {}  # per task, built at its first switch
             for n, p in self._params.items():
                 if p.role == "carried":
                     base = self.bundle.base(p.name)
@@ -334,15 +335,9 @@ class TaskSession(Switchable):
     def _switch_locked(self, task: str) -> float:
         t0 = time.perf_counter()
         if self.mode == "inputs":
-            for n, buf in self._buffers.items():
-                p = self._params[n].name
-                if self._params[n].role != "merged":
-                    continue
-                if n in self._t_parts:
-                    base, vector = self._t_parts[n]
-                    rebuild(base, vector if self.bundle.codecs[task].shared else None, self._t_recipe(task, n, p), buf)
-                else:
-                    self.bundle.rebuild_into(task, p, buf)
+            if task not in self._plans:
+                self._plans[task] = self._switch_plan(task)
+            self._plans[task].run()
             private = self.bundle.private(task)
             for n in self.weights:
                 if n in private:
@@ -363,6 +358,22 @@ class TaskSession(Switchable):
         return {"weight buffers": n(self._buffers.values()),
                 "transposed copies": n(a for pair in self._t_parts.values() for a in pair)
                 + sum(r.nbytes for r in self._t_recipes.values())}
+
+    def _switch_plan(self, task: str) -> SwitchPlan:
+        """The task's rebuild of every fed weight buffer, built at its first switch (weights fed
+        transposed take their transposed θ0 / τ and permuted recipes)."""
+        shared = self.bundle.codecs[self.bundle.check_task(task)].shared
+        items = []
+        for n, buf in self._buffers.items():
+            p = self._params[n].name
+            if self._params[n].role != "merged":
+                continue
+            if n in self._t_parts:
+                base, vector = self._t_parts[n]
+                items.append((base, vector if shared else None, self._t_recipe(task, n, p), buf))
+            else:
+                items.append(self.bundle.plan_item(task, p, buf))
+        return SwitchPlan(items)
 
     def _t_recipe(self, task: str, name: str, param: str) -> Recipe:
         """The task's recipe of a transposed weight, its bits (δ, positions) permuted like the weight

@@ -302,6 +302,7 @@ class TorchTaskModel(Switchable):
             for n in merged:
                 _set_tensor(model, n, self._flat.view(n))
         self._outs = {n: numpy_view(state[n]) for n in merged} if self._flat is None else {}
+        self._plans: dict[str, Any] = {}  # 'numpy' kernel: per task, built at its first switch
         self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, self.device)
                              for k, v in self.bundle.private(t).items()} for t in self.bundle.tasks}
         self._init_switching()
@@ -337,8 +338,9 @@ class TorchTaskModel(Switchable):
             if self._flat is not None:
                 self._flat.apply(task)
             else:
-                for n, out in self._outs.items():
-                    self.bundle.rebuild_into(task, n, out)
+                if task not in self._plans:
+                    self._plans[task] = self.bundle.switch_plan(task, self._outs)
+                self._plans[task].run()
             for k, v in self._private[task].items():
                 _set_tensor(self.model, k, v)
         if cuda:

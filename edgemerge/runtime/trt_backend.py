@@ -122,6 +122,7 @@ class TrtTaskSession(Switchable):
                     self._set(alias, self._flat.view(n))
         else:  # TensorRT 8.5 / 8.6: host weights, rebuilt by the numpy kernel into buffers kept here
             self._host = {n: np.empty(self.bundle.param(n).shape, DTYPES[self.bundle.param(n).dtype]) for n in merged}
+            self._plans: dict[str, Any] = {}  # per task, built at its first switch
         self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, device)
                                  if self._device_mode else np.array(v)
                              for k, v in self.bundle.private(t).items() if k in private} for t in self.bundle.tasks}
@@ -170,8 +171,10 @@ class TrtTaskSession(Switchable):
         if self._device_mode:
             self._flat.apply(task)
         else:
+            if task not in self._plans:
+                self._plans[task] = self.bundle.switch_plan(task, self._host)
+            self._plans[task].run()
             for n, buf in self._host.items():
-                self.bundle.rebuild_into(task, n, buf)
                 self._set(n, buf)
             for alias, n in self.bundle.aliases.items():
                 if n in self._host and alias in self._refittable:

@@ -146,6 +146,12 @@ class Suite:
     build_seconds: dict[str, float] = field(default_factory=dict)
 
 
+def task_steps(kind: Any, task: str, steps: int) -> int:
+    """Fine-tuning steps of ``task``: the suite's, times the kind's ``step_scale`` for tasks that
+    measured short of their own weights at the suite's budget."""
+    return steps * getattr(kind, "step_scale", {}).get(task, 1)
+
+
 def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | None = None) -> Suite:
     """Fine-tune every missing task checkpoint (fixed seed and step budget); reuse the rest."""
     cfg = cfg.resolved()
@@ -161,7 +167,10 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
         parts = kind.split(task, cfg.seed, cfg.test, cfg.val)
         suite.classes[name] = task.classes
         suite.data[name] = {k: kind.prepare(parts[k]) for k in ("val", "test")}
-        ckpt, probe = os.path.join(cfg.folder, f"{name}.safetensors"), os.path.join(cfg.folder, f"{name}.probe.safetensors")
+        steps = task_steps(kind, name, cfg.steps)
+        # a task trained longer than the suite's steps names its steps: no checkpoint of another recipe is reused
+        stem = name if steps == cfg.steps else f"{name}.steps{steps}"
+        ckpt, probe = os.path.join(cfg.folder, f"{stem}.safetensors"), os.path.join(cfg.folder, f"{name}.probe.safetensors")
         suite.checkpoints[name], suite.probes[name] = ckpt, probe
         if os.path.exists(ckpt) and os.path.exists(probe):
             continue
@@ -170,8 +179,8 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
         kind.linear_probe(model, kind.prepare(kind.head_of(parts["train"], PROBE_ITEMS)), cfg.seed)
         head = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if fnmatch.fnmatchcase(k, kind.head)}
         write_safetensors(probe, head)
-        tick = (lambda s: progress(f"fine-tune {name}", s, cfg.steps)) if progress else None
-        kind.finetune(model, parts["train"], cfg.steps, cfg.lr, cfg.seed, progress=tick)
+        tick = (lambda s: progress(f"fine-tune {name}", s, steps)) if progress else None
+        kind.finetune(model, parts["train"], steps, cfg.lr, cfg.seed, progress=tick)
         write_safetensors(ckpt, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
         suite.build_seconds[name] = time.perf_counter() - t0
     return suite

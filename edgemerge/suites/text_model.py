@@ -186,6 +186,9 @@ class TextKind:
     label = "all-MiniLM-L6-v2, 22.7 M parameters"
     loaders = text_data.LOADERS
     defaults = {"steps": 200, "lr": 3e-4, "test": 500, "val": 100}
+    # tasks fine-tuned for 3× the suite's steps: at 200 steps they beat their zero-shot head by only
+    # +4.2 (sentiment) and +4.3 (speaker) points over 3 seeds; 600 steps on seed 0 gave +7.6 and +15.6
+    step_scale = {"sentiment": 3, "speaker": 3}
     input_names = ["input_ids", "attention_mask"]
     dynamic_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     onnx_factory = staticmethod(onnx_factory)
