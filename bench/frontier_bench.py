@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import git_rev, machine, table, write_section  # noqa: E402
 
-from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec  # noqa: E402
+from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec, weight_fidelity  # noqa: E402
 from edgemerge.demo import DemoOptions, run_demo  # noqa: E402
 from edgemerge.inspect import bits_per_param_per_task  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
@@ -41,7 +41,9 @@ from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suit
 
 SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitch:density=0.1",
             "tswitch:density=0.2", "tswitch:density=0.3", "tswitch:density=0.3,correction=0.01",
-            "tall:planes=xz,correction=0.005", "delta:dtype=I4", "delta:dtype=I8", "delta:dtype=F16")
+            "tall:planes=xz,correction=0.005", "tall:planes=xz,scale=ls", "delta:dtype=I4", "delta:dtype=I8",
+            "delta:dtype=F16")
+FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
 # published points (ViT-B/32, 8 tasks), as the papers report them: not measured here
 PUBLISHED = [("T-Switch (CVPR 2025)", 0.65, 99.97), ("UltraDelta (NeurIPS 2025)", 0.45, 100.0),
@@ -113,6 +115,7 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
     ft_acc = r.accuracy["finetuned"]
     rows = {}
     tried: dict[str, list] = {t: [] for t in tasks}  # the selector's candidates = these settings
+    tried_fid: dict[str, list] = {t: [] for t in tasks}  # the same, scored by the data-free proxy
     for label in SETTINGS:
         spec = parse_codec(label)
         path = os.path.join(work, f"{suite_name}-{seed}.safetensors")
@@ -123,20 +126,23 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
             for e in m["tasks"]:
                 t = e["name"]
                 tried[t].append((spec.label(), e["codec"]["bits_per_param"] + share, val_criterion(ev, suite, t, b, ref_val[t])))
+                tried_fid[t].append((spec.label(), e["codec"]["bits_per_param"] + share, weight_fidelity(e["codec"]["relative_error"])))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
+        res["fidelity"] = {t: tried_fid[t][-1][2] for t in tasks}
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]))
         rows[label] = res
         log(f"  {suite_name} seed {seed} {label}: {res['bits']:.3f} bits, {np.mean(list(res['norm'].values())):.2f}% "
             f"normalized, switch {res['switch']:.2f}x memcpy")
 
-    for target in TARGETS:
+    for target, criterion in [(t, "validation") for t in TARGETS] + [(FIDELITY_TARGET, "weight fidelity")]:
         path = os.path.join(work, f"{suite_name}-{seed}-select.safetensors")
-        choices = {t: choose(t, tr, target) for t, tr in tried.items()}
-        encode_bundle(v1, ckpts, {t: c.spec for t, c in choices.items()}, path, notes=choice_notes(choices, target))
+        choices = {t: choose(t, tr, target) for t, tr in (tried if criterion == "validation" else tried_fid).items()}
+        m = encode_bundle(v1, ckpts, {t: c.spec for t, c in choices.items()}, path, notes=choice_notes(choices, target, criterion))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]),
-                   chosen={t: c.spec.label() for t, c in choices.items()}, met={t: c.met for t, c in choices.items()})
-        rows[f"select --target {target:g}"] = res
+                   chosen={t: c.spec.label() for t, c in choices.items()}, met={t: c.met for t, c in choices.items()},
+                   fidelity={e["name"]: weight_fidelity(e["codec"]["relative_error"]) for e in m["tasks"]})
+        rows[f"select --target {target:g}" + ("" if criterion == "validation" else " (weight fidelity, no data)")] = res
         log(f"  {suite_name} seed {seed} target {target:g}: {res['bits']:.3f} bits, "
             f"{np.mean(list(res['norm'].values())):.2f}% normalized; chosen {res['chosen']}")
     ev.save()
@@ -157,13 +163,14 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
         norm = np.array([list(r["norm"].values()) for r in runs])
         agree = np.array([list(r["agree"].values()) for r in runs])
         bits = float(np.mean([r["bits"] for r in runs]))
+        fid = np.array([list(r["fidelity"].values()) for r in runs])
         rows.append([label, f"{np.mean([r['bytes'] for r in runs]) / 2**20:.2f}", f"{bits:.3f}",
                      f"{norm.mean():.2f} ± {norm.mean(axis=1).std():.2f}", f"{norm.min():.2f}",
-                     f"{agree.mean():.2f}", f"{agree.min():.2f}", f"{np.median([r['switch'] for r in runs]):.2f}×"])
+                     f"{agree.mean():.2f}", f"{agree.min():.2f}", f"{fid.mean():.2f}", f"{np.median([r['switch'] for r in runs]):.2f}×"])
         points.append((label, bits, float(norm.mean())))
     text = table(["setting", "bundle MiB", "bits / param / task", "normalized % (mean ± sd over seeds)",
-                  "worst task-seed %", "agreement %", "worst agreement %", "switch ÷ memcpy"], rows)
-    goals = []
+                  "worst task-seed %", "agreement %", "worst agreement %", "weight fidelity % (proxy)", "switch ÷ memcpy"], rows)
+    goals = [proxy_relation(per_seed)]
     sel = [s["select --target 99.5"] for s in per_seed]
     worst_n = min(min(r["norm"].values()) for r in sel)
     worst_a = min(min(r["agree"].values()) for r in sel)
@@ -179,6 +186,11 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
             choice[c] += 1
     goals.append("chosen per task-seed at 99.5: " + ", ".join(f"{c} × {n}" for c, n in sorted(choice.items(), key=lambda x: -x[1]))
                  + f"; target not met by any candidate (fell back to delta) for {sum(not m for s in sel for m in s['met'].values())} task-seed(s)")
+    fsel = [s[f"select --target {FIDELITY_TARGET:g} (weight fidelity, no data)"] for s in per_seed]
+    goals.append(f"data-free selector at {FIDELITY_TARGET:g}% weight fidelity (`merge --target {FIDELITY_TARGET:g}`): "
+                 f"{np.mean([r['bits'] for r in fsel]):.3f} bits/param/task, worst task-seed "
+                 f"{min(min(r['norm'].values()) for r in fsel):.2f}% normalized, worst agreement "
+                 f"{min(min(r['agree'].values()) for r in fsel):.2f}%")
     best_ts = max((p for p in points if p[0].startswith("tswitch") and "correction" not in p[0]), key=lambda p: p[2])
     goals.append(f"`tswitch` alone, best density: {best_ts[0]} {best_ts[2]:.2f}% normalized at {best_ts[1]:.3f} bits "
                  f"(goal ≥ 99% — {'met' if best_ts[2] >= 99 else 'MISSED'})")
@@ -189,6 +201,21 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
                  f"{'met' if ts <= 1.2 else 'MISSED'}); highest of any codec {max(sw.values()):.2f}× (goal ≤ 1.6 — "
                  f"{'met' if max(sw.values()) <= 1.6 else 'MISSED'})")
     return text, goals, points
+
+
+def proxy_relation(per_seed: list[dict]) -> str:
+    """How the data-free proxy relates to accuracy over every (setting, task-seed) of the codec settings."""
+    pairs = np.array([(r["fidelity"][t], r["norm"][t], r["agree"][t]) for s in per_seed for label, r in s.items()
+                      if label in SETTINGS for t in r["norm"]])
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731 (no ties in practice)
+    rho = float(np.corrcoef(rank(pairs[:, 0]), rank(pairs[:, 1]))[0, 1])
+    parts = []
+    for level in (90.0, 99.0, FIDELITY_TARGET):
+        sel = pairs[pairs[:, 0] >= level]
+        parts.append(f"fidelity ≥ {level:g}: {len(sel)} of {len(pairs)}, worst {sel[:, 1].min():.2f}% normalized / "
+                     f"{sel[:, 2].min():.2f}% agreement" if len(sel) else f"fidelity ≥ {level:g}: none")
+    return (f"data-free proxy (weight fidelity 100·(1 − ‖θ̂−θ‖²/‖τ‖²), what `merge --target` uses without data) against "
+            f"test accuracy over {len(pairs)} setting × task-seed points: Spearman ρ = {rho:.2f}; " + "; ".join(parts))
 
 
 def plot(results: dict[str, list[tuple[str, float, float]]], path: str) -> None:

@@ -35,13 +35,13 @@ from .runtime.bundle import (
     MANIFEST_KEY, Bundle, base_name, mask_name, open_bundle, private_name, vector_name,
 )
 from .runtime.codecs import (
-    CODECS, PLANE_ENCODINGS, QUANT_DTYPES, Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name,
+    CODECS, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name,
     quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
-KEYS = {"tall": {"planes", "correction"}, "tswitch": {"density", "planes", "correction"},
+KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"},
         "delta": {"dtype", "correction"}}
 
 
@@ -54,10 +54,13 @@ class CodecSpec:
     planes: str = "xz"          # tall / tswitch
     dtype: str = "F16"          # delta
     correction: float = 0.0     # share of merged parameters
+    scale: str = "none"         # tall: "ls", a least-squares scale per tensor
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
                  "delta": [f"dtype={self.dtype}"]}[self.name]
+        if self.scale != "none":
+            parts.append(f"scale={self.scale}")
         if self.correction:
             parts.append(f"correction={self.correction:g}")
         return f"{self.name}:{','.join(parts)}"
@@ -76,7 +79,7 @@ def parse_codec(text: str) -> CodecSpec:
         kw[key] = value
     try:
         spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
-                         float(kw.get("correction", 0.0)))
+                         float(kw.get("correction", 0.0)), kw.get("scale", "none"))
     except ValueError:
         raise ConfigError(f"codec {text!r}: density and correction are numbers") from None
     if not 0 < spec.density <= 1:
@@ -87,6 +90,8 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: planes must be one of {', '.join(PLANE_ENCODINGS)}")
     if spec.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
         raise ConfigError(f"codec {text!r}: dtype must be one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
+    if spec.scale not in TALL_SCALES:
+        raise ConfigError(f"codec {text!r}: scale must be one of {', '.join(TALL_SCALES)}")
     return spec
 
 
@@ -178,7 +183,8 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
     (8 bytes per merged parameter) to pick its largest entries."""
     total = sum(p.numel for p in bundle.merged)
     k_fix = int(round(spec.correction * total))
-    codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix)
+    codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix,
+                  spec.scale if spec.name == "tall" else "none")
     out = _TaskOut(codec)
     errors: list[np.ndarray] = []
     rebuilt: list[np.ndarray] = []
@@ -197,6 +203,13 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             if spec.planes == "xz":
                 d["presence"] = unpack_bits(packed, p.numel)
             r = Recipe("tall", presence=packed)
+            if codec.scale == "ls":  # s = <m⊙τ_MTL, τ_t> / ‖m⊙τ_MTL‖², in float64, stored as float32
+                on = np.ones(p.numel, bool) if packed is None else unpack_bits(packed, p.numel)
+                mv = np.where(on, bundle.vector(p.name).reshape(-1).astype(np.float64), 0.0)
+                den = float(np.dot(mv, mv))
+                sc = np.float32(float(np.dot(mv, tau.astype(np.float64))) / den if den > 0 else 1.0)
+                out.scales.append(float(sc))
+                r = Recipe("tall", presence=packed, scale=float(sc), scaled=True)
         elif spec.name == "tswitch":
             keep, neg, scale = tswitch_planes(tau, spec.density)
             d["presence"], d["signs"] = keep, neg[keep]
@@ -269,7 +282,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
     for t, s in specs.items():
         if s.name == "tall" and b.mask_policy != "tall" and s.planes == "xz":
             raise ConfigError(f"task {t!r}: {b.path} has no TALL masks to compress (merged with --masks none)")
-    need = [t for t, s in specs.items() if s.name != "tall" or s.correction]
+    need = [t for t, s in specs.items() if s.name != "tall" or s.correction or s.scale != "none"]
     missing = [t for t in need if t not in tasks]
     if missing:
         raise ConfigError(f"task(s) {', '.join(missing)} need their checkpoint for codec {specs[missing[0]].name}: "
@@ -326,7 +339,7 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
         if blob is not None:
             decode_planes(f"{output}: {planes_name(t)}", c, blob, numels)  # the reader's decode, before writing
             tensors[planes_name(t)] = blob
-        if c.name == "tswitch":
+        if c.has_scales:
             tensors[scales_name(t)] = np.array(o.scales, np.float32)
         for p, d in o.deltas.items():
             tensors[delta_name(t, p)] = d
@@ -368,8 +381,8 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
-              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "delta:dtype=I4", "delta:dtype=I8",
-              "delta:dtype=F16")
+              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "delta:dtype=I4",
+              "delta:dtype=I8", "delta:dtype=F16")
 FALLBACK = "delta:dtype=F16"
 Score = Callable[[str, Mapping[str, np.ndarray]], float]
 

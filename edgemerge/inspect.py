@@ -60,7 +60,8 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
         "vector_dtype": bundle.vector_dtype,
         "n_params": sum(p.numel for p in bundle.params if p.role == "merged"),
         "tasks": [{**{k: t.get(k) for k in ("name", "lambda", "density", "recon_error")},
-                   "codec": bundle.codecs[t["name"]].name + (" + correction" if bundle.codecs[t["name"]].correction else ""),
+                   "codec": bundle.codecs[t["name"]].name + (" + scale" if bundle.codecs[t["name"]].scale != "none" else "")
+                   + (" + correction" if bundle.codecs[t["name"]].correction else ""),
                    "bits_per_param": own[t["name"]] * 8 / merged if merged else 0.0} for t in m["tasks"]],
         "bits_per_param_per_task": bits_per_param_per_task(bundle),
         "sections": {**sections, "header": h.data_start},

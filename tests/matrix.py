@@ -287,7 +287,10 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
                     on = np.unpackbits(raw[f"mask/{task}/{p['name']}"], count=b.size, bitorder="big").astype(bool)
                 else:
                     on = np.ones(b.size, bool)
-                res = np.where(on, b32 + raw[f"vector/{p['name']}"].astype(np.float32).reshape(-1), b32)
+                v32 = raw[f"vector/{p['name']}"].astype(np.float32).reshape(-1)
+                if codec.get("scale") == "ls":  # the selected τ_MTL times the tensor's float32 scale
+                    v32 = raw[f"scale/{task}"][j] * v32
+                res = np.where(on, b32 + v32, b32)
             elif name == "tswitch":
                 on = bits(b.size)
                 neg = np.zeros(b.size, bool)
@@ -316,13 +319,13 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
     return out
 
 
-CODEC_MIX = ("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", "tall:planes=xz,correction=0.01")
+CODEC_MIX = ("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", "tall:planes=xz,scale=ls,correction=0.01")
 CODEC_MIX_Q = ("tswitch:density=0.3,planes=raw", "delta:dtype=I4,correction=0.001", "delta:dtype=I8")
 
 
 def run_codec_cell(suite: Suite, exported: dict) -> Result:
-    """A v2 bundle with one task per codec (tswitch, delta, TALL with xz planes), each with a
-    correction, through extract, TaskSession (both modes) and TorchTaskModel (both CPU kernels);
+    """A v2 bundle with one task per codec (tswitch, delta, TALL with xz planes and a least-squares
+    scale), each with a correction, through extract, TaskSession (both modes) and TorchTaskModel (both CPU kernels);
     the flat image must refuse it, naming the fix."""
     from edgemerge.codecs import encode_bundle, parse_codec
     from edgemerge.export.flat import write_flat

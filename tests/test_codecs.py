@@ -479,7 +479,8 @@ def _plan_items(rng, dtype):
         return {"fix_index": idx, "fix_value": rng.standard_normal(k).astype(np.float32)}
 
     items = []
-    for kind, shape in [("tall", (301, 7)), ("tall-all", (13,)), ("tswitch", (257, 1031)), ("delta16", (1,)),
+    for kind, shape in [("tall", (301, 7)), ("tall-all", (13,)), ("tall-ls", (67, 1031)), ("tall-ls-all", (9,)),
+                        ("tswitch", (257, 1031)), ("delta16", (1,)),
                         ("delta32", (5, 3)), ("i8", (97, 61)), ("i4", (131, 1021)), ("tswitch", (3,))]:
         n = int(np.prod(shape))
         base = _values(rng, n, dtype).reshape(shape)
@@ -490,6 +491,9 @@ def _plan_items(rng, dtype):
             r = Recipe("tall", presence=planes(), **f)
         elif kind == "tall-all":
             r = Recipe("tall", **f)
+        elif kind.startswith("tall-ls"):  # the vector in another kind than θ0 where the dtype allows
+            vector = _values(rng, n, "F16" if dtype == "F32" else "F32").reshape(shape)
+            r = Recipe("tall", presence=None if kind.endswith("all") else planes(), scale=float(np.float32(-0.7)), scaled=True, **f)
         elif kind == "tswitch":
             r = Recipe("tswitch", presence=planes(), sign=planes(), scale=float(np.float32(0.0625)), **f)
         elif kind.startswith("delta"):
@@ -622,3 +626,36 @@ def test_cli_merge_to_a_target_picks_the_cheapest_codec_that_keeps_it(tmp_path):
         r = subprocess.run([*cmd, "encode", v1, *task_args, *bad, "-o", x, "--quiet"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
         assert not os.path.exists(x)
+
+
+def test_tall_with_a_least_squares_scale(merged):
+    """tall:scale=ls stores per tensor s = <m⊙τ_MTL, τ_t> / ‖m⊙τ_MTL‖² (float64 fit, float32 value)
+    and rebuilds m ? θ0 + f32(s·τ_MTL) : θ0; per tensor it is never further from θ_t than plain tall."""
+    path, tasks, d = merged
+    out = str(d / "ls.safetensors")
+    m = encode_bundle(path, tasks, {t: parse_codec("tall:planes=raw,scale=ls") for t in tasks}, out)
+    assert [t["codec"]["scale"] for t in m["tasks"]] == ["ls"] * 3 and m["format_version"] == 2
+    raw, base = load_file(out), load_file(str(d / "base.safetensors"))
+    v1, v2 = open_bundle(path), open_bundle(out, verify=True)
+    for t in tasks:
+        src = load_file(tasks[t])
+        w, w1 = v2.task_weights(t), v1.task_weights(t)
+        assert raw[f"scale/{t}"].dtype == np.float32 and raw[f"scale/{t}"].shape == (len(v2.merged),)
+        for j, p in enumerate(v2.merged):
+            on = np.unpackbits(raw[f"mask/{t}/{p.name}"], count=p.numel).astype(bool)
+            v = raw[f"vector/{p.name}"].reshape(-1)
+            mv = np.where(on, v.astype(np.float64), 0.0)
+            tau = (src[p.name].astype(np.float32) - base[p.name]).reshape(-1).astype(np.float64)
+            s = np.float32(mv @ tau / (mv @ mv))
+            assert raw[f"scale/{t}"][j] == s
+            b = base[p.name].reshape(-1)
+            want = np.where(on, b + s * v, b).reshape(p.shape)
+            assert w[p.name].tobytes() == want.tobytes()
+            err = lambda x: float(np.sum((x.astype(np.float64) - src[p.name]) ** 2))  # noqa: E731
+            assert err(w[p.name]) <= err(w1[p.name]) * (1 + 1e-6)
+    with pytest.raises(FormatError, match="a TALL mask plus a scale"):
+        v2.packed_mask("task0", "enc.0.weight")
+    with pytest.raises(ConfigError, match="scale must be one of none, ls"):
+        parse_codec("tall:scale=l2")
+    with pytest.raises(ConfigError, match="codec 'tswitch' has no parameter 'scale'"):
+        parse_codec("tswitch:scale=ls")

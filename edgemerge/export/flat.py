@@ -81,11 +81,12 @@ def write_flat(bundle: Bundle | str, path: str, encoding: str = "F32", align: in
         raise ConfigError("flat image alignment must be 64 or 4096 bytes")
     b = open_bundle(bundle) if isinstance(bundle, str) else bundle
     refuse_inputs(path, [b.path], "bundle")
-    other = {t: c for t, c in b.codecs.items() if c.name != "tall" or c.correction}
+    other = {t: c for t, c in b.codecs.items() if not c.plain_tall}
     if other:
         raise ConfigError(f"{b.path}: the flat image (v1) holds TALL masks only; task(s) "
-                          + ", ".join(f"{t} ({c.name}{' + correction' if c.correction else ''})" for t, c in other.items())
-                          + " need another codec: re-encode them as tall without a correction for this target, or serve "
+                          + ", ".join(f"{t} ({c.name}{' + scale' if c.scale != 'none' else ''}"
+                                      f"{' + correction' if c.correction else ''})" for t, c in other.items())
+                          + " need another codec: re-encode them as tall (no scale, no correction) for this target, or serve "
                           "them with TaskSession / TorchTaskModel")
     pieces: list[tuple[int, int, int, int, int, np.ndarray, str, tuple]] = []  # kind,dtype,task,param,frac,data,name,shape
     errors: dict[str, dict[str, float]] = {}

@@ -228,6 +228,38 @@ static void f32h_avx2(const float *b, const void *v, const uint8_t *m, float *o,
 }
 #endif
 
+/* -- the scaled select (tall with a least-squares scale): out[i] = R(bit ? W(b[i]) + c·V(v[i]) : W(b[i])),
+ * the product rounded to float32 before the add (no FMA), any base and vector kind. */
+static void scaled_scalar(const void *b, const void *v, const uint8_t *m, void *o, Py_ssize_t s, Py_ssize_t e,
+                          float c, int bk, int vk) {
+    for (Py_ssize_t i = s; i < e; i++) {
+        float r = widen(b, i, bk);
+        if (bit_at(m, i)) {
+            float d = c * widen(v, i, vk);
+            r = r + d;
+        }
+        if (bk == K_F32) ((float *)o)[i] = r;
+        else ((uint16_t *)o)[i] = bk == K_F16 ? f2h(r) : f2bf(r);
+    }
+}
+
+#ifdef EM_AVX2
+__attribute__((target("avx2,f16c")))
+static void scaled_avx2(const float *b, const void *v, const uint8_t *m, float *o, Py_ssize_t s, Py_ssize_t e, float c, int vk) {
+    Py_ssize_t i = s;
+    while (i < e && ((uintptr_t)(o + i) & 31))
+        scaled_scalar(b, v, m, o, i, i + 1, c, K_F32, vk), i++;
+    const __m256 cv = _mm256_set1_ps(c);
+    for (; i + 16 <= e; i += 8) {
+        __m256 bv = _mm256_loadu_ps(b + i);
+        __m256 r = _mm256_blendv_ps(bv, _mm256_add_ps(bv, _mm256_mul_ps(cv, load8(v, i, vk))), window_sel(m, i));
+        _mm256_stream_ps(o + i, r);
+    }
+    _mm_sfence();
+    scaled_scalar(b, v, m, o, i, e, c, K_F32, vk);
+}
+#endif
+
 /* -- a quantized delta: out[i] = R(W(b[i]) + (float)q[i] * sc[g]), g the row (axis 0) or column
  * (axis 1) of i in an [rows, cols] grid; the product is rounded to float32 before the add (no FMA:
  * built with -std=c99, which turns contraction off). float32 / float16 / bfloat16 bases. */
@@ -303,7 +335,7 @@ static int avx2 = 0, f16c = 0;
  * rebuild and a plan of many run the same code. A correction is part of the job: after the op,
  * out[fi[k]] = R(W(out[fi[k]]) + fv[k]) for the positions fi (int64, strictly increasing) inside
  * the range -- the rule's `(out[idx].astype(float32) + value).astype(dtype)`. */
-enum { OP_F32 = 0, OP_HALF = 1, OP_F32H = 2, OP_SIGN = 3, OP_Q8 = 4 };
+enum { OP_F32 = 0, OP_HALF = 1, OP_F32H = 2, OP_SIGN = 3, OP_Q8 = 4, OP_SCALED = 5 };
 
 typedef struct {
     int op, bk, vk, axis, nib;
@@ -324,7 +356,7 @@ static int kind_ok(int k) { return k == K_F32 || k == K_F16 || k == K_BF16; }
 
 /* sets j->n from the base; NULL when every size matches it, else what does not */
 static const char *job_check(job_t *j) {
-    Py_ssize_t bsize = (j->op == OP_HALF || ((j->op == OP_SIGN || j->op == OP_Q8) && j->bk != K_F32)) ? 2 : 4;
+    Py_ssize_t bsize = (j->op == OP_HALF || ((j->op == OP_SIGN || j->op == OP_Q8 || j->op == OP_SCALED) && j->bk != K_F32)) ? 2 : 4;
     Py_ssize_t n = j->n = j->b.len / bsize, bits = (n + 7) / 8;
     if (j->b.len % bsize || j->o.len != j->b.len)
         return "base and out sizes do not match";
@@ -352,6 +384,10 @@ static const char *job_check(job_t *j) {
             return "codes, scales or grid do not match the base";
         break;
     }
+    case OP_SCALED:
+        if (!kind_ok(j->bk) || !kind_ok(j->vk)) return "kinds do not match";
+        if (j->x.len != n * (j->vk == K_F32 ? 4 : 2) || j->y.len != bits) return "vector or mask size does not match the base";
+        break;
     default:
         return "unknown op";
     }
@@ -395,6 +431,12 @@ static void job_span(const job_t *j, Py_ssize_t s, Py_ssize_t e) {
         break;
     case OP_Q8:
         q8_span(b, x, y, o, s, e, j->cols, j->axis, j->bk, j->nib);
+        break;
+    case OP_SCALED:
+#ifdef EM_AVX2
+        if (avx2 && f16c && j->bk == K_F32) { scaled_avx2(b, x, y, o, s, e, j->c, j->vk); break; }
+#endif
+        scaled_scalar(b, x, y, o, s, e, j->c, j->bk, j->vk);
         break;
     }
     if (j->nbuf == 6 && j->fi.len) {

@@ -165,7 +165,7 @@ class Bundle:
                 _expect(e is not None and e.dtype == "U8" and len(e.shape) == 1, self.path,
                         f"task {t!r} ({c.name}) needs a 1-D U8 tensor {planes_name(t)!r}")
                 seen.add(planes_name(t))
-            if c.name == "tswitch":
+            if c.has_scales:
                 _check_tensor(h, scales_name(t), "F32", (len(self.merged),), seen)
             if c.correction:
                 _check_tensor(h, fix_name(t), "F16", (c.correction,), seen)
@@ -246,8 +246,9 @@ class Bundle:
         A task of another codec has no TALL mask: paths that only know masks fail here, loudly."""
         self.check_task(task)
         c = self.codecs[task]
-        if c.name != "tall" or c.correction:
-            what = f"the {c.name!r} codec" if c.name != "tall" else "a TALL mask plus a correction"
+        if not c.plain_tall:
+            what = f"the {c.name!r} codec" if c.name != "tall" else "a TALL mask plus a " + (
+                "scale" if c.scale != "none" else "correction")
             raise FormatError(f"{self.path}: task {task!r} uses {what}; this path reads plain TALL masks only "
                               "(TaskSession, TorchTaskModel, TrtTaskSession and extract serve every codec)")
         return self.tall_presence(task, param)
@@ -300,6 +301,9 @@ class Bundle:
             start = planes["fix_start"]
             idx = planes["fix"]
             fix = {"fix_index": idx, "fix_value": self._view(fix_name(task))[start : start + idx.size].astype(np.float32)}
+        if c.name == "tall" and c.scale == "ls":
+            return Recipe("tall", presence=self.tall_presence(task, param), scale=float(self._view(scales_name(task))[i]),
+                          scaled=True, **fix)
         if c.name == "tall":
             return Recipe("tall", presence=self.tall_presence(task, param), **fix)
         if c.name == "tswitch":

@@ -3,7 +3,9 @@
 Each task names one codec; each codec has one rule, written here once as plain numpy
 (``rebuild_reference``) and run by the fast kernels (``rebuild``), bit for bit:
 
-- ``tall``: the v1 rule, a select of θ0 + τ_MTL by the task's mask (no mask: every bit set).
+- ``tall``: the v1 rule, a select of θ0 + τ_MTL by the task's mask (no mask: every bit set);
+  with ``scale: "ls"`` the selected τ_MTL is scaled per tensor, ``m_i ? θ0[i] + f32(s·τ[i]) : θ0[i]``,
+  s a float32 least-squares fit to θ_t (data-free).
 - ``tswitch``: ``p_i ? θ0[i] + (s_i ? −c : c) : θ0[i]`` with a presence plane p, a sign plane s and
   one float32 scale c per tensor; no shared vector (T-Switch, Qi et al., CVPR 2025).
 - ``delta``: ``θ0[i] + δ[i]`` with the task's own τ_t stored as F32/F16/BF16, or quantized per row
@@ -29,10 +31,11 @@ import numpy as np
 from ..errors import FormatError, unknown_name
 from .bits import BIT_ORDER, pack_bits, packed_nbytes, unpack_bits
 from .dtypes import DTYPES, VECTOR_DTYPES
-from .kernel import OP_Q8, OP_SIGN, _apply_c, _cmask, apply_mask, c_job, check_out, run_jobs, select_job, select_operands
+from .kernel import OP_Q8, OP_SCALED, OP_SIGN, _apply_c, _cmask, apply_mask, c_job, check_out, run_jobs, select_job, select_operands
 
 CODECS = ("tall", "tswitch", "delta")
 PLANE_ENCODINGS = ("raw", "xz")
+TALL_SCALES = ("none", "ls")  # tall: no scale, or one least-squares scale per tensor
 _KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 if "BF16" in DTYPES:
     _KIND[DTYPES["BF16"]] = 2
@@ -82,6 +85,17 @@ class Codec:
     planes: str = "raw"             # tall / tswitch: "raw" or "xz"; tall + raw = v1 mask tensors
     dtype: str | None = None        # delta: F32 / F16 / BF16, or I8 / I4 (quantized per row)
     correction: int = 0             # entries of the sparse correction (0: none)
+    scale: str = "none"             # tall: "none", or "ls" (a float32 scale per tensor in scale/<task>)
+
+    @property
+    def plain_tall(self) -> bool:
+        """The v1 rule exactly: a TALL mask over τ_MTL, no scale, no correction."""
+        return self.name == "tall" and self.scale == "none" and not self.correction
+
+    @property
+    def has_scales(self) -> bool:
+        """Stores one float32 scale per merged param (``scale/<task>``)."""
+        return self.name == "tswitch" or self.scale == "ls"
 
     @property
     def shared(self) -> bool:
@@ -101,6 +115,8 @@ class Codec:
         d: dict[str, Any] = {"name": self.name}
         if self.name in ("tall", "tswitch"):
             d["planes"] = self.planes
+        if self.scale != "none":
+            d["scale"] = self.scale
         if self.name == "delta":
             d["dtype"] = self.dtype
         d["correction"] = self.correction
@@ -113,7 +129,10 @@ class Codec:
         if not isinstance(raw, dict) or raw.get("name") not in CODECS:
             got = raw.get("name") if isinstance(raw, dict) else raw
             raise FormatError(f"{where}: {unknown_name('codec', str(got), CODECS)}")
-        c = cls(raw["name"], raw.get("planes", "raw"), raw.get("dtype"), raw.get("correction", 0))
+        c = cls(raw["name"], raw.get("planes", "raw"), raw.get("dtype"), raw.get("correction", 0), raw.get("scale", "none"))
+        if c.scale not in TALL_SCALES or (c.scale != "none" and c.name != "tall"):
+            raise FormatError(f"{where}: codec scale {c.scale!r}: a tall codec takes one of {', '.join(TALL_SCALES)}, "
+                              "other codecs none")
         if c.name != "delta" and c.planes not in PLANE_ENCODINGS:
             raise FormatError(f"{where}: plane encoding {c.planes!r} is not one of {', '.join(PLANE_ENCODINGS)}")
         if c.name == "delta" and c.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
@@ -130,7 +149,8 @@ class Recipe:
     kind: str                                  # "tall" | "tswitch" | "delta"
     presence: np.ndarray | None = None         # packed plane (tall: None = every bit; tswitch)
     sign: np.ndarray | None = None             # tswitch: packed full-length sign plane
-    scale: float = 0.0                         # tswitch: c, a float32 value
+    scale: float = 0.0                         # tswitch: c; scaled tall: s (float32 values)
+    scaled: bool = False                       # tall: τ_MTL times ``scale`` where the mask is set
     delta: np.ndarray | None = None            # delta: τ_t, or its int8 codes when quantized
     qscale: np.ndarray | None = None           # quantized delta: float32 scale per row
     qgrid: tuple[int, int, int] = (0, 0, 0)    # (a, b, axis): codes as [a, b], one scale per row (0) or column (1)
@@ -183,7 +203,8 @@ def rebuild_reference(base: np.ndarray, vector: np.ndarray | None, r: Recipe) ->
     b32 = np.asarray(base).reshape(-1).astype(np.float32)
     if r.kind == "tall":
         mask = np.ones(n, bool) if r.presence is None else unpack_bits(r.presence, n)
-        res = np.where(mask, b32 + np.asarray(vector).reshape(-1).astype(np.float32), b32)
+        v32 = np.asarray(vector).reshape(-1).astype(np.float32)
+        res = np.where(mask, b32 + (np.float32(r.scale) * v32 if r.scaled else v32), b32)
     elif r.kind == "tswitch":
         c = np.float32(r.scale)
         add = np.where(unpack_bits(r.sign, n), -c, c)
@@ -247,10 +268,22 @@ def q8_job(base: np.ndarray, r: Recipe, out: np.ndarray) -> tuple | None:
                  bk=kind, cols=b, axis=axis, nib=int(r.packed4))
 
 
+def scaled_job(base: np.ndarray, vector: np.ndarray, packed: np.ndarray, scale: float, out: np.ndarray) -> tuple | None:
+    """The C job of the scaled select (operands checked by ``select_operands``), or None where
+    numpy runs it."""
+    bk, vk = _KIND.get(base.dtype), _KIND.get(vector.dtype)
+    if _cmask() is None or bk is None or vk is None or not base.size:
+        return None
+    return c_job(OP_SCALED, _view(bk)(np.ascontiguousarray(base)), _view(vk)(np.ascontiguousarray(vector)),
+                 np.ascontiguousarray(packed), _view(bk)(out), scale=scale, bk=bk, vk=vk)
+
+
 def rebuild_job(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> tuple | None:
     """The C job that rebuilds one param by its recipe, correction included (operands checked),
     or None where ``rebuild`` runs numba or numpy."""
-    if r.kind == "tall":
+    if r.kind == "tall" and r.scaled:
+        job = scaled_job(base, vector, select_operands(base, r.presence, out), r.scale, out)
+    elif r.kind == "tall":
         job = select_job(base, vector, select_operands(base, r.presence, out), out)
     elif r.kind == "tswitch":
         job = sign_job(base, r.presence, r.sign, r.scale, out)
@@ -271,7 +304,9 @@ def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndar
     if job is not None:
         run_jobs([job])
         return out
-    if r.kind == "tall":
+    if r.kind == "tall" and r.scaled:  # no C kernel for the pair: the rule itself
+        np.copyto(out, rebuild_reference(base, vector, replace(r, fix_index=None)), casting="no")
+    elif r.kind == "tall":
         apply_mask(base, vector, r.presence, out)
     elif r.kind == "tswitch":
         apply_sign(base, r.presence, r.sign, r.scale, out)

@@ -131,7 +131,8 @@ def _apply_c(run, n: int) -> None:
 
 
 # ops of a C job (_cmask.c): what x and y of the job hold
-OP_SELECT, OP_HALF, OP_F32H, OP_SIGN, OP_Q8 = range(5)  # vector+mask, vector+mask, vector+mask, presence+sign, codes+scales
+OP_SELECT, OP_HALF, OP_F32H, OP_SIGN, OP_Q8, OP_SCALED = range(6)  # x, y: vector + mask (select ops), presence + sign,
+# codes + scales; OP_SCALED: vector + mask, the vector times the job's scale
 _NO_FIX = (np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 

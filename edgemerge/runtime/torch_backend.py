@@ -97,16 +97,18 @@ def numpy_view(t) -> np.ndarray:
     return t.numpy()
 
 
-def apply_mask_torch(base, vector, packed, out, block: int = BLOCK) -> None:
-    """The select kernel with torch ops: out = bit ? f32(base) + f32(vector) : f32(base), flat tensors."""
+def apply_mask_torch(base, vector, packed, out, block: int = BLOCK, scale: float | None = None) -> None:
+    """The select kernel with torch ops: out = bit ? f32(base) + f32(vector) : f32(base), flat tensors;
+    with ``scale`` (scaled tall) the vector is f32(scale · f32(vector)) first."""
     torch = _torch()
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=base.device)
+    c = None if scale is None else torch.tensor(float(np.float32(scale)), dtype=torch.float32, device=base.device)
     n = base.numel()
     for s in range(0, n, block):  # block is a multiple of 8: each block starts on a mask byte
         e = min(n, s + block)
         bits = ((packed[s // 8 : (e + 7) // 8].unsqueeze(1) >> shifts) & 1).reshape(-1)[: e - s].bool()
-        b = base[s:e].float()
-        out[s:e].copy_(torch.where(bits, b + vector[s:e].float(), b))
+        b, v = base[s:e].float(), vector[s:e].float()
+        out[s:e].copy_(torch.where(bits, b + (v if c is None else c * v), b))
 
 
 def apply_sign_torch(base, presence, sign, scale, out, block: int = BLOCK) -> None:
@@ -163,7 +165,7 @@ class FlatWeights:
                 g["vector"] = torch.zeros(size, dtype=torch_dtype(bundle.vector_dtype), device=device)
             g["masks"] = {t: planes(size) for t, c in self.codecs.items() if c.name != "delta"}
             g["signs"] = {t: planes(size) for t, c in self.codecs.items() if c.name == "tswitch"}
-            g["scales"] = {t: {} for t, c in self.codecs.items() if c.name == "tswitch"}
+            g["scales"] = {t: {} for t, c in self.codecs.items() if c.has_scales}
             quant = {t for t, c in self.codecs.items() if c.name == "delta" and c.qscale_rows}
             g["deltas"] = {t: torch.zeros(size, dtype=torch.int8 if t in quant else torch_dtype(c.dtype), device=device)
                            for t, c in self.codecs.items() if c.name == "delta"}
@@ -182,9 +184,10 @@ class FlatWeights:
                             m.fill_(0xFF)
                         else:
                             m.copy_(to_torch(r.presence, "U8", device))
+                    if c.has_scales:
+                        g["scales"][t][name] = r.scale
                     if c.name == "tswitch":
                         g["signs"][t][o // 8 : (o + n + 7) // 8].copy_(to_torch(r.sign, "U8", device))
-                        g["scales"][t][name] = r.scale
                     elif c.name == "delta" and t in quant:
                         g["deltas"][t][o : o + n] = torch.from_numpy(np.ascontiguousarray(r.codes())).to(device)
                         g["qscales"][t][name] = (torch.from_numpy(r.qscale.copy()).to(device), r.qgrid)
@@ -220,6 +223,11 @@ class FlatWeights:
                     g["out"][o : o + a * b].copy_(g["base"][o : o + a * b].float() + delta)
             elif codec.name == "delta":
                 apply_mask_torch(g["base"], g["deltas"][task], _all_set(g), g["out"])
+            elif codec.scale == "ls":  # torch ops per param (one scale each)
+                for name, o in g["offsets"].items():
+                    e = o + math.prod(self.shapes[name])
+                    apply_mask_torch(g["base"][o:e], g["vector"][o:e], g["masks"][task][o // 8 :], g["out"][o:e],
+                                     scale=g["scales"][task][name])
             elif self.kernel == "triton":
                 from .triton_kernel import apply_mask_triton
 
