@@ -41,8 +41,8 @@ from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suit
 
 SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitch:density=0.1",
             "tswitch:density=0.2", "tswitch:density=0.3", "tswitch:density=0.3,correction=0.01",
-            "tall:planes=xz,correction=0.005", "tall:planes=xz,scale=ls", "delta:dtype=I4", "delta:dtype=I8",
-            "delta:dtype=F16")
+            "tall:planes=xz,correction=0.005", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4",
+            "delta:dtype=I8", "delta:dtype=F16")
 FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
 # published points (ViT-B/32, 8 tasks), as the papers report them: not measured here
@@ -121,7 +121,7 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
         path = os.path.join(work, f"{suite_name}-{seed}.safetensors")
         m = encode_bundle(v1, ckpts, {t: spec for t in tasks}, path)
         # a task's rebuilt weights depend on its own codec only: score the selector's candidates here
-        share = (32 if m["vector_dtype"] == "F32" else 16) / len(tasks) if spec.name == "tall" else 0.0
+        share = (32 if m["vector_dtype"] == "F32" else 16) / len(tasks) if spec.name in ("tall", "emr") else 0.0
         with open_bundle(path) as b:
             for e in m["tasks"]:
                 t = e["name"]

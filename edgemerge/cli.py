@@ -465,7 +465,7 @@ def plan(bundle, device_name, runtime, storage, efficiency, activation_mb, as_js
     t.add_row("RAM to keep switches warm", f"{_human(p['warm_ram_bytes'])} ({'fits' if p['fits'] else 'does NOT fit'})", "")
     console.print(t)
     console.print(f"switch = {_human(p['kernel_bytes'])} touched ÷ ({device.bandwidth / 1e9:.1f} GB/s peak × efficiency); "
-                  f"efficiency {escape(basis)}. Warm means θ0, {'τ_MTL, ' if s.reads_vector else ''}the task's codec data "
+                  f"efficiency {escape(basis)}. Warm means θ0, {'the shared vector (τ_MTL or elected), ' if s.reads_vector else ''}the task's codec data "
                   "(masks, planes, δ) and head stay in RAM (the 'bundle data' row); "
                   "from a cold page cache a switch first reads them from storage (the cold-start row). "
                   "See edgemerge/devices/plan.py")

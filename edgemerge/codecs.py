@@ -32,7 +32,7 @@ from .errors import CheckpointError, ConfigError, FormatError
 from .inspect import PER_TASK
 from .io import write_safetensors
 from .runtime.bundle import (
-    MANIFEST_KEY, Bundle, base_name, mask_name, open_bundle, private_name, vector_name,
+    MANIFEST_KEY, Bundle, base_name, elected_name, mask_name, open_bundle, private_name, vector_name,
 )
 from .runtime.codecs import (
     CODECS, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name,
@@ -41,7 +41,7 @@ from .runtime.codecs import (
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
-KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"},
+KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"}, "emr": {"planes", "correction"},
         "delta": {"dtype", "correction"}}
 
 
@@ -58,7 +58,7 @@ class CodecSpec:
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
-                 "delta": [f"dtype={self.dtype}"]}[self.name]
+                 "delta": [f"dtype={self.dtype}"], "emr": [f"planes={self.planes}"]}[self.name]
         if self.scale != "none":
             parts.append(f"scale={self.scale}")
         if self.correction:
@@ -177,7 +177,7 @@ def _read_task(ckpt: Checkpoint, key: str, bundle: Bundle, task: str, shape: tup
     return arr
 
 
-def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec) -> _TaskOut:
+def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec, election: _Election | None = None) -> _TaskOut:
     """One task's planes, scales, δ and correction (``ckpt`` None: a plain TALL task, re-stored).
     Tensor by tensor; a correction needs the whole task's error and rebuilt values in memory
     (8 bytes per merged parameter) to pick its largest entries."""
@@ -210,6 +210,12 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
                 sc = np.float32(float(np.dot(mv, tau.astype(np.float64))) / den if den > 0 else 1.0)
                 out.scales.append(float(sc))
                 r = Recipe("tall", presence=packed, scale=float(sc), scaled=True)
+        elif spec.name == "emr":
+            keep = election.masks[(task, p.name)]
+            d["presence"] = keep
+            out.scales.append(election.rescale[task])
+            kept += int(keep.sum())
+            r = Recipe("tall", presence=pack_bits(keep), scale=election.rescale[task], scaled=True)
         elif spec.name == "tswitch":
             keep, neg, scale = tswitch_planes(tau, spec.density)
             d["presence"], d["signs"] = keep, neg[keep]
@@ -228,7 +234,8 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             out.deltas[p.name] = delta.reshape(p.shape)
             r = Recipe("delta", delta=delta)
         with np.errstate(over="ignore", invalid="ignore"):
-            hat = rebuild(base, bundle.vector(p.name) if codec.shared else None, r, np.empty(p.shape, base.dtype))
+            vector = bundle.vector(p.name) if codec.shared else election.vector[p.name] if spec.name == "emr" else None
+            hat = rebuild(base, vector, r, np.empty(p.shape, base.dtype))
         if not np.isfinite(hat.astype(np.float32)).all():  # e.g. a τ beyond float16's range stored as F16
             raise CheckpointError(f"task {task!r}, tensor {p.name!r}: codec {spec.label()} rebuilds non-finite values; "
                                   "choose another (delta:dtype=BF16 or F32 keeps the range)")
@@ -239,7 +246,7 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
         else:
             out.sq_err += float(np.dot(err.astype(np.float64), err))
         out.sq_ref += float(np.dot(tau.astype(np.float64), tau))
-    total_kept = {"tswitch": kept, "delta": total}.get(spec.name)
+    total_kept = {"tswitch": kept, "emr": kept, "delta": total}.get(spec.name)
     out.density = None if total_kept is None or not total else total_kept / total
     if k_fix:
         allerr = np.abs(np.concatenate(errors))
@@ -287,6 +294,11 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
     if missing:
         raise ConfigError(f"task(s) {', '.join(missing)} need their checkpoint for codec {specs[missing[0]].name}: "
                           "pass --task NAME=PATH")
+    emr = [t for t, s in specs.items() if s.name == "emr"]
+    missing = [t for t in b.tasks if t not in tasks]
+    if emr and missing:
+        raise ConfigError(f"codec emr (task {emr[0]!r}) elects its vector from every task: pass the checkpoints of "
+                          f"{', '.join(missing)} too (--task NAME=PATH)")
     use = [t for t in b.tasks if t in tasks]  # every task given its checkpoint is measured against it
     sources = {t["name"]: t.get("source", {}) for t in b.manifest["tasks"]}
     for t in use:
@@ -294,6 +306,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
         if want and os.path.isfile(tasks[t]) and file_sha256(tasks[t]) != want:
             raise CheckpointError(f"{tasks[t]} is not the checkpoint task {t!r} was merged from (sha256 differs from "
                                   f"the bundle's record); pass the same file")
+    election = _elect(b, tasks, emr) if emr else None
     outs: dict[str, _TaskOut] = {}
     for i, t in enumerate(b.tasks):
         if progress:
@@ -301,7 +314,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
         if t in use:
             ckpt = open_checkpoint(tasks[t])
             try:
-                outs[t] = _encode_task(b, t, ckpt, specs[t])
+                outs[t] = _encode_task(b, t, ckpt, specs[t], election)
             finally:
                 ckpt.close()
         elif specs[t].planes == "xz":
@@ -310,16 +323,58 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
             outs[t] = _TaskOut(Codec("tall", "raw"))
     if progress:
         progress("encode", len(b.tasks), len(b.tasks))
-    return _write_v2(b, outs, output, notes or {})
+    return _write_v2(b, outs, output, notes or {}, election)
 
 
-def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+@dataclass
+class _Election:
+    """EMR-Merging's elect step over every task: the elected vector u (the bundle's vector dtype),
+    and for the emr tasks their masks m_t and rescalers λ_t."""
+
+    vector: dict[str, np.ndarray]
+    masks: dict[tuple[str, str], np.ndarray]
+    rescale: dict[str, float]
+
+
+def _elect(b: Bundle, tasks: Mapping[str, str], emr: list[str]) -> _Election:
+    """Per merged param, from every task's τ_t (float32): the elected sign σ = +1 where Σ_t τ_t > 0,
+    else −1; m_t = τ_t·σ > 0; u = σ · max_t |m_t ⊙ τ_t|. Per emr task, λ_t = Σ_p mean|τ_t| ÷
+    Σ_p mean|m_t ⊙ u| over the merged params (1 where the divisor is 0) -- the reference
+    implementation's rescaler (harveyhuang18/EMR_Merging)."""
+    ckpts = {t: open_checkpoint(tasks[t]) for t in b.tasks}
+    try:
+        out = _Election({}, {}, {})
+        num, den = dict.fromkeys(emr, 0.0), dict.fromkeys(emr, 0.0)
+        for p in b.merged:
+            base = b.base(p.name).astype(np.float32).reshape(-1)
+            taus = {t: _read_task(c, p.name, b, t, p.shape).astype(np.float32).reshape(-1) - base for t, c in ckpts.items()}
+            sigma = np.where(sum(v.astype(np.float64) for v in taus.values()) > 0, np.float32(1), np.float32(-1))
+            masks = {t: v * sigma > 0 for t, v in taus.items()}
+            u32 = sigma * np.max([np.where(masks[t], np.abs(v), np.float32(0)) for t, v in taus.items()], axis=0)
+            with np.errstate(over="ignore"):  # a u beyond F16 is refused where it is rebuilt, naming the tensor
+                u = u32.astype(DTYPES[b.vector_dtype])
+            out.vector[p.name] = u.reshape(p.shape)
+            for t in emr:
+                out.masks[(t, p.name)] = masks[t]
+                num[t] += float(np.abs(taus[t]).mean(dtype=np.float64)) if p.numel else 0.0
+                den[t] += float(np.abs(np.where(masks[t], u.astype(np.float32), 0)).mean(dtype=np.float64)) if p.numel else 0.0
+        out.rescale = {t: float(np.float32(num[t] / den[t])) if den[t] > 0 else 1.0 for t in emr}
+        return out
+    finally:
+        for c in ckpts.values():
+            c.close()
+
+
+def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[str, Mapping[str, Any]],
+              election: _Election | None = None) -> dict[str, Any]:
     shared = any(o.codec.shared for o in outs.values())
     tensors: dict[str, np.ndarray] = {}
     for p in b.params:
         tensors[base_name(p.name)] = b.base(p.name)
         if p.role == "merged" and shared:
             tensors[vector_name(p.name)] = b.vector(p.name)
+        if p.role == "merged" and election is not None:
+            tensors[elected_name(p.name)] = election.vector[p.name]
     numels = [p.numel for p in b.merged]
     merged_total = sum(numels)
     entries = {t["name"]: dict(t) for t in b.manifest["tasks"]}
@@ -381,7 +436,7 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
-              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "delta:dtype=I4",
+              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4",
               "delta:dtype=I8", "delta:dtype=F16")
 FALLBACK = "delta:dtype=F16"
 Score = Callable[[str, Mapping[str, np.ndarray]], float]
@@ -432,7 +487,7 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
         missing = [t for t in b.tasks if t not in tasks]
         if missing:
             raise ConfigError(f"choosing codecs needs every task's checkpoint; missing: {', '.join(missing)}")
-        tall_share = (32 if b.vector_dtype == "F32" else 16) / len(b.tasks)  # τ_MTL's bits, split over the tasks
+        tall_share = (32 if b.vector_dtype == "F32" else 16) / len(b.tasks)  # a shared vector's bits, split over the tasks
         names = list(b.tasks)
         if b.mask_policy != "tall":  # no masks to compress
             specs = [c for c in specs if not (c.name == "tall" and c.planes == "xz")]
@@ -450,9 +505,9 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
         for j, spec in enumerate(specs):
             if progress:
                 progress("choose codecs", i * len(specs) + j, total)
-            m = encode_bundle(bundle, {t: tasks[t]}, {t: spec}, scratch)
+            m = encode_bundle(bundle, tasks if spec.name == "emr" else {t: tasks[t]}, {t: spec}, scratch)  # emr elects from all
             entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
-            bits = entry["bits_per_param"] + (tall_share if spec.name == "tall" else 0.0)
+            bits = entry["bits_per_param"] + (tall_share if spec.name in ("tall", "emr") else 0.0)
             if score is None:
                 got = weight_fidelity(entry["relative_error"])
             else:

@@ -8,7 +8,7 @@ from typing import Any
 from .runtime.bundle import Bundle
 from .runtime.dtypes import DTYPES, FLOAT_DTYPES
 
-SECTIONS = ("base", "vector", "mask", "planes", "scale", "delta", "dscale", "fix", "task")
+SECTIONS = ("base", "vector", "elected", "mask", "planes", "scale", "delta", "dscale", "fix", "task")
 PER_TASK = ("mask", "planes", "scale", "delta", "dscale", "fix")  # a task's own codec data
 
 

@@ -280,7 +280,10 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
             continue
         b32 = b.astype(np.float32).reshape(-1)
         with np.errstate(over="ignore"):
-            if name == "tall":
+            if name == "emr":  # the task's presence plane over the elected vector, times its rescaler
+                on = bits(b.size)
+                res = np.where(on, b32 + raw[f"scale/{task}"][j] * raw[f"elected/{p['name']}"].astype(np.float32).reshape(-1), b32)
+            elif name == "tall":
                 if xz:
                     on = bits(b.size)
                 elif manifest["mask"]["policy"] == "tall":
@@ -319,8 +322,10 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
     return out
 
 
-CODEC_MIX = ("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", "tall:planes=xz,scale=ls,correction=0.01")
-CODEC_MIX_Q = ("tswitch:density=0.3,planes=raw", "delta:dtype=I4,correction=0.001", "delta:dtype=I8")
+# three mixes over the five architectures (by index: gpt2 and resnet, bert and vit, llama)
+CODEC_MIXES = (("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", "tall:planes=xz,scale=ls,correction=0.01"),
+               ("emr:planes=xz,correction=0.01", "emr:planes=raw", "tall:planes=raw,scale=ls"),
+               ("tswitch:density=0.3,planes=raw", "delta:dtype=I4,correction=0.001", "delta:dtype=I8"))
 
 
 def run_codec_cell(suite: Suite, exported: dict) -> Result:
@@ -339,7 +344,7 @@ def run_codec_cell(suite: Suite, exported: dict) -> Result:
     paths = suite.paths["safetensors"]
     tasks = [t for t in paths if t != "__base__"]
     path = v1.replace(".safetensors", ".v2.safetensors")
-    mix = CODEC_MIX_Q if list(ARCHS).index(arch.name) % 2 else CODEC_MIX  # quantized deltas on every other arch
+    mix = CODEC_MIXES[list(ARCHS).index(arch.name) % 3]
     encode_bundle(v1, {t: paths[t] for t in tasks}, {t: parse_codec(c) for t, c in zip(tasks, mix)}, path)
     bundle = open_bundle(path, verify=True)
     rules = {t: rule_weights_v2(path, t) for t in bundle.tasks}

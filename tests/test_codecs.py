@@ -305,7 +305,7 @@ def test_reader_checks_v2_manifest(merged, tmp_path):
         return str(p)
 
     cases = [
-        (lambda m: m["tasks"][0]["codec"].update(name="zip"), "unknown codec 'zip'; valid: delta, tall, tswitch"),
+        (lambda m: m["tasks"][0]["codec"].update(name="zip"), "unknown codec 'zip'; valid: delta, emr, tall, tswitch"),
         (lambda m: m["tasks"][0]["codec"].update(planes="gz"), "plane encoding 'gz' is not one of raw, xz"),
         (lambda m: m["tasks"][0]["codec"].update(correction=3), "tensor 'fix/task0' is F16 \\[26\\], the manifest says F16 \\[3\\]"),
         (lambda m: m["tasks"][0]["codec"].update(correction=-1), "'correction' must be a non-negative integer"),
@@ -659,3 +659,45 @@ def test_tall_with_a_least_squares_scale(merged):
         parse_codec("tall:scale=l2")
     with pytest.raises(ConfigError, match="codec 'tswitch' has no parameter 'scale'"):
         parse_codec("tswitch:scale=ls")
+
+
+def test_emr_elect_mask_rescale_exact(tmp_path):
+    """EMR on numbers small enough to follow by hand, as the paper's reference code computes them:
+    σ = sign of Σ_t τ_t (0 counts as −), m_t = τ_t·σ > 0, u = σ·max_t |m_t ⊙ τ_t|, λ_t =
+    Σ_p mean|τ_t| / Σ_p mean|m_t ⊙ u|; rebuilt m_t ? θ0 + f32(λ_t·u) : θ0."""
+    from safetensors.numpy import save_file
+
+    base = {"w": np.zeros(4, np.float32), "v": np.array([1.0, 2.0], np.float32)}
+    taus = {"a": {"w": [0.5, -0.25, 0.0, 0.125], "v": [1.0, -1.0]},
+            "b": {"w": [0.25, 0.5, -0.5, -0.5], "v": [0.5, 0.25]},
+            "c": {"w": [-0.125, -0.5, 0.0, 0.25], "v": [-0.25, -0.5]}}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    tasks = {}
+    for t, tau in taus.items():
+        save_file({k: base[k] + np.array(v, np.float32) for k, v in tau.items()}, str(tmp_path / f"{t}.safetensors"))
+        tasks[t] = str(tmp_path / f"{t}.safetensors")
+    v1 = str(tmp_path / "v1.safetensors")
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks, method="task_arithmetic"), v1)
+    out = str(tmp_path / "emr.safetensors")
+    encode_bundle(v1, tasks, {"a": parse_codec("emr:planes=raw"), "b": parse_codec("emr:planes=raw")}, out)
+    # by hand: w: Σ = [0.625, -0.25, -0.5, -0.125] -> σ = [+, -, -, -]; v: Σ = [1.25, -1.25] -> σ = [+, -]
+    want_u = {"w": [0.5, -0.5, -0.5, -0.5], "v": [1.0, -1.0]}
+    want_m = {"a": {"w": [1, 1, 0, 0], "v": [1, 1]}, "b": {"w": [1, 0, 1, 1], "v": [1, 0]}}
+    lam = {t: (np.abs(taus[t]["w"]).mean() + np.abs(taus[t]["v"]).mean())
+           / (np.abs(np.multiply(want_m[t]["w"], want_u["w"])).mean() + np.abs(np.multiply(want_m[t]["v"], want_u["v"])).mean())
+           for t in want_m}
+    assert lam["a"] == pytest.approx((0.21875 + 1.0) / (0.25 + 1.0)) and lam["b"] == pytest.approx((0.4375 + 0.375) / (0.375 + 0.5))
+    raw = load_file(out)
+    with open_bundle(out, verify=True) as b:
+        names = [p.name for p in b.merged]
+        assert b.codecs["a"].name == "emr" and b.codecs["c"].name == "tall" and b.shared and b.elected
+        for k in names:
+            assert raw[f"elected/{k}"].tolist() == want_u[k]
+        for t in want_m:
+            assert raw[f"scale/{t}"].tolist() == [np.float32(lam[t])] * len(names)
+            w = b.task_weights(t)
+            for k in names:
+                want = np.where(np.array(want_m[t][k], bool), base[k] + np.float32(lam[t]) * np.array(want_u[k], np.float32), base[k])
+                assert w[k].tobytes() == want.astype(np.float32).tobytes(), (t, k)
+    with pytest.raises(ConfigError, match="elects its vector from every task: pass the checkpoints of c"):
+        encode_bundle(v1, {t: tasks[t] for t in ("a", "b")}, {"a": parse_codec("emr")}, str(tmp_path / "x.safetensors"))

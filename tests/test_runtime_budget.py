@@ -17,9 +17,10 @@ GPU_BACKENDS = {"torch_backend.py", "triton_kernel.py", "trt_backend.py"}
 # format v2's per-task codecs (runtime/codecs.py: the rules, the tswitch and quantized-delta kernel
 # dispatch, the planes decoder; the reader's v2 checks; every backend rebuilding every codec); then
 # to 1890 for the switch plan (issues 15/16: a switch is one C call per thread over every param, not
-# a Python call per tensor; each rule's C job builder, shared by the one-param path), and to 1930
-# for tall's least-squares scale (one more rule: the scaled select).
-CORE_BUDGET, GPU_BUDGET = 1930, 640
+# a Python call per tensor; each rule's C job builder, shared by the one-param path), and to 1960
+# for tall's least-squares scale (one more rule: the scaled select) and the emr codec (that rule over
+# the elected vector, which every backend keeps beside τ_MTL).
+CORE_BUDGET, GPU_BUDGET = 1960, 640
 
 
 def test_runtime_imports_with_torch_blocked():

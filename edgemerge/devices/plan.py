@@ -50,16 +50,17 @@ class Sizes:
 
     n_tasks: int
     base: int            # θ0, all params
-    vector: int          # τ_MTL (0 when no task reads it: then none is stored)
+    vector: int          # shared vectors stored: τ_MTL and EMR's elected vector (0 when no task reads one)
     mask_one_task: int   # that task's own codec data as stored (TALL masks, planes, δ, scales, fixes)
     private_one_task: int  # that task's private tensors
     model: int           # θ_t as the engine holds it (θ0 dtypes)
     merged_numel: int
     kernel_touch: int    # bytes the rebuild reads and writes for one switch (the most of any task)
     separate_model: int  # one task's own checkpoint (source dtype, with its head)
-    reads_vector: bool = True   # that task's switch reads τ_MTL
+    reads_vector: bool = True   # that task's switch reads a shared vector (τ_MTL or the elected one)
     codec_bytes: int = -1       # all tasks' codec data (−1: n_tasks × mask_one_task, v1)
     private_bytes: int = -1     # all tasks' private tensors (−1: n_tasks × private_one_task)
+    vector_read: int = -1       # the shared vector that task reads (−1: all of ``vector`` when reads_vector)
 
 
 def sizes(bundle: Bundle) -> Sizes:
@@ -68,9 +69,11 @@ def sizes(bundle: Bundle) -> Sizes:
     merged = bundle.merged
     base = sum(nbytes(f"base/{p.name}") for p in bundle.params)
     vector = sum(nbytes(f"vector/{p.name}") for p in merged) if bundle.shared else 0
+    elected = sum(nbytes(f"elected/{p.name}") for p in merged) if bundle.elected else 0
     own = codec_bytes(bundle)
     private = {t: sum(nbytes(f"task/{t}/{k}") for k in bundle.private_keys[t]) for t in bundle.tasks}
-    reads = {t: own[t] + private[t] + (vector if bundle.codecs[t].shared else 0) for t in bundle.tasks}
+    shared = {t: vector if bundle.codecs[t].shared else elected if bundle.codecs[t].name == "emr" else 0 for t in bundle.tasks}
+    reads = {t: own[t] + private[t] + shared[t] for t in bundle.tasks}
     worst = max(bundle.tasks, key=lambda t: reads[t])
     numel = sum(p.numel for p in merged)
     item = sum(p.numel * DTYPES[p.dtype].itemsize for p in merged)
@@ -79,13 +82,14 @@ def sizes(bundle: Bundle) -> Sizes:
     def touch(t: str) -> int:  # θ0 read + θ_t written, plus what the task's rule reads per element
         c = bundle.codecs[t]
         per = {"tall": lambda: DTYPES[bundle.vector_dtype].itemsize * numel + planes,
+               "emr": lambda: DTYPES[bundle.vector_dtype].itemsize * numel + planes,
                "tswitch": lambda: 2 * planes,
                "delta": lambda: (numel + 1) // 2 if c.dtype == "I4" else numel * DTYPES["I8" if c.dtype == "I8" else c.dtype].itemsize}
         return 2 * item + per[c.name]()
 
-    return Sizes(len(bundle.tasks), base, vector, own[worst], private[worst], base, numel,
-                 max(touch(t) for t in bundle.tasks), base + private[worst], bundle.codecs[worst].shared,
-                 sum(own.values()), sum(private.values()))
+    return Sizes(len(bundle.tasks), base, vector + elected, own[worst], private[worst], base, numel,
+                 max(touch(t) for t in bundle.tasks), base + private[worst], shared[worst] > 0,
+                 sum(own.values()), sum(private.values()), shared[worst])
 
 
 def measure_efficiency(numel: int = 1 << 24, repeat: int = 5) -> float:
@@ -119,7 +123,8 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
     if not 0 < low <= high <= 1:
         raise ConfigError("efficiency must be in (0, 1] (a range: low <= high)")
     read = STORAGE_READ[storage]
-    touched = s.base + (s.vector if s.reads_vector else 0) + s.mask_one_task + s.private_one_task
+    vec = (s.vector_read if s.vector_read >= 0 else s.vector) if s.reads_vector else 0
+    touched = s.base + vec + s.mask_one_task + s.private_one_task
     engines = s.model * (s.n_tasks if runtime == "sessions" else 1)
     resident = touched + engines + activation_bytes
     available = device.ram_bytes - device.os_reserved_bytes

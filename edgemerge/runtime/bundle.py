@@ -48,6 +48,10 @@ def base_name(param: str) -> str:
     return f"base/{param}"
 
 
+def elected_name(param: str) -> str:
+    return f"elected/{param}"
+
+
 def vector_name(param: str) -> str:
     return f"vector/{param}"
 
@@ -126,6 +130,7 @@ class Bundle:
         self.codecs: dict[str, Codec] = {t["name"]: Codec.parse(f"{path}: task {t['name']!r}", t.get("codec") if self.version >= 2 else None)
                                          for t in manifest["tasks"]}
         self.shared = any(c.shared for c in self.codecs.values())  # τ_MTL is stored
+        self.elected = any(c.name == "emr" for c in self.codecs.values())  # EMR's elected vector is stored
         self._merged_pos = {p.name: i for i, p in enumerate(self.merged)}
         self._recipes: dict[tuple[str, str], Recipe] = {}  # views and decoded planes: built once per (task, param)
         self._decoded: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -176,6 +181,8 @@ class Bundle:
             _expect(p.dtype in FLOAT_DTYPES, self.path, f"merged param {p.name!r} has non-float dtype {p.dtype}")
             if self.shared:
                 _check_tensor(h, vector_name(p.name), self.vector_dtype, p.shape, seen)
+            if self.elected:
+                _check_tensor(h, elected_name(p.name), self.vector_dtype, p.shape, seen)
             for t, c in self.codecs.items():
                 if c.name == "tall" and c.planes == "raw" and self.mask_policy == "tall":
                     _check_tensor(h, mask_name(t, p.name), "U8", (packed_nbytes(p.numel),), seen)
@@ -240,6 +247,15 @@ class Bundle:
 
     def vector(self, param: str) -> np.ndarray:
         return self._view(vector_name(param))
+
+    def elected_vector(self, param: str) -> np.ndarray:
+        """EMR's elected vector u of a merged param (stored when some task's codec is emr)."""
+        return self._view(elected_name(param))
+
+    def task_vector(self, task: str, param: str) -> np.ndarray | None:
+        """The shared vector ``task``'s codec reads: τ_MTL (tall), the elected vector (emr), or None."""
+        c = self.codecs[self.check_task(task)]
+        return self.vector(param) if c.shared else self.elected_vector(param) if c.name == "emr" else None
 
     def packed_mask(self, task: str, param: str) -> np.ndarray | None:
         """Packed TALL mask bytes, or None when the bundle has no masks (every task uses all of τ).
@@ -309,6 +325,8 @@ class Bundle:
         if c.name == "tswitch":
             return Recipe("tswitch", presence=planes["presence"], sign=planes["sign"],
                           scale=float(self._view(scales_name(task))[i]), **fix)
+        if c.name == "emr":  # the scaled select over the elected vector
+            return Recipe("tall", presence=planes["presence"], scale=float(self._view(scales_name(task))[i]), scaled=True, **fix)
         p = self.merged[i]
         if c.qscale_rows:
             rows = quant_rows(p.shape)
@@ -344,13 +362,12 @@ class Bundle:
     def rebuild_into(self, task: str, param: str, out: np.ndarray) -> np.ndarray:
         """θ_t of merged param ``param`` written into ``out`` (θ0's shape and dtype) by the task's
         codec; the fast kernels are bit-identical to the rule (runtime/codecs.py)."""
-        vector = self.vector(param) if self.codecs[task].shared else None
+        vector = self.task_vector(task, param)
         return rebuild(self.base(param), vector, self.recipe(task, param), out)
 
     def plan_item(self, task: str, param: str, out: np.ndarray) -> tuple:
         """What a ``SwitchPlan`` takes to rebuild merged param ``param`` of ``task`` into ``out``."""
-        shared = self.codecs[self.check_task(task)].shared
-        return self.base(param), self.vector(param) if shared else None, self.recipe(task, param), out
+        return self.base(param), self.task_vector(task, param), self.recipe(task, param), out
 
     def switch_plan(self, task: str, outs: dict[str, np.ndarray]) -> SwitchPlan:
         """θ_t of every merged param in ``outs`` (param name -> its output array), rebuilt by one

@@ -10,6 +10,9 @@ Each task names one codec; each codec has one rule, written here once as plain n
   one float32 scale c per tensor; no shared vector (T-Switch, Qi et al., CVPR 2025).
 - ``delta``: ``θ0[i] + δ[i]`` with the task's own τ_t stored as F32/F16/BF16, or quantized per row
   (the first dim; 1-D and 0-d tensors: one row) to I8 / I4: ``δ[i] = f32(q[i]) × s[row(i)]``.
+- ``emr``: EMR-Merging (Huang et al., NeurIPS 2024): the scaled select over the bundle's elected
+  vector u (``elected/<param>``, shared by the emr tasks), the task's presence plane and its
+  rescaler λ_t: ``m_i ? θ0[i] + f32(λ_t·u[i]) : θ0[i]``.
 
 Any codec may add a sparse **correction**: after the rule, ``θ_t[i] = R(W(θ̂_t[i]) + v_j)`` at the
 positions of a fix plane, v_j from an F16 list (the largest entries of θ_t − θ̂_t).
@@ -33,7 +36,7 @@ from .bits import BIT_ORDER, pack_bits, packed_nbytes, unpack_bits
 from .dtypes import DTYPES, VECTOR_DTYPES
 from .kernel import OP_Q8, OP_SCALED, OP_SIGN, _apply_c, _cmask, apply_mask, c_job, check_out, run_jobs, select_job, select_operands
 
-CODECS = ("tall", "tswitch", "delta")
+CODECS = ("tall", "tswitch", "delta", "emr")
 PLANE_ENCODINGS = ("raw", "xz")
 TALL_SCALES = ("none", "ls")  # tall: no scale, or one least-squares scale per tensor
 _KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
@@ -95,7 +98,7 @@ class Codec:
     @property
     def has_scales(self) -> bool:
         """Stores one float32 scale per merged param (``scale/<task>``)."""
-        return self.name == "tswitch" or self.scale == "ls"
+        return self.name in ("tswitch", "emr") or self.scale == "ls"
 
     @property
     def shared(self) -> bool:
@@ -109,11 +112,11 @@ class Codec:
 
     @property
     def uses_planes_tensor(self) -> bool:
-        return self.name == "tswitch" or (self.name == "tall" and self.planes == "xz") or self.correction > 0
+        return self.name in ("tswitch", "emr") or (self.name == "tall" and self.planes == "xz") or self.correction > 0
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
-        if self.name in ("tall", "tswitch"):
+        if self.name != "delta":
             d["planes"] = self.planes
         if self.scale != "none":
             d["scale"] = self.scale
@@ -350,7 +353,7 @@ class SwitchPlan:
 
 def planes_layout(codec: Codec, numels: list[int]) -> str:
     """What the planes tensor holds per merged param, in manifest order (docs/format.md §2.1)."""
-    return " ".join(p for p, on in (("presence", codec.name == "tswitch" or codec.name == "tall" and codec.planes == "xz"),
+    return " ".join(p for p, on in (("presence", codec.name in ("tswitch", "emr") or codec.name == "tall" and codec.planes == "xz"),
                                     ("signs", codec.name == "tswitch"), ("fix", codec.correction > 0)) if on)
 
 

@@ -215,7 +215,9 @@ class TaskSession(Switchable):
             self._session = probe
             self._buffers = {n: np.empty(self._fed(n, p.shape), DTYPES[p.dtype]) for n, p in self._params.items() if p.role == "merged"}
             # weights fed transposed: θ0 and τ kept in that order, masks permuted once per task
-            self._t_parts = {n: (_t(self.bundle.base(p.name)), _t(self.bundle.vector(p.name)) if self.bundle.shared else None)
+            b = self.bundle
+            self._t_parts = {n: (_t(b.base(p.name)), {"tall": _t(b.vector(p.name)) if b.shared else None,
+                                                     "emr": _t(b.elected_vector(p.name)) if b.elected else None})
                              for n, p in self._params.items() if n in self.transposed and p.role == "merged"}
             self._t_recipes: dict[tuple[str, str], Recipe] = {}
             self._plans: dict[str, SwitchPlan] = {}  # per task, built at its first switch
@@ -356,21 +358,21 @@ class TaskSession(Switchable):
         if self.mode != "inputs":
             return {"weight buffers": 0, "transposed copies": 0}
         return {"weight buffers": n(self._buffers.values()),
-                "transposed copies": n(a for pair in self._t_parts.values() for a in pair)
+                "transposed copies": n(a for base, vectors in self._t_parts.values() for a in (base, *vectors.values()))
                 + sum(r.nbytes for r in self._t_recipes.values())}
 
     def _switch_plan(self, task: str) -> SwitchPlan:
         """The task's rebuild of every fed weight buffer, built at its first switch (weights fed
         transposed take their transposed θ0 / τ and permuted recipes)."""
-        shared = self.bundle.codecs[self.bundle.check_task(task)].shared
+        c = self.bundle.codecs[self.bundle.check_task(task)]
         items = []
         for n, buf in self._buffers.items():
             p = self._params[n].name
             if self._params[n].role != "merged":
                 continue
             if n in self._t_parts:
-                base, vector = self._t_parts[n]
-                items.append((base, vector if shared else None, self._t_recipe(task, n, p), buf))
+                base, vectors = self._t_parts[n]
+                items.append((base, vectors.get(c.name), self._t_recipe(task, n, p), buf))
             else:
                 items.append(self.bundle.plan_item(task, p, buf))
         return SwitchPlan(items)

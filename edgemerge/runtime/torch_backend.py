@@ -163,6 +163,8 @@ class FlatWeights:
             g["out"] = torch.zeros(size, dtype=torch_dtype(dtype), device=device)
             if bundle.shared:
                 g["vector"] = torch.zeros(size, dtype=torch_dtype(bundle.vector_dtype), device=device)
+            if bundle.elected:  # EMR's elected vector
+                g["elected"] = torch.zeros(size, dtype=torch_dtype(bundle.vector_dtype), device=device)
             g["masks"] = {t: planes(size) for t, c in self.codecs.items() if c.name != "delta"}
             g["signs"] = {t: planes(size) for t, c in self.codecs.items() if c.name == "tswitch"}
             g["scales"] = {t: {} for t, c in self.codecs.items() if c.has_scales}
@@ -176,6 +178,8 @@ class FlatWeights:
                 g["base"][o : o + n] = to_torch(bundle.base(name).reshape(-1), dtype, device)
                 if bundle.shared:
                     g["vector"][o : o + n] = to_torch(bundle.vector(name).reshape(-1), bundle.vector_dtype, device)
+                if bundle.elected:
+                    g["elected"][o : o + n] = to_torch(bundle.elected_vector(name).reshape(-1), bundle.vector_dtype, device)
                 for t, c in self.codecs.items():
                     r = bundle.recipe(t, name)
                     if c.name != "delta":
@@ -223,10 +227,11 @@ class FlatWeights:
                     g["out"][o : o + a * b].copy_(g["base"][o : o + a * b].float() + delta)
             elif codec.name == "delta":
                 apply_mask_torch(g["base"], g["deltas"][task], _all_set(g), g["out"])
-            elif codec.scale == "ls":  # torch ops per param (one scale each)
+            elif codec.scale == "ls" or codec.name == "emr":  # torch ops per param (one scale each)
+                vector = g["elected" if codec.name == "emr" else "vector"]
                 for name, o in g["offsets"].items():
                     e = o + math.prod(self.shapes[name])
-                    apply_mask_torch(g["base"][o:e], g["vector"][o:e], g["masks"][task][o // 8 :], g["out"][o:e],
+                    apply_mask_torch(g["base"][o:e], vector[o:e], g["masks"][task][o // 8 :], g["out"][o:e],
                                      scale=g["scales"][task][name])
             elif self.kernel == "triton":
                 from .triton_kernel import apply_mask_triton
@@ -241,7 +246,7 @@ class FlatWeights:
     @property
     def nbytes(self) -> int:
         def tensors(g):
-            yield from (g[k] for k in ("base", "vector", "out") if k in g)
+            yield from (g[k] for k in ("base", "vector", "elected", "out") if k in g)
             for k in ("masks", "signs", "deltas"):
                 yield from g[k].values()
             for pair in g["fixes"].values():
