@@ -229,7 +229,7 @@ def _codec_table(entries: list[dict], title: str) -> None:
         table.add_column(col, justify="left" if col in ("task", "codec", "chosen by") else "right", overflow="fold")
     for t in entries:
         c = t["codec"]
-        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype") if k in c)
+        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype", "scale") if k in c)
         why = c.get("chosen_by")
         table.add_row(t["name"], f"{c['name']}:{stored}", f"{c['bits_per_param']:.3f}", f"{c['correction']:,}",
                       f"{c['relative_error']:.4f}" if "relative_error" in c else "-",
@@ -243,7 +243,8 @@ def _codec_table(entries: list[dict], title: str) -> None:
               help="The checkpoint a task was merged from (repeat); needed by every codec but plain tall.")
 @click.option("--codec", "default", default=None, metavar="SPEC",
               help="Codec for every task (default tswitch): tall[:planes=raw|xz,scale=ls], tswitch[:density=0.1,planes=xz|raw], "
-                   "delta[:dtype=F16|BF16|F32|I8|I4]; any takes correction=SHARE (e.g. 0.001).")
+                   "emr[:planes=xz|raw] (needs every task's checkpoint), delta[:dtype=F16|BF16|F32|I8|I4]; any takes "
+                   "correction=SHARE (e.g. 0.001).")
 @click.option("--codec-for", "per_task", multiple=True, metavar="NAME=SPEC", help="Codec for one task (repeat).")
 @click.option("--target", type=float, default=None, metavar="PERCENT",
               help="Instead of --codec: per task the cheapest candidate whose rebuilt weights keep PERCENT of τ_t's "

@@ -11,7 +11,11 @@
  * arrays does too. Elsewhere (Jetson's ARM cores) a scalar loop the compiler may vectorize.
  *
  * apply_f32(base, vec, mask, out, start, stop): buffers of float32 / uint8; releases the GIL, so
- * Python threads can split one array into ranges (kernel.py does).
+ * Python threads can split one array into ranges (kernel.py does). Every entry point is one job;
+ * plan(jobs) checks many (a task's every param, each rule: the select, the half selects, the
+ * T-Switch rule, quantized deltas, the scaled select of tall/ls and emr, corrections) once and lays
+ * them end to end, and run_plan(plan, start, stop) runs any range of that element space: a switch
+ * is one call per thread (runtime/codecs.py, SwitchPlan).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
