@@ -569,6 +569,8 @@ def test_switch_plan_holds_its_arrays_and_checks_jobs():
         c.plan([c_job(OP_SELECT, x, x, m, o, fix=(np.array([16]), np.zeros(1, np.float32)))])
     with pytest.raises(TypeError):
         c.plan([c_job(OP_SELECT, x, x, m, bytes(64))])  # a read-only output
+    e = np.zeros(0, np.float32)  # an empty param (cols 0) runs nothing and does not divide by its cols
+    c.apply_q8(e, np.zeros(0, np.int8), e, e.copy(), 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="outside the plan"):
         c.run_plan(c.plan([c_job(OP_SELECT, x, x, m, o)]), 0, 17)
     with pytest.raises(ValueError, match="out must be a C-contiguous"):  # a strided output would lose the writes
