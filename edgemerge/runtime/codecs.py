@@ -297,7 +297,7 @@ def rebuild_job(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.
         job = select_job(base, delta, select_operands(base, None, out), out)
     if job is None or r.fix_index is None or not r.fix_index.size:
         return job
-    return job[:5] + (np.ascontiguousarray(r.fix_index, np.int64), np.ascontiguousarray(r.fix_value, np.float32)) + job[7:]
+    return c_job(*job[:5], *job[7:], fix=(r.fix_index, r.fix_value))  # the same job, with its correction
 
 
 def rebuild(base: np.ndarray, vector: np.ndarray | None, r: Recipe, out: np.ndarray) -> np.ndarray:
