@@ -96,7 +96,7 @@ def main() -> None:
                       f"parameters, one task rebuilt by each codec's rule (`edgemerge.runtime.codecs.rebuild`), best of "
                       f"{args.rounds} interleaved rounds with the memcpy, commit {git_rev()}. The kernels run a thread per "
                       "core; ratios are to the single-threaded memcpy, as above (the threaded copy is shown for reference). "
-                      "Goals: tswitch ≤ 1.2× a memcpy, no codec above 1.6×.\n\nMachine: {machine()}.\n\n" + codecs_text)
+                      f"Goals: tswitch ≤ 1.2× a memcpy, no codec above 1.6×.\n\nMachine: {machine()}.\n\n" + codecs_text)
 
 
 def half_precision(base32: np.ndarray, vec32: np.ndarray, packed: np.ndarray, rounds: int) -> str:

@@ -20,7 +20,7 @@ from edgemerge.export.flat import ENTRY, HEADER, TASK, rebuild
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_FIELDS = [(0, "I"), (4, "I"), (8, "I"), (12, "I"), (16, "Q"), (24, "Q"), (32, "Q"), (40, "i"), (44, "I"),
-                (48, "I"), (52, "I")] + [(56 + 4 * k, "I") for k in range(8)]
+                (48, "I"), (52, "I")] + [(56 + 4 * k, "I") for k in range(8)] + [(88, "I")]
 HEADER_FIELDS = [(12, "I"), (16, "I"), (20, "I"), (24, "I"), (32, "Q"), (40, "Q"), (48, "Q"), (56, "Q")]
 
 
@@ -37,7 +37,7 @@ def build_library(directory: Path) -> ctypes.CDLL:
 
 
 def c_rebuild(lib, data: bytes, task: str) -> bytes | None:
-    cap = len(data) // 4 + 1
+    cap = len(data) // 2 + 1  # every merged element holds at least a 2-byte base value
     out = (ctypes.c_float * cap)()
     n = ctypes.c_uint64(0)
     err = ctypes.create_string_buffer(256)
@@ -117,9 +117,11 @@ def mutate(data: bytes, rng) -> bytes:
 
 
 def seed_images(directory: Path) -> dict[str, tuple[bytes, list[str]]]:
-    """Real images: merged, carried and private entries, masks, 3 tasks, in each encoding."""
-    from safetensors.numpy import save_file
+    """Real images: merged, carried and private entries, masks, 3 tasks, in each encoding; and
+    version 2 images of the same tasks under three codecs, from float32 and float16 models."""
+    from safetensors.numpy import load_file, save_file
 
+    from edgemerge.codecs import encode_bundle, parse_codec
     from edgemerge.export.flat import write_flat
     from edgemerge.pipeline import MergeConfig, merge
     from edgemerge.runtime import open_bundle
@@ -142,4 +144,26 @@ def seed_images(directory: Path) -> dict[str, tuple[bytes, list[str]]]:
     for enc in ("F32", "F16", "Q16"):
         write_flat(str(out), str(directory / f"b.{enc}.img"), encoding=enc)
         images[enc] = ((directory / f"b.{enc}.img").read_bytes(), names)
+    # version 2: every per-task codec's entries (signs, scales, δ, corrections), float32 and fp16 models
+    for dtype in (np.float32, np.float16):
+        sub = directory / np.dtype(dtype).name
+        sub.mkdir(exist_ok=True)
+        half_base = {k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in base.items()}
+        save_file(half_base, str(sub / "base.safetensors"))
+        half_tasks = {}
+        for t, path in tasks.items():
+            sd = {k: v.astype(dtype) if v.dtype == np.float32 and k != "head.weight" else v for k, v in load_file(path).items()}
+            save_file(sd, str(sub / f"{t}.safetensors"))
+            half_tasks[t] = str(sub / f"{t}.safetensors")
+        v1 = sub / "b.safetensors"
+        merge(MergeConfig(str(sub / "base.safetensors"), half_tasks, "ties", private=("head.*",)), v1)
+        v2 = sub / "v2.safetensors"
+        encode_bundle(str(v1), half_tasks, dict(zip(half_tasks, map(parse_codec, V2_MIX))), str(v2))
+        for enc in ("F32", "Q16"):
+            img = sub / f"v2.{enc}.img"
+            write_flat(str(v2), str(img), encoding=enc)
+            images[f"v2-{np.dtype(dtype).name}-{enc}"] = (img.read_bytes(), names)
     return images
+
+
+V2_MIX = ("tswitch:density=0.3,correction=0.05", "delta:dtype=I4,correction=0.05", "tall:planes=raw,scale=ls")

@@ -60,13 +60,13 @@ def test_cell(workdir, arch, dtype, method):
 @pytest.mark.parametrize("arch", list(matrix.ARCHS))
 def test_codec_cell(workdir, arch, dtype):
     """Format v2: tswitch, delta (float or quantized) and xz-planes TALL tasks, with corrections, in one bundle."""
-    root, _ = workdir
+    root, emflat = workdir
+    assert emflat is not None, "a C compiler is needed for the C applier column"
     suite, exported = _suite(root, arch, dtype)
-    r = matrix.run_codec_cell(suite, exported)
+    r = matrix.run_codec_cell(suite, exported, emflat)
     assert r.failures == [], r.failures
-    for path in ("extract", "TorchTaskModel numpy", "TorchTaskModel torch"):
+    for path in ("extract", "TorchTaskModel numpy", "TorchTaskModel torch", "flat + C applier"):
         assert r.paths.get(path) == "exact", (path, r.paths)
-    assert r.paths["flat"] == "refused"
     for mode in ("inputs", "sessions"):
         got = r.paths[f"TaskSession {mode}"]
         if dtype == "fp32":

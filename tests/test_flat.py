@@ -141,3 +141,83 @@ def test_float_param_no_task_changed_travels_as_base_only(applier, tmp_path):
         p = run_c(applier, img, t, tmp_path / "out.bin")
         assert p.returncode == 0, p.stderr
         assert (tmp_path / "out.bin").read_bytes() == np.concatenate([v.reshape(-1) for v in ref.values()]).astype("<f4").tobytes()
+
+
+# -- version 2: every codec --------------------------------------------------------------------
+
+
+def _golden_v2(path):
+    """One 2×2 param, two tasks: tswitch, and an I4 delta with a correction (values by hand)."""
+    from edgemerge.export.flat import CODES, I4, KINDS, NONE, TASK_CODECS, _write
+
+    base = np.array([[1, 2], [3, 4]], "<f4")
+    p = lambda kind, code, task, data, shape=None: (KINDS[kind], CODES[code], task, 0, 0, data, "w",  # noqa: E731
+                                                     data.shape if shape is None else shape, 0)
+    pieces = [p("base", "F32", NONE, base),
+              p("mask", "U8", 0, np.array([0b10110000], np.uint8)),        # present: 0, 2, 3
+              p("sign", "U8", 0, np.array([0b10010000], np.uint8)),        # negative: 0, 3
+              p("scale", "F32", 0, np.array([0.5], "<f4")),
+              p("delta", "U8", 1, np.array([0x1E, 0x38], np.uint8)),       # codes 1, -2, 3, -8
+              p("scale", "F32", 1, np.array([0.25, 2.0], "<f4")),          # per row
+              p("fixpos", "U64", 1, np.array([3], "<u8")),
+              p("fixval", "F16", 1, np.array([0.5], "<f2"))]
+    _write(str(path), ["a", "b"], [(TASK_CODECS["tswitch"], NONE), (TASK_CODECS["delta"], I4)], pieces, 64)
+
+
+def test_v2_golden_values_in_numpy_and_c(applier, tmp_path):
+    img = tmp_path / "golden.img"
+    _golden_v2(img)
+    want = {"a": [0.5, 2, 3.5, 3.5], "b": [1.25, 1.5, 9, -11.5]}  # b: 1+.25, 2-.5, 3+6, 4-16 (+.5 fix)
+    for t, values in want.items():
+        assert rebuild(str(img), t)["w"].tolist() == values
+        p = run_c(applier, img, t, tmp_path / "out.bin")
+        assert p.returncode == 0, p.stderr
+        assert np.fromfile(tmp_path / "out.bin", "<f4").tolist() == values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_v2_every_codec_c_numpy_and_bundle_agree(applier, tmp_path, dtype):
+    """tswitch, delta (I4, I8, F16), tall with a least-squares scale and emr, with corrections, in
+    one bundle: the image's θ_t, cast to the model's dtype, is the bundle's, in numpy and in C."""
+    from edgemerge.codecs import encode_bundle, parse_codec
+
+    base, tasks = make_suite(tmp_path, n_tasks=6, dtype=dtype)
+    merge(MergeConfig(base, tasks, "ties", private=("head.*",)), tmp_path / "v1.safetensors")
+    mix = ["tswitch:density=0.3,correction=0.05", "delta:dtype=I4,correction=0.05", "tall:planes=xz,scale=ls,correction=0.05",
+           "emr:planes=xz,correction=0.02", "delta:dtype=I8", "delta:dtype=F16"]
+    encode_bundle(str(tmp_path / "v1.safetensors"), tasks, dict(zip(tasks, map(parse_codec, mix))), str(tmp_path / "v2.safetensors"))
+    b = open_bundle(tmp_path / "v2.safetensors")
+    for encoding in ("F32", "Q16"):
+        img = tmp_path / f"v2.{encoding}.img"
+        write_flat(b, img, encoding)
+        assert img.read_bytes()[8] == 2
+        for t in b.tasks:
+            ref = rebuild(str(img), t)
+            assert sorted(ref) == sorted(p.name for p in b.merged)
+            if encoding == "F32":
+                want = b.task_weights(t)
+                for k, v in ref.items():
+                    assert v.astype(dtype).tobytes() == np.asarray(want[k]).tobytes(), (t, k)
+            p = run_c(applier, img, t, tmp_path / "out.bin")
+            assert p.returncode == 0, p.stderr
+            assert (tmp_path / "out.bin").read_bytes() == np.concatenate([v.reshape(-1) for v in ref.values()]).astype("<f4").tobytes()
+
+
+def test_plain_tall_stays_version_1(bundle, tmp_path):
+    write_flat(bundle, tmp_path / "img.bin")
+    assert struct.unpack_from("<I", (tmp_path / "img.bin").read_bytes(), 8)[0] == 1
+
+
+def test_v2_without_its_codec_entries_is_refused(applier, tmp_path):
+    """The tswitch task's sign plane handed to the delta task: task a lacks it and task b's codec
+    does not take it -- both readers refuse."""
+    img = tmp_path / "golden.img"
+    _golden_v2(img)
+    data = bytearray(img.read_bytes())
+    struct.pack_into("<I", data, HEADER.size + ENTRY.size * 2 + 8, 1)  # the sign entry's task index
+    bad = tmp_path / "bad.img"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError):
+        read_flat(str(bad))
+    p = run_c(applier, bad, "a", tmp_path / "out.bin")
+    assert p.returncode == 1 and p.stderr.startswith("emflat: "), p.stderr

@@ -3,9 +3,14 @@ JSON -- fixed header, fixed-size tensor table, a names blob, then aligned sectio
 docs/format.md, "Flat image". The reader here and the C applier (``edgemerge/devices/c``) check
 every field before use; ``rebuild`` is the numpy reference the C applier must match bit for bit.
 
-Value encodings for θ0 and τ_MTL: ``F32``; ``F16``; ``Q16`` = int16 with a per-tensor number of
-fraction bits f (value = q · 2^-f, f chosen per tensor as the largest that fits max|x|; the
-quantization error is reported). Masks are the bundle's packed bits (big bit order).
+Value encodings for θ0 and the shared vectors (τ_MTL, EMR's elected u): ``F32``; ``F16``; ``Q16``
+= int16 with a per-tensor number of fraction bits f (value = q · 2^-f, f chosen per tensor as the
+largest that fits max|x|; the quantization error is reported). Masks are the bundle's packed bits
+(big bit order).
+
+Version 1 holds TALL tasks only; version 2 (written when any task uses another codec) adds a codec
+per task record and the entries the per-task codecs need -- sign planes, scales, δ, corrections --
+with one float32 rule per codec (docs/format.md, "Flat image, version 2").
 """
 
 from __future__ import annotations
@@ -22,14 +27,21 @@ from ..runtime.bundle import Bundle, open_bundle
 from ..runtime.dtypes import DTYPES
 
 MAGIC = b"EMFLAT\x00\x01"
-VERSION = 1
+VERSIONS = (1, 2)
 HEADER = struct.Struct("<8sIIIIIIQQQQ")          # 64 bytes, see docs/format.md
-ENTRY = struct.Struct("<IIIIQQQiIII8I8x")        # 96 bytes
-TASK = struct.Struct("<II")                      # name offset, name length in the names blob
+ENTRY = struct.Struct("<IIIIQQQiIII8II4x")       # 96 bytes; v2 uses the u32 at 88 ("round"), v1 leaves it 0
+TASK = struct.Struct("<II")                      # v1: name offset, name length in the names blob
+TASK2 = struct.Struct("<IIII")                   # v2: + codec, delta dtype code (NONE unless delta)
 NONE = 0xFFFFFFFF
-KINDS = {"base": 0, "vector": 1, "mask": 2, "private": 3}
+KINDS = {"base": 0, "vector": 1, "mask": 2, "private": 3,
+         "elected": 4, "sign": 5, "scale": 6, "delta": 7, "fixpos": 8, "fixval": 9}  # 4-9: version 2
+PER_TASK = (2, 3, 5, 6, 7, 8, 9)                 # kinds that belong to one task
+LINKED = (1, 2, 4, 5, 6, 7, 8, 9)                # kinds that point at a base entry, unique per (kind, param, task)
+TASK_CODECS = {"tall": 0, "tall-scaled": 1, "tswitch": 2, "delta": 3, "emr": 4}
 CODES = {"F32": 0, "F16": 1, "Q16": 2, "U8": 3, "I64": 4, "I32": 5, "F64": 6, "I8": 7, "BOOL": 8, "I16": 9,
          "BF16": 10, "U16": 11, "U32": 12, "U64": 13}
+I4 = 14                                          # a delta dtype code of v2 task records only: two codes per byte
+DELTA_CODES = (CODES["F32"], CODES["F16"], CODES["BF16"], CODES["I8"], I4)
 CODE_DTYPE = {CODES[n]: DTYPES[n] for n in CODES if n != "Q16"} | {CODES["Q16"]: np.dtype("<i2")}
 ENCODINGS = ("F32", "F16", "Q16")
 MAX_DIMS = 8
@@ -48,6 +60,7 @@ class Entry:
     frac_bits: int
     shape: tuple[int, ...]
     name: str
+    round: int = 0  # v2 merged base: the dtype θ_t is rounded to (0 F32: none, 1 F16, 10 BF16)
 
 
 def q16(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -74,45 +87,77 @@ def _encode(x: np.ndarray, enc: str, name: str = "") -> tuple[np.ndarray, int, i
 
 
 def write_flat(bundle: Bundle | str, path: str, encoding: str = "F32", align: int = 64) -> dict[str, dict[str, float]]:
-    """Write the flat image; returns per-tensor quantization error (max abs, rms) of θ0 and τ."""
+    """Write the flat image; returns per-tensor quantization error (max abs, rms) of θ0 and the
+    shared vectors. Version 1 when every task is plain TALL (what v1 appliers read), else 2."""
     if encoding not in ENCODINGS:
         raise ConfigError(f"flat image encoding {encoding!r}; valid: {', '.join(ENCODINGS)}")
     if align not in (64, 4096):
         raise ConfigError("flat image alignment must be 64 or 4096 bytes")
     b = open_bundle(bundle) if isinstance(bundle, str) else bundle
     refuse_inputs(path, [b.path], "bundle")
-    other = {t: c for t, c in b.codecs.items() if not c.plain_tall}
-    if other:
-        raise ConfigError(f"{b.path}: the flat image (v1) holds TALL masks only; task(s) "
-                          + ", ".join(f"{t} ({c.name}{' + scale' if c.scale != 'none' else ''}"
-                                      f"{' + correction' if c.correction else ''})" for t, c in other.items())
-                          + " need another codec: re-encode them as tall (no scale, no correction) for this target, or serve "
-                          "them with TaskSession / TorchTaskModel")
-    pieces: list[tuple[int, int, int, int, int, np.ndarray, str, tuple]] = []  # kind,dtype,task,param,frac,data,name,shape
+    version = 1 if all(c.plain_tall for c in b.codecs.values()) else 2
+    task_codes = [_task_code(b, t) for t in b.tasks]
+    shared = any(c.shared for c in b.codecs.values())
+    elected = any(c.name == "emr" for c in b.codecs.values())
+    pieces: list[tuple] = []  # kind, dtype, task, param, frac, data, name, shape, round
     errors: dict[str, dict[str, float]] = {}
+
+    def add(kind: str, data: np.ndarray, p, task: int = NONE, param: int = NONE, code: int | None = None) -> None:
+        data = np.ascontiguousarray(data)
+        pieces.append((KINDS[kind], CODES[_code_name(data)] if code is None else code, task, param, 0, data.reshape(-1)
+                       if kind != "base" else data, p.name, data.shape if kind in ("base", "private") else (data.size,), 0))
+
     for p in b.params:
-        i = len(pieces)  # the table index of this param's base entry; vector and masks point at it
+        i = len(pieces)  # the table index of this param's base entry; everything else of the param points at it
         if p.role == "carried":
-            pieces.append((KINDS["base"], CODES[p.dtype], NONE, i, 0, np.asarray(b.base(p.name)), p.name, p.shape))
+            add("base", np.asarray(b.base(p.name)), p, param=i)
             continue
-        for kind, src in (("base", b.base(p.name)), ("vector", b.vector(p.name))):
+        for kind, on in (("base", True), ("vector", shared), ("elected", elected)):
+            if not on:
+                continue
+            src = b.base(p.name) if kind == "base" else b.vector(p.name) if kind == "vector" else b.elected_vector(p.name)
             x = np.asarray(src).astype(np.float32)
             data, code, f = _encode(x, encoding, f"{kind}/{p.name}")
             back = dequant(data, f) if code == CODES["Q16"] else data.astype(np.float32)
             err = np.abs(back.astype(np.float64) - x)
             errors[f"{kind}/{p.name}"] = {"max_abs": float(err.max()) if err.size else 0.0,
                                           "rms": float(np.sqrt(np.mean(err ** 2))) if err.size else 0.0}
-            pieces.append((KINDS[kind], code, NONE, i, f, data, p.name, p.shape))
+            rounding = CODES[p.dtype] if kind == "base" and version == 2 and p.dtype in ROUNDINGS else 0
+            pieces.append((KINDS[kind], code, NONE, i, f, data, p.name, p.shape, rounding))
         for t, task in enumerate(b.tasks):
-            packed = b.packed_mask(task, p.name)
-            if packed is not None:
-                pieces.append((KINDS["mask"], CODES["U8"], t, i, 0, np.asarray(packed), p.name, (packed.size,)))
+            if version == 1:
+                packed = b.packed_mask(task, p.name)
+                if packed is not None:
+                    add("mask", packed, p, t, i)
+                continue
+            r = b.recipe(task, p.name)
+            if r.presence is not None:
+                add("mask", r.presence, p, t, i)
+            if r.sign is not None:
+                add("sign", r.sign, p, t, i)
+            if task_codes[t][0] in (1, 2, 4):
+                add("scale", np.array([r.scale], "<f4"), p, t, i)
+            if r.kind == "delta":
+                add("delta", r.delta, p, t, i, CODES["U8"] if r.packed4 else None)
+                if r.qscale is not None:
+                    add("scale", np.asarray(r.qscale, "<f4"), p, t, i)
+            if r.fix_index is not None and r.fix_index.size:
+                add("fixpos", np.asarray(r.fix_index, "<u8"), p, t, i)
+                add("fixval", np.asarray(r.fix_value, np.float32).astype("<f2"), p, t, i)
     for t, task in enumerate(b.tasks):
         for k, v in b.private(task).items():
             x = np.asarray(v)
-            pieces.append((KINDS["private"], CODES[_code_name(x)], t, NONE, 0, x, k, x.shape))
-    _write(path, b.tasks, pieces, align)
+            pieces.append((KINDS["private"], CODES[_code_name(x)], t, NONE, 0, x, k, x.shape, 0))
+    _write(path, b.tasks, task_codes if version == 2 else None, pieces, align)
     return errors
+
+
+def _task_code(b: Bundle, task: str) -> tuple[int, int]:
+    """(codec, delta dtype code) of a v2 task record."""
+    c = b.codecs[task]
+    if c.name == "delta":
+        return TASK_CODECS["delta"], I4 if c.dtype == "I4" else CODES[c.dtype]
+    return TASK_CODECS["tall-scaled" if c.name == "tall" and c.scale == "ls" else c.name], NONE
 
 
 def _code_name(x: np.ndarray) -> str:
@@ -122,31 +167,33 @@ def _code_name(x: np.ndarray) -> str:
     raise ConfigError(f"dtype {x.dtype} cannot be stored in a flat image")
 
 
-def _write(path: str, tasks, pieces, align: int) -> None:
+def _write(path: str, tasks, task_codes, pieces, align: int) -> None:
+    """``task_codes``: None for a version 1 image, else (codec, delta code) per task (version 2)."""
     names = bytearray()
     task_rows = []
-    for t in tasks:
+    for i, t in enumerate(tasks):
         raw = t.encode()
-        task_rows.append(TASK.pack(len(names), len(raw)))
+        task_rows.append(TASK.pack(len(names), len(raw)) if task_codes is None else TASK2.pack(len(names), len(raw), *task_codes[i]))
         names += raw
     name_pos = []
-    for *_, name, _shape in pieces:
+    for *_, name, _shape, _round in pieces:
         raw = name.encode()
         name_pos.append((len(names), len(raw)))
         names += raw
     table_off = HEADER.size
     tasks_off = table_off + ENTRY.size * len(pieces)
-    names_off = tasks_off + TASK.size * len(tasks)
+    names_off = tasks_off + (TASK if task_codes is None else TASK2).size * len(tasks)
     cursor = _up(names_off + len(names), align)
     rows, offsets = [], []
-    for (kind, code, task, param, frac, data, name, shape), (noff, nlen) in zip(pieces, name_pos):
+    for (kind, code, task, param, frac, data, name, shape, rounding), (noff, nlen) in zip(pieces, name_pos):
         if len(shape) > MAX_DIMS:
             raise ConfigError(f"tensor {name!r} has {len(shape)} dims; the flat image holds at most {MAX_DIMS}")
         offsets.append(cursor)
         dims = list(shape) + [0] * (MAX_DIMS - len(shape))
-        rows.append(ENTRY.pack(kind, code, task, param, cursor, data.nbytes, data.size, frac, len(shape), noff, nlen, *dims))
+        rows.append(ENTRY.pack(kind, code, task, param, cursor, data.nbytes, data.size, frac, len(shape), noff, nlen, *dims,
+                               rounding))
         cursor = _up(cursor + data.nbytes, align)
-    header = HEADER.pack(MAGIC, VERSION, HEADER.size, align, len(pieces), len(tasks), 0,
+    header = HEADER.pack(MAGIC, 1 if task_codes is None else 2, HEADER.size, align, len(pieces), len(tasks), 0,
                          table_off, names_off, len(names), cursor)
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(header + b"".join(rows) + b"".join(task_rows) + bytes(names))
@@ -163,8 +210,23 @@ def _up(x: int, a: int) -> int:
 # -- reading (validating) and the numpy reference rebuild ---------------------------------------
 
 
+@dataclass(frozen=True)
+class Image:
+    version: int
+    tasks: list[str]
+    codecs: list[tuple[int, int]]   # per task (codec, delta dtype code); v1: (tall, NONE)
+    entries: list[Entry]
+    data: bytes
+
+
 def read_flat(path: str) -> tuple[list[str], list[Entry], bytes]:
-    """Parse and check everything; FormatError names the entry. Returns (tasks, entries, data).
+    """Parse and check everything; FormatError names the entry. Returns (tasks, entries, data)."""
+    im = read_image(path)
+    return im.tasks, im.entries, im.data
+
+
+def read_image(path: str) -> Image:
+    """Parse and check everything (both versions); FormatError names the entry.
 
     The rules are exactly those of the C applier's ``parse`` (edgemerge/devices/c/emflat.c), so
     the two accept the same images (fuzzed against each other in tests/test_flat_differential.py).
@@ -180,27 +242,35 @@ def read_flat(path: str) -> tuple[list[str], list[Entry], bytes]:
     magic, version, hsize, align, n, n_tasks, _flags, table_off, names_off, names_len, size = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise bad("not an edgemerge flat image (bad magic)")
-    if version != VERSION or hsize != HEADER.size:
-        raise bad(f"unsupported version {version} / header size {hsize}")
+    if version not in VERSIONS or hsize != HEADER.size:
+        raise bad(f"unsupported version {version} / header size {hsize} (this reader knows versions 1 and 2: "
+                  "a newer image needs a newer edgemerge)")
     if align not in (64, 4096) or size != len(data):
         raise bad(f"alignment {align} or declared size {size} does not match the file ({len(data)} bytes)")
+    row = TASK if version == 1 else TASK2
     tasks_off = table_off + ENTRY.size * n
-    if table_off != HEADER.size or n > 1 << 20 or n_tasks > 1 << 16 or tasks_off + TASK.size * n_tasks != names_off \
+    if table_off != HEADER.size or n > 1 << 20 or n_tasks > 1 << 16 or tasks_off + row.size * n_tasks != names_off \
             or names_off + names_len > len(data):
         raise bad("tensor table, task table or names blob out of bounds")
     names = data[names_off:names_off + names_len]
-    raw_tasks = []
+    raw_tasks, codecs = [], []
     for t in range(n_tasks):
-        off, ln = TASK.unpack_from(data, tasks_off + TASK.size * t)
+        off, ln, *codec = row.unpack_from(data, tasks_off + row.size * t)
         if off + ln > names_len or ln == 0:
             raise bad(f"task {t}: name out of bounds")
         if 0 in names[off:off + ln]:
             raise bad(f"task {t}: name holds a NUL byte")
+        codec = tuple(codec) or (TASK_CODECS["tall"], NONE)
+        if codec[0] > 4 or (codec[1] in DELTA_CODES) != (codec[0] == TASK_CODECS["delta"]) \
+                or (codec[0] != TASK_CODECS["delta"] and codec[1] != NONE):
+            raise bad(f"task {t}: codec {codec[0]} with delta dtype code {codec[1]} is not one of the version 2 codecs")
         raw_tasks.append(names[off:off + ln])
+        codecs.append(codec)
     entries, raw_names = [], []
     for i in range(n):
-        kind, code, task, param, off, nbytes, numel, frac, ndim, noff, nlen, *dims = ENTRY.unpack_from(data, table_off + ENTRY.size * i)
-        if kind > 3 or code not in CODE_DTYPE or ndim > MAX_DIMS:
+        kind, code, task, param, off, nbytes, numel, frac, ndim, noff, nlen, *dims, rounding = \
+            ENTRY.unpack_from(data, table_off + ENTRY.size * i)
+        if kind > (3 if version == 1 else 9) or code not in CODE_DTYPE or ndim > MAX_DIMS:
             raise bad(f"entry {i}: bad kind {kind}, dtype code {code} or ndim {ndim}")
         if noff + nlen > names_len:
             raise bad(f"entry {i}: name out of bounds")
@@ -215,26 +285,35 @@ def read_flat(path: str) -> tuple[list[str], list[Entry], bytes]:
             raise bad(f"{where}: shape {tuple(dims[:ndim])}, numel {numel} and {nbytes} bytes disagree")
         if off % align or off < names_off + names_len or off + nbytes > len(data):
             raise bad(f"{where}: data at {off}+{nbytes} is misaligned or outside the file")
-        if (task != NONE and task >= n_tasks) or (kind in (2, 3)) != (task != NONE):
+        if (task != NONE and task >= n_tasks) or (kind in PER_TASK) != (task != NONE):
             raise bad(f"{where}: task index {task} invalid for its kind")
         if not (0 <= frac <= 30):
             raise bad(f"{where}: fraction bits {frac} out of range")
+        rounding = rounding if version == 2 else 0  # v1 readers never looked at these bytes
+        if rounding not in (0, *ROUNDINGS.values()) or (rounding and kind != 0):
+            raise bad(f"{where}: rounding code {rounding} (a base entry may round to F16 or BF16, nothing else)")
         entries.append(Entry(kind, code, task, param, off, nbytes, numel, frac, tuple(dims[:ndim]),
-                             raw_names[-1].decode("utf-8", "surrogateescape")))  # distinct bytes, distinct names
+                             raw_names[-1].decode("utf-8", "surrogateescape"), rounding))  # distinct bytes, distinct names
     _check_links(entries, raw_names, bad)
     _check_unique(entries, raw_names, raw_tasks, bad)
-    return [t.decode("utf-8", "surrogateescape") for t in raw_tasks], entries, data
+    if version == 2:
+        _check_codecs(entries, codecs, data, bad)
+    return Image(version, [t.decode("utf-8", "surrogateescape") for t in raw_tasks], codecs, entries, data)
 
 
 U64_MAX = (1 << 64) - 1
+ROUNDINGS = {"F16": CODES["F16"], "BF16": CODES["BF16"]}
+CANONICAL_NAN = np.array(0x7FC00000, np.uint32).view(np.float32)
 FLOAT_CODES = (CODES["F32"], CODES["F16"], CODES["Q16"])
+LINK_DTYPE = {KINDS["scale"]: CODES["F32"], KINDS["fixpos"]: CODES["U64"], KINDS["fixval"]: CODES["F16"]}
 
 
 def _check_links(entries: list[Entry], raw_names: list[bytes], bad) -> None:
-    """A vector or mask points at a base of the same name; a vector matches its base's element
-    count and both are F32/F16/Q16; a mask is U8 of ceil(numel / 8) bytes."""
+    """Every linked entry points at a base of the same name; a vector (or elected vector) matches
+    its base's element count and both are F32/F16/Q16; a mask or sign plane is U8 of
+    ceil(numel / 8) bytes; scales are F32, fix positions U64, fix values F16."""
     for i, e in enumerate(entries):
-        if e.kind not in (1, 2):
+        if e.kind not in LINKED:
             continue
         where = f"entry {i} ({raw_names[i].decode('utf-8', 'replace')!r})"
         if e.param >= len(entries) or entries[e.param].kind != 0:
@@ -242,24 +321,81 @@ def _check_links(entries: list[Entry], raw_names: list[bytes], bad) -> None:
         b = entries[e.param]
         if raw_names[i] != raw_names[e.param]:
             raise bad(f"{where}: name differs from its base's")
-        if e.kind == 1 and (e.numel != b.numel or e.dtype not in FLOAT_CODES or b.dtype not in FLOAT_CODES):
+        if e.kind in (1, 4) and (e.numel != b.numel or e.dtype not in FLOAT_CODES or b.dtype not in FLOAT_CODES):
             raise bad(f"{where}: vector does not match its base (same element count, F32/F16/Q16 both)")
-        if e.kind == 2 and (e.dtype != CODES["U8"] or e.nbytes != (b.numel + 7) // 8):
+        if e.kind in (2, 5) and (e.dtype != CODES["U8"] or e.nbytes != (b.numel + 7) // 8):
             raise bad(f"{where}: mask has {e.nbytes} bytes of code {e.dtype}; {b.numel} elements need {(b.numel + 7) // 8} U8")
+        if e.kind in LINK_DTYPE and e.dtype != LINK_DTYPE[e.kind]:
+            raise bad(f"{where}: a scale is F32, a fix position U64, a fix value F16 (dtype code {e.dtype})")
+
+
+def _check_codecs(entries: list[Entry], codecs: list[tuple[int, int]], data: bytes, bad) -> None:
+    """Version 2: a merged param (a base that any entry links to) is F32/F16/Q16, and for every
+    task it has exactly the entries that task's codec takes (docs/format.md); fix positions are
+    strictly increasing and inside the param."""
+    have: dict[int, dict[tuple[int, int], Entry]] = {}
+    for e in entries:
+        if e.kind in LINKED:
+            have.setdefault(e.param, {})[(e.kind, e.task)] = e
+    for i, links in sorted(have.items()):
+        b = entries[i]
+        where = f"entry {i} ({b.name!r})"
+        if b.dtype not in FLOAT_CODES:
+            raise bad(f"{where}: a merged param must be F32/F16/Q16, not dtype code {b.dtype}")
+        for t, (codec, dcode) in enumerate(codecs):
+            got = {k for (k, task) in links if task == t}
+            need, may = _codec_kinds(codec, dcode)
+            shared = {k for (k, task) in links if task == NONE}
+            if not need <= got | shared or not got <= need | may or (codec in (0, 1) and 1 not in shared) \
+                    or (codec == 4 and 4 not in shared):
+                raise bad(f"{where}: task {t} (codec {codec}) needs entry kinds {sorted(need)} and may have {sorted(may)}; "
+                          f"it has {sorted(got | shared)}")
+            if 6 in got:
+                want = _qrows(b) if codec == TASK_CODECS["delta"] else 1
+                if links[(6, t)].numel != want:
+                    raise bad(f"{where}: task {t} has {links[(6, t)].numel} scales, its codec takes {want}")
+            if 7 in got:
+                d = links[(7, t)]
+                want = (CODES["U8"], (b.numel + 1) // 2) if dcode == I4 else (dcode, b.numel)
+                if (d.dtype, d.numel) != want:
+                    raise bad(f"{where}: task {t}'s delta is dtype {d.dtype} × {d.numel}; its codec takes {want[0]} × {want[1]}")
+            if (8 in got) != (9 in got) or (8 in got and links[(8, t)].numel != links[(9, t)].numel):
+                raise bad(f"{where}: task {t}'s fix positions and fix values differ in count")
+            if 8 in got:
+                pos = np.frombuffer(data, "<u8", links[(8, t)].numel, links[(8, t)].offset)
+                if pos.size and (pos[-1] >= b.numel or (pos.size > 1 and not (pos[1:] > pos[:-1]).all())):
+                    raise bad(f"{where}: task {t}'s fix positions are not strictly increasing below {b.numel}")
+
+
+def _codec_kinds(codec: int, dcode: int) -> tuple[set[int], set[int]]:
+    """(entry kinds the codec needs for a (param, task), kinds it may have besides)."""
+    fix = {8, 9}
+    if codec == 0:
+        return set(), {2} | fix
+    if codec == 1:
+        return {6}, {2} | fix
+    if codec in (2, 4):
+        return ({2, 5, 6} if codec == 2 else {2, 6}), fix
+    return ({7, 6} if dcode in (CODES["I8"], I4) else {7}), fix
+
+
+def _qrows(b: Entry) -> int:
+    """Rows of a quantized delta: the first dim of a 2-D or higher param, else one."""
+    return b.shape[0] if len(b.shape) >= 2 else 1
 
 
 def _check_unique(entries: list[Entry], raw_names: list[bytes], raw_tasks: list[bytes], bad) -> None:
-    """Non-empty sections never overlap; task names, base names, a param's vector and a
-    (param, task)'s mask are each unique."""
+    """Non-empty sections never overlap; task names, base names, a param's vector (or elected
+    vector) and a (param, task)'s entry of each kind are each unique."""
     spans = sorted((e.offset, e.offset + e.nbytes) for e in entries if e.nbytes)
     if any(s1 < e0 for (_s0, e0), (s1, _e1) in zip(spans, spans[1:])):
         raise bad("sections overlap")
     bases = [raw_names[i] for i, e in enumerate(entries) if e.kind == 0]
     if len(set(bases)) != len(bases):
         raise bad("two base entries share a name")
-    links = [(e.kind, e.param, e.task) for e in entries if e.kind in (1, 2)]
+    links = [(e.kind, e.param, e.task) for e in entries if e.kind in LINKED]
     if len(set(links)) != len(links):
-        raise bad("a param has two vectors, or two masks for one task")
+        raise bad("a param has two entries of one kind (two vectors, or two masks for one task)")
     if len(set(raw_tasks)) != len(raw_tasks):
         raise bad("two tasks share a name")
 
@@ -268,24 +404,65 @@ def _values(e: Entry, data: bytes) -> np.ndarray:
     raw = np.frombuffer(data, dtype=CODE_DTYPE[e.dtype], count=e.numel, offset=e.offset)
     if e.dtype == CODES["Q16"]:
         return dequant(raw, e.frac_bits)
-    return raw.astype(np.float32) if e.dtype in (0, 1) else raw
+    return raw.astype(np.float32) if e.dtype in (0, 1, CODES["BF16"]) else raw
 
 
 def rebuild(path: str, task: str) -> dict[str, np.ndarray]:
-    """θ_t of every merged param (float32, flat) -- the reference for the C applier."""
-    tasks, entries, data = read_flat(path)
-    if task not in tasks:
-        raise ConfigError(unknown_name("task", task, tasks))
-    t = tasks.index(task)
-    vec = {e.param: e for e in entries if e.kind == 1}
-    mask = {e.param: e for e in entries if e.kind == 2 and e.task == t}
+    """θ_t of every merged param (float32, flat), by the image's rule for the task's codec -- the
+    reference for the C applier. Every operation is one float32 operation, as in C."""
+    im = read_image(path)
+    if task not in im.tasks:
+        raise ConfigError(unknown_name("task", task, im.tasks))
+    t = im.tasks.index(task)
+    codec, dcode = im.codecs[t]
+    links: dict[int, dict[int, Entry]] = {}
+    for e in im.entries:
+        if e.kind in LINKED and e.task in (NONE, t):
+            links.setdefault(e.param, {})[e.kind] = e
     out = {}
-    for i, e in enumerate(entries):
-        if e.kind != 0 or i not in vec:
+    for i, e in enumerate(im.entries):
+        got = links.get(i, {})
+        if e.kind != 0 or not got or (im.version == 1 and 1 not in got):  # v1: a base without a vector is carried
             continue
-        base, v = _values(e, data), _values(vec[i], data)
-        bits = np.ones(e.numel, bool) if i not in mask else np.unpackbits(
-            np.frombuffer(data, np.uint8, mask[i].nbytes, mask[i].offset), count=e.numel).view(bool)
+        base = _values(e, im.data)
+        val = lambda kind: _values(got[kind], im.data)  # noqa: E731
+        bits = lambda kind: np.ones(e.numel, bool) if kind not in got else np.unpackbits(  # noqa: E731
+            np.frombuffer(im.data, np.uint8, got[kind].nbytes, got[kind].offset), count=e.numel).view(bool)
         with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf in a hand-made image is NaN, as in C
-            out[e.name] = np.where(bits, base + v, base).astype(np.float32)
+            if codec == TASK_CODECS["tswitch"]:
+                c = val(6)[0]
+                res = np.where(bits(2), base + np.where(bits(5), -c, c), base)
+            elif codec == TASK_CODECS["delta"]:
+                if dcode in (CODES["I8"], I4):
+                    q = val(7) if dcode == CODES["I8"] else _nibbles(val(7), e.numel)
+                    cols = e.numel // _qrows(e) if e.numel else 1
+                    d = q.astype(np.float32) * val(6)[np.arange(e.numel) // cols]
+                else:
+                    d = val(7)
+                res = base + d
+            else:  # tall, tall-scaled, emr: a select of θ0 + (s ·) the shared vector
+                v = val(4 if codec == TASK_CODECS["emr"] else 1)
+                res = np.where(bits(2), base + (v if codec == TASK_CODECS["tall"] else val(6)[0] * v), base)
+            res = _round(res.astype(np.float32), e.round)
+            if 8 in got:
+                pos = val(8).astype(np.int64)
+                res[pos] = _round(res[pos] + val(9).astype(np.float32), e.round)
+        out[e.name] = res
     return out
+
+
+def _round(x: np.ndarray, code: int) -> np.ndarray:
+    """float32 values rounded to F16 / BF16 (nearest, ties to even; overflow to ±inf) and back,
+    every NaN as the canonical quiet NaN; code 0: as they are."""
+    if not code:
+        return x
+    y = x.astype(CODE_DTYPE[code]).astype(np.float32)
+    y[np.isnan(y)] = CANONICAL_NAN
+    return y
+
+
+def _nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """I4 codes: element 2j is the high nibble of byte j, 2j+1 the low one, two's complement."""
+    hi, lo = (packed >> 4).astype(np.int8), (packed & 15).astype(np.int8)
+    q = np.stack([hi, lo], 1).reshape(-1)[:n]
+    return np.where(q > 7, q - 16, q).astype(np.int8)
