@@ -533,7 +533,7 @@ def export_tensorrt_cmd(bundle, onnx_path, output, strip, fp16, trtexec_only) ->
 @click.argument("bundle", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--encoding", type=click.Choice(["F32", "F16", "Q16"]), default="F32", show_default=True,
-              help="θ0 and τ_MTL as float32, float16 or 16-bit fixed point (Q-format per tensor).")
+              help="θ0 and the shared vectors as float32, float16 or 16-bit fixed point (Q-format per tensor).")
 @click.option("--align", type=click.Choice(["64", "4096"]), default="64", show_default=True)
 def export_flat_cmd(bundle, output, encoding, align) -> None:
     """Flat little-endian image + the C reference applier in edgemerge/devices/c/emflat.c."""
@@ -541,7 +541,10 @@ def export_flat_cmd(bundle, output, encoding, align) -> None:
 
     errors = write_flat(bundle, output, encoding, int(align))
     worst = max(errors.items(), key=lambda kv: kv[1]["max_abs"], default=None)
-    console.print(f"wrote {output} ({_human(os.path.getsize(output))}, {encoding}, {align}-byte sections)")
+    with open(output, "rb") as f:
+        version = int.from_bytes(f.read(12)[8:12], "little")
+    console.print(f"wrote {output} (version {version}{'' if version == 1 else ': per-task codecs'}, "
+                  f"{_human(os.path.getsize(output))}, {encoding}, {align}-byte sections)")
     if worst and worst[1]["max_abs"] > 0:
         console.print(f"largest quantization error: {worst[1]['max_abs']:.3g} (max abs) in {worst[0]}; "
                       f"mean rms {sum(e['rms'] for e in errors.values()) / len(errors):.3g}")

@@ -4,6 +4,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,6 +188,9 @@ def test_v2_every_codec_c_numpy_and_bundle_agree(applier, tmp_path, dtype):
            "emr:planes=xz,correction=0.02", "delta:dtype=I8", "delta:dtype=F16"]
     encode_bundle(str(tmp_path / "v1.safetensors"), tasks, dict(zip(tasks, map(parse_codec, mix))), str(tmp_path / "v2.safetensors"))
     b = open_bundle(tmp_path / "v2.safetensors")
+    cli = subprocess.run([sys.executable, "-m", "edgemerge", "export", "flat", str(tmp_path / "v2.safetensors"),
+                          "-o", str(tmp_path / "cli.img")], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and "version 2: per-task codecs" in cli.stdout, cli.stdout + cli.stderr
     for encoding in ("F32", "Q16"):
         img = tmp_path / f"v2.{encoding}.img"
         write_flat(b, img, encoding)

@@ -8,7 +8,8 @@
  *   emr          out[i] = m_i ? base[i] + s * elected[i] : base[i]
  *   tswitch      out[i] = m_i ? base[i] + (sign_i ? -c : c) : base[i]
  *   delta        out[i] = base[i] + d[i]    (d: F32/F16/BF16, or I8/I4 codes times their row's scale)
- *   then a correction, where the task has one: out[p_j] = out[p_j] + v_j
+ *   out[i] = R(out[i]), then a correction, where the task has one: out[p_j] = R(out[p_j] + v_j),
+ *   R rounding to the base entry's "round" dtype (F16 / BF16; version 2; none for float32 models)
  *
  *   cc -std=c99 -O2 -ffp-contract=off -o emflat_apply emflat.c
  *   ./emflat_apply IMAGE TASK OUT      writes every merged parameter's theta_t, in table order,
