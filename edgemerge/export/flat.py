@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ConfigError, FormatError, unknown_name
 from ..io import atomic_output, refuse_inputs
 from ..runtime.bundle import Bundle, open_bundle
+from ..runtime.codecs import quant_rows, unpack_nibbles
 from ..runtime.dtypes import DTYPES
 
 MAGIC = b"EMFLAT\x00\x01"
@@ -135,7 +136,7 @@ def write_flat(bundle: Bundle | str, path: str, encoding: str = "F32", align: in
                 add("mask", r.presence, p, t, i)
             if r.sign is not None:
                 add("sign", r.sign, p, t, i)
-            if task_codes[t][0] in (1, 2, 4):
+            if b.codecs[task].has_scales:  # tall with a scale, tswitch, emr: one per param
                 add("scale", np.array([r.scale], "<f4"), p, t, i)
             if r.kind == "delta":
                 add("delta", r.delta, p, t, i, CODES["U8"] if r.packed4 else None)
@@ -342,16 +343,19 @@ def _check_codecs(entries: list[Entry], codecs: list[tuple[int, int]], data: byt
         where = f"entry {i} ({b.name!r})"
         if b.dtype not in FLOAT_CODES:
             raise bad(f"{where}: a merged param must be F32/F16/Q16, not dtype code {b.dtype}")
+        kinds: dict[int, set[int]] = {}  # task (NONE: the shared vectors) -> the kinds it has for this param
+        for k, task in links:
+            kinds.setdefault(task, set()).add(k)
+        shared = kinds.get(NONE, set())
         for t, (codec, dcode) in enumerate(codecs):
-            got = {k for (k, task) in links if task == t}
+            got = kinds.get(t, set())
             need, may = _codec_kinds(codec, dcode)
-            shared = {k for (k, task) in links if task == NONE}
             if not need <= got | shared or not got <= need | may or (codec in (0, 1) and 1 not in shared) \
                     or (codec == 4 and 4 not in shared):
                 raise bad(f"{where}: task {t} (codec {codec}) needs entry kinds {sorted(need)} and may have {sorted(may)}; "
                           f"it has {sorted(got | shared)}")
             if 6 in got:
-                want = _qrows(b) if codec == TASK_CODECS["delta"] else 1
+                want = quant_rows(b.shape) if codec == TASK_CODECS["delta"] else 1
                 if links[(6, t)].numel != want:
                     raise bad(f"{where}: task {t} has {links[(6, t)].numel} scales, its codec takes {want}")
             if 7 in got:
@@ -377,11 +381,6 @@ def _codec_kinds(codec: int, dcode: int) -> tuple[set[int], set[int]]:
     if codec in (2, 4):
         return ({2, 5, 6} if codec == 2 else {2, 6}), fix
     return ({7, 6} if dcode in (CODES["I8"], I4) else {7}), fix
-
-
-def _qrows(b: Entry) -> int:
-    """Rows of a quantized delta: the first dim of a 2-D or higher param, else one."""
-    return b.shape[0] if len(b.shape) >= 2 else 1
 
 
 def _check_unique(entries: list[Entry], raw_names: list[bytes], raw_tasks: list[bytes], bad) -> None:
@@ -434,8 +433,8 @@ def rebuild(path: str, task: str) -> dict[str, np.ndarray]:
                 res = np.where(bits(2), base + np.where(bits(5), -c, c), base)
             elif codec == TASK_CODECS["delta"]:
                 if dcode in (CODES["I8"], I4):
-                    q = val(7) if dcode == CODES["I8"] else _nibbles(val(7), e.numel)
-                    cols = e.numel // _qrows(e) if e.numel else 1
+                    q = val(7) if dcode == CODES["I8"] else unpack_nibbles(val(7), e.numel)
+                    cols = e.numel // quant_rows(e.shape) if e.numel else 1
                     d = q.astype(np.float32) * val(6)[np.arange(e.numel) // cols]
                 else:
                     d = val(7)
@@ -460,9 +459,3 @@ def _round(x: np.ndarray, code: int) -> np.ndarray:
     y[np.isnan(y)] = CANONICAL_NAN
     return y
 
-
-def _nibbles(packed: np.ndarray, n: int) -> np.ndarray:
-    """I4 codes: element 2j is the high nibble of byte j, 2j+1 the low one, two's complement."""
-    hi, lo = (packed >> 4).astype(np.int8), (packed & 15).astype(np.int8)
-    q = np.stack([hi, lo], 1).reshape(-1)[:n]
-    return np.where(q > 7, q - 16, q).astype(np.int8)
