@@ -9,7 +9,7 @@ A codec spec is ``name[:key=value,...]``:
 |---|---|---|
 | ``tall`` | ``planes=raw|xz`` | its TALL mask over the shared τ_MTL (xz: compressed at rest) |
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
-| ``delta`` | ``dtype=F16|BF16|F32|I8|I4`` | τ_t itself (I8 / I4: quantized per row, one float32 scale each) |
+| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax``, ``codes=raw|xz`` | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest) |
 
 and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
@@ -35,14 +35,18 @@ from .runtime.bundle import (
     MANIFEST_KEY, Bundle, base_name, elected_name, mask_name, open_bundle, private_name, vector_name,
 )
 from .runtime.codecs import (
-    CODECS, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, decode_planes, delta_name, dscale_name, fix_name, planes_name,
+    CODECS, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name, decode_codes, decode_planes, delta_name,
+    encode_codes, dscale_name, fix_name, planes_name,
     quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
 KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"}, "emr": {"planes", "correction"},
-        "delta": {"dtype", "correction"}}
+        "delta": {"dtype", "correction", "qmax", "fit", "codes"}}
+QMAX = {"I8": 127, "I4": 7}          # the largest code each quantized dtype holds
+FITS = ("mse", "absmax")             # a quantized row's scale: least squared error over clip levels, or max|τ| / qmax
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)  # fit=mse tries s = max|τ_r| · f / qmax
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,19 @@ class CodecSpec:
     dtype: str = "F16"          # delta
     correction: float = 0.0     # share of merged parameters
     scale: str = "none"         # tall: "ls", a least-squares scale per tensor
+    qmax: int = 0               # quantized delta: largest code (0: the dtype's, QMAX)
+    fit: str = "mse"            # quantized delta: how each row's scale is chosen (FITS)
+    codes: str = "raw"          # quantized delta: codes at rest, raw or xz
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
                  "delta": [f"dtype={self.dtype}"], "emr": [f"planes={self.planes}"]}[self.name]
+        if self.qmax:
+            parts.append(f"qmax={self.qmax}")
+        if self.fit != "mse" and self.dtype in QUANT_DTYPES and self.name == "delta":
+            parts.append(f"fit={self.fit}")
+        if self.codes != "raw":
+            parts.append(f"codes={self.codes}")
         if self.scale != "none":
             parts.append(f"scale={self.scale}")
         if self.correction:
@@ -79,9 +92,10 @@ def parse_codec(text: str) -> CodecSpec:
         kw[key] = value
     try:
         spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
-                         float(kw.get("correction", 0.0)), kw.get("scale", "none"))
+                         float(kw.get("correction", 0.0)), kw.get("scale", "none"), int(kw.get("qmax", 0)),
+                         kw.get("fit", "mse"), kw.get("codes", "raw"))
     except ValueError:
-        raise ConfigError(f"codec {text!r}: density and correction are numbers") from None
+        raise ConfigError(f"codec {text!r}: density and correction are numbers, qmax an integer") from None
     if not 0 < spec.density <= 1:
         raise ConfigError(f"codec {text!r}: density must be in (0, 1]")
     if not 0 <= spec.correction < 1:
@@ -92,6 +106,15 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: dtype must be one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
     if spec.scale not in TALL_SCALES:
         raise ConfigError(f"codec {text!r}: scale must be one of {', '.join(TALL_SCALES)}")
+    quant = spec.dtype in QUANT_DTYPES
+    if {"qmax", "fit", "codes"} & set(kw) and not quant:
+        raise ConfigError(f"codec {text!r}: qmax, fit and codes apply to a quantized delta (dtype={' or '.join(QUANT_DTYPES)})")
+    if quant and not 1 <= (spec.qmax or QMAX[spec.dtype]) <= QMAX[spec.dtype]:
+        raise ConfigError(f"codec {text!r}: qmax must be in [1, {QMAX[spec.dtype]}] for dtype {spec.dtype}")
+    if spec.fit not in FITS:
+        raise ConfigError(f"codec {text!r}: fit must be one of {', '.join(FITS)}")
+    if spec.codes not in PLANE_ENCODINGS:
+        raise ConfigError(f"codec {text!r}: codes must be one of {', '.join(PLANE_ENCODINGS)}")
     return spec
 
 
@@ -135,14 +158,31 @@ def tswitch_planes(tau: np.ndarray, density: float) -> tuple[np.ndarray, np.ndar
     return keep, t < 0, scale
 
 
-def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row quantization: s_r = max|τ_r| / qmax (float32), q = round-half-even(τ / s_r)."""
+def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int, fit: str = "absmax") -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantization, q = clip(round-half-even(τ / s_r), ±qmax), one float32 s_r
+    per row: ``absmax`` s_r = max|τ_r| / qmax; ``mse`` the s_r = max|τ_r| · f / qmax (f in
+    ``CLIPS``) whose rebuilt row q·s_r is nearest τ_r in squared error (clipping a long tail's
+    few largest entries buys a finer step for the rest; the first f wins a tie)."""
     rows = quant_rows(shape)
     t = tau.reshape(rows, -1) if rows else tau.reshape(0, 0)
-    scale = (np.abs(t).max(axis=1) / np.float32(qmax)).astype(np.float32) if t.size else np.zeros(rows, np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.clip(np.rint(t / safe[:, None]), -qmax, qmax).astype(np.int8)
-    q[scale == 0] = 0
+    if not t.size:
+        return np.zeros(0, np.int8), np.zeros(rows, np.float32)
+    amax = np.abs(t).max(axis=1)
+    clips = CLIPS if fit == "mse" else (1.0,)
+    best: list[np.ndarray] = []
+    for f in clips:
+        scale = (amax * np.float32(f) / np.float32(qmax)).astype(np.float32)
+        safe = np.where(scale > 0, scale, np.float32(1))
+        q = np.clip(np.rint(t / safe[:, None]), -qmax, qmax).astype(np.int8)
+        q[scale == 0] = 0
+        err = np.square(q * scale[:, None] - t, dtype=np.float64).sum(axis=1) if len(clips) > 1 else amax
+        if not best:
+            best = [q, scale, err]
+            continue
+        better = err < best[2]
+        for kept, new in zip(best, (q, scale, err)):
+            kept[better] = new[better]
+    q, scale, _ = best
     return q.reshape(-1), scale
 
 
@@ -184,7 +224,7 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
     total = sum(p.numel for p in bundle.merged)
     k_fix = int(round(spec.correction * total))
     codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix,
-                  spec.scale if spec.name == "tall" else "none")
+                  spec.scale if spec.name == "tall" else "none", spec.codes if spec.name == "delta" else "raw")
     out = _TaskOut(codec)
     errors: list[np.ndarray] = []
     rebuilt: list[np.ndarray] = []
@@ -223,7 +263,7 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             kept += int(keep.sum())
             r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
         elif spec.dtype in QUANT_DTYPES:
-            q, scale = quantize_rows(tau, p.shape, 127 if spec.dtype == "I8" else 7)
+            q, scale = quantize_rows(tau, p.shape, spec.qmax or QMAX[spec.dtype], spec.fit)
             out.deltas[p.name] = q.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(q)
             out.dscales[p.name] = scale
             rows = quant_rows(p.shape)
@@ -385,6 +425,11 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
             if len(blob) >= len(raw):  # xz loses on tiny tensors: keep what is smaller
                 o.codec = replace(o.codec, planes="raw")
                 blob = raw if o.codec.uses_planes_tensor else None
+        codes = None
+        if o.codec.uses_codes_tensor:
+            codes = encode_codes(o.codec.dtype, [o.deltas[p.name] for p in b.merged])
+            if len(codes) >= sum(d.nbytes for d in o.deltas.values()):  # xz loses (tiny or dense codes): keep them raw
+                o.codec, codes = replace(o.codec, codes="raw"), None
         c = o.codec
         for k in b.private_keys[t]:
             tensors[private_name(t, k)] = b.private(t)[k]
@@ -396,8 +441,12 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
             tensors[planes_name(t)] = blob
         if c.has_scales:
             tensors[scales_name(t)] = np.array(o.scales, np.float32)
-        for p, d in o.deltas.items():
-            tensors[delta_name(t, p)] = d
+        if codes is not None:
+            decode_codes(f"{output}: {dcodes_name(t)}", c.dtype, codes, numels)  # the reader's decode, before writing
+            tensors[dcodes_name(t)] = codes
+        else:
+            for p, d in o.deltas.items():
+                tensors[delta_name(t, p)] = d
         for p, sc in o.dscales.items():
             tensors[dscale_name(t, p)] = sc
         if c.correction:
@@ -436,8 +485,9 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
-              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4",
-              "delta:dtype=I8", "delta:dtype=F16")
+              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4,qmax=1,codes=xz",
+              "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,qmax=3,codes=xz", "delta:dtype=I4,codes=xz",
+              "delta:dtype=I8,qmax=15,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
 FALLBACK = "delta:dtype=F16"
 Score = Callable[[str, Mapping[str, np.ndarray]], float]
 

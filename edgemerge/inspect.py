@@ -9,7 +9,7 @@ from .runtime.bundle import Bundle
 from .runtime.dtypes import DTYPES, FLOAT_DTYPES
 
 SECTIONS = ("base", "vector", "elected", "mask", "planes", "scale", "delta", "dscale", "fix", "task")
-PER_TASK = ("mask", "planes", "scale", "delta", "dscale", "fix")  # a task's own codec data
+PER_TASK = ("mask", "planes", "scale", "delta", "dcodes", "dscale", "fix")  # a task's own codec data
 
 
 def codec_bytes(bundle: Bundle) -> dict[str, int]:

@@ -264,6 +264,8 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
     stream = raw.get(f"planes/{task}")
     data = (lzma.decompress(stream.tobytes()) if xz else stream.tobytes()) if stream is not None else b""
     pos, fixes = 0, raw.get(f"fix/{task}")
+    dcodes = raw.get(f"dcodes/{task}")  # a quantized delta's codes as one xz stream, params in manifest order
+    dcodes, cpos = (lzma.decompress(dcodes.tobytes()) if dcodes is not None else b""), 0
 
     def bits(count):
         nonlocal pos
@@ -301,7 +303,12 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
                 c = raw[f"scale/{task}"][j]
                 res = np.where(on, b32 + np.where(neg, -c, c), b32)
             elif codec["dtype"] in ("I8", "I4"):
-                q = raw[f"delta/{task}/{p['name']}"]
+                if codec.get("codes") == "xz":
+                    k = b.size if codec["dtype"] == "I8" else (b.size + 1) // 2
+                    q = np.frombuffer(dcodes[cpos : cpos + k], np.int8 if codec["dtype"] == "I8" else np.uint8)
+                    cpos += k
+                else:
+                    q = raw[f"delta/{task}/{p['name']}"]
                 if codec["dtype"] == "I4":  # nibbles, high first, two's complement
                     q = np.stack([q >> 4, q & 15], axis=1).reshape(-1)[: b.size].astype(np.int8)
                     q = np.where(q > 7, q - 16, q).astype(np.int8)
@@ -316,7 +323,7 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
                 used += at.size
         j += 1
         out[p["name"]] = res.reshape(b.shape)
-    assert pos == len(data) and used == k_fix, "planes tensor not consumed exactly"
+    assert pos == len(data) and used == k_fix and cpos == len(dcodes), "planes or codes tensor not consumed exactly"
     for k in manifest["private"].get(task, []):
         out[k] = raw[f"task/{task}/{k}"]
     return out
@@ -325,7 +332,7 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
 # three mixes over the five architectures (by index: gpt2 and resnet, bert and vit, llama)
 CODEC_MIXES = (("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", "tall:planes=xz,scale=ls,correction=0.01"),
                ("emr:planes=xz,correction=0.01", "emr:planes=raw", "tall:planes=raw,scale=ls"),
-               ("tswitch:density=0.3,planes=raw", "delta:dtype=I4,correction=0.001", "delta:dtype=I8"))
+               ("tswitch:density=0.3,planes=raw", "delta:dtype=I4,qmax=3,codes=xz,correction=0.001", "delta:dtype=I8,qmax=2,codes=xz"))
 
 
 def run_codec_cell(suite: Suite, exported: dict, emflat: str | None = None) -> Result:

@@ -142,7 +142,7 @@ def test_planes_roundtrip_and_damage():
     with pytest.raises(FormatError, match="truncated, has trailing bytes|does not decode"):
         decode_planes("planes/t", codec, blob[:-3], numels)
     bomb = np.frombuffer(lzma.compress(bytes(10_000_000), format=lzma.FORMAT_XZ), np.uint8)  # 10 MB of zeros, ~1.5 kB
-    with pytest.raises(FormatError, match="inflates past its planes"):  # refused after ~3 planes' worth, not 10 MB
+    with pytest.raises(FormatError, match="inflates past its planes or codes"):  # refused after ~3 planes' worth, not 10 MB
         decode_planes("planes/t", codec, bomb, numels)
     with pytest.raises(FormatError, match="planes/t: the planes end early"):
         decode_planes("planes/t", Codec("tswitch", "raw"), np.frombuffer(raw[:-1], np.uint8), numels)
@@ -263,7 +263,7 @@ def test_bad_codec_specs_and_inputs(merged):
     path, tasks, d = merged
     with pytest.raises(ConfigError, match="unknown codec 'tswich'.*valid: tall, tswitch, delta"):
         parse_codec("tswich")
-    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: correction, dtype"):
+    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: codes, correction, dtype, fit, qmax"):
         parse_codec("delta:density=0.1")
     for bad, msg in (("tswitch:density=0", "density must be in"), ("tswitch:density=x", "are numbers"),
                      ("tall:correction=1", "correction must be in"), ("tall:planes=zip", "planes must be one of"),
@@ -366,7 +366,7 @@ def test_quantized_delta_codes_and_rule():
 def test_quantized_delta_bundle(merged):
     path, tasks, d = merged
     out = str(d / "q.safetensors")
-    encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I4"), "task1": parse_codec("delta:dtype=I8")}, out)
+    encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I4,fit=absmax"), "task1": parse_codec("delta:dtype=I8,fit=absmax")}, out)
     b = open_bundle(out, verify=True)
     assert b.header.tensors["delta/task0/enc.0.weight"].dtype == "U8" and b.header.tensors["delta/task0/enc.0.weight"].shape == (480,)
     assert b.header.tensors["dscale/task1/enc.1.weight"].shape == (33,)
@@ -377,6 +377,78 @@ def test_quantized_delta_bundle(merged):
         tau = src[t]["enc.1.weight"] - base["enc.1.weight"]
         step = np.abs(tau).max(axis=1, keepdims=True) / qmax
         assert (np.abs(w - src[t]["enc.1.weight"]) <= step / 2 + 1e-6).all()
+
+
+def test_mse_fit_clips_a_long_tail():
+    from edgemerge.codecs import quantize_rows
+
+    tau = np.array([10.0] + [3.0] * 8, np.float32)  # qmax 1: absmax s = 10 drops the 3s (error 72); s = 4 keeps them (44)
+    codes, scale = quantize_rows(tau, (1, 9), 1, "absmax")
+    assert scale.tolist() == [10.0] and codes.tolist() == [1] + [0] * 8
+    codes, scale = quantize_rows(tau, (1, 9), 1, "mse")
+    assert scale.tolist() == [4.0] and codes.tolist() == [1] * 9
+    rng = np.random.default_rng(3)
+    t = (rng.standard_t(2, size=(40, 64)) * 1e-3).astype(np.float32)  # heavy tails: mse wins on most rows, never loses
+    err = {}
+    for fit in ("absmax", "mse"):
+        q, s = quantize_rows(t.reshape(-1), t.shape, 7, fit)
+        err[fit] = np.square(q.reshape(t.shape) * s[:, None] - t, dtype=np.float64).sum(axis=1)
+    assert (err["mse"] <= err["absmax"]).all() and (err["mse"] < err["absmax"]).mean() > 0.5
+
+
+def test_quantized_codes_xz_at_rest(merged):
+    path, tasks, d = merged
+    raw, xz = str(d / "codes-raw.safetensors"), str(d / "codes-xz.safetensors")
+    specs = {"task0": "delta:dtype=I4,qmax=2", "task1": "delta:dtype=I8,qmax=1,correction=0.01"}
+    encode_bundle(path, tasks, {t: parse_codec(s) for t, s in specs.items()}, raw)
+    m = encode_bundle(path, tasks, {t: parse_codec(s + ",codes=xz") for t, s in specs.items()}, xz)
+    a, b = open_bundle(raw, verify=True), open_bundle(xz, verify=True)
+    for t in specs:
+        assert b.codecs[t].codes == "xz" and a.codecs[t].codes == "raw"
+        assert f"dcodes/{t}" in b.header.tensors and not any(n.startswith(f"delta/{t}/") for n in b.header.tensors)
+        entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
+        assert entry["codes"] == "xz" and entry["bits_per_param"] < next(
+            e for e in a.manifest["tasks"] if e["name"] == t)["codec"]["bits_per_param"]
+        wa, wb = a.task_weights(t), b.task_weights(t)
+        assert all(wa[k].tobytes() == wb[k].tobytes() for k in wa)  # the same codes, only stored smaller
+    assert b.codecs["task2"].codes == "raw"  # a tall task keeps none
+    with pytest.raises(ConfigError, match="qmax must be in \\[1, 7\\]"):
+        parse_codec("delta:dtype=I4,qmax=8")
+    with pytest.raises(ConfigError, match="apply to a quantized delta"):
+        parse_codec("delta:dtype=F16,codes=xz")
+    with pytest.raises(ConfigError, match="fit must be one of mse, absmax"):
+        parse_codec("delta:dtype=I8,fit=max")
+
+
+def test_damaged_codes_stream_is_refused(merged):
+    from edgemerge.runtime.codecs import decode_codes, encode_codes
+
+    numels = [3, 4]
+    good = [np.array([0x12, 0x30], np.uint8), np.array([0x45, 0x67], np.uint8)]  # I4, the odd param's low nibble 0
+    got = decode_codes("w", "I4", encode_codes("I4", good), numels)
+    assert [g.tolist() for g in got] == [[0x12, 0x30], [0x45, 0x67]]
+    with pytest.raises(FormatError, match="w: the codes of param 0 have padding bits set"):
+        decode_codes("w", "I4", encode_codes("I4", [np.array([0x12, 0x31], np.uint8), good[1]]), numels)
+    with pytest.raises(FormatError, match="w: the codes hold 3 bytes, the merged params need 4"):
+        decode_codes("w", "I4", encode_codes("I4", [good[0], good[1][:1]]), numels)
+    with pytest.raises(FormatError, match="w: the xz stream is truncated"):
+        decode_codes("w", "I4", encode_codes("I4", good)[:-4], numels)
+    with pytest.raises(FormatError, match="inflates past"):  # a longer stream is refused at its bound, not inflated
+        decode_codes("w", "I8", encode_codes("I8", [np.zeros(1 << 20, np.int8)]), numels)
+    path, tasks, d = merged
+    out = str(d / "xz.safetensors")
+    encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I8,qmax=1,codes=xz")}, out)
+    from test_format import _rewrite_header  # noqa: F401  (the reader names the tensor it could not decode)
+    blob = bytearray(open(out, "rb").read())
+    b = open_bundle(out, verify=False)
+    e = b.header.tensors["dcodes/task0"]
+    start = 8 + int.from_bytes(blob[:8], "little") + e.start
+    blob[start + 20] ^= 0xFF
+    b.close()
+    bad = str(d / "bad.safetensors")
+    open(bad, "wb").write(bytes(blob))
+    with pytest.raises(FormatError, match="dcodes/task0"):
+        open_bundle(bad, verify=False).task_weights("task0")
 
 
 @pytest.mark.parametrize("simd", [True, False])

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .codecs import (
-    Codec, Recipe, SwitchPlan, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild,
+    Codec, Recipe, SwitchPlan, dcodes_name, decode_codes, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild,
     scales_name,
 )
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
@@ -134,6 +134,7 @@ class Bundle:
         self._merged_pos = {p.name: i for i, p in enumerate(self.merged)}
         self._recipes: dict[tuple[str, str], Recipe] = {}  # views and decoded planes: built once per (task, param)
         self._decoded: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._decoded_codes: dict[str, list[np.ndarray]] = {}
         self._decode_lock = threading.Lock()
         self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
         self.checksums: dict[str, str] = self._parse_checksums()
@@ -170,6 +171,11 @@ class Bundle:
                 _expect(e is not None and e.dtype == "U8" and len(e.shape) == 1, self.path,
                         f"task {t!r} ({c.name}) needs a 1-D U8 tensor {planes_name(t)!r}")
                 seen.add(planes_name(t))
+            if c.uses_codes_tensor:
+                e = h.tensors.get(dcodes_name(t))
+                _expect(e is not None and e.dtype == "U8" and len(e.shape) == 1, self.path,
+                        f"task {t!r} (delta {c.dtype}, codes xz) needs a 1-D U8 tensor {dcodes_name(t)!r}")
+                seen.add(dcodes_name(t))
             if c.has_scales:
                 _check_tensor(h, scales_name(t), "F32", (len(self.merged),), seen)
             if c.correction:
@@ -186,6 +192,8 @@ class Bundle:
             for t, c in self.codecs.items():
                 if c.name == "tall" and c.planes == "raw" and self.mask_policy == "tall":
                     _check_tensor(h, mask_name(t, p.name), "U8", (packed_nbytes(p.numel),), seen)
+                elif c.uses_codes_tensor:
+                    pass  # in dcodes/<task>, checked where it is decoded
                 elif c.name == "delta" and c.dtype == "I4":
                     _check_tensor(h, delta_name(t, p.name), "U8", ((p.numel + 1) // 2,), seen)
                 elif c.name == "delta":
@@ -300,6 +308,17 @@ class Bundle:
                     self._decoded[task] = planes
         return self._decoded[task]
 
+    def _codes(self, task: str) -> list[np.ndarray]:
+        """A quantized delta's codes stored as one xz stream, decoded once (first use) into the
+        per-param codes the kernels take."""
+        if task not in self._decoded_codes:
+            with self._decode_lock:
+                if task not in self._decoded_codes:
+                    where = f"{self.path}: tensor {dcodes_name(task)!r}"
+                    self._decoded_codes[task] = decode_codes(where, self.codecs[task].dtype, self._view(dcodes_name(task)),
+                                                             [p.numel for p in self.merged])
+        return self._decoded_codes[task]
+
     def recipe(self, task: str, param: str) -> Recipe:
         """What rebuilds merged param ``param`` of ``task`` (its codec's planes, scale, δ, correction);
         built once per (task, param) and kept while the bundle is open."""
@@ -330,7 +349,8 @@ class Bundle:
         p = self.merged[i]
         if c.qscale_rows:
             rows = quant_rows(p.shape)
-            return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), packed4=c.dtype == "I4",
+            codes = self._codes(task)[i] if c.uses_codes_tensor else self._view(delta_name(task, param)).reshape(-1)
+            return Recipe("delta", delta=codes, packed4=c.dtype == "I4",
                           qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
                           qgrid=(rows, p.numel // rows if rows else 0, 0), **fix)
         return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), **fix)

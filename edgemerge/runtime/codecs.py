@@ -80,6 +80,15 @@ def fix_name(task: str) -> str:
     return f"fix/{task}"
 
 
+def dcodes_name(task: str) -> str:
+    return f"dcodes/{task}"
+
+
+def code_nbytes(dtype: str, n: int) -> int:
+    """Bytes of one param's quantized δ codes: I8 one per element, I4 two per byte."""
+    return n if dtype == "I8" else (n + 1) // 2
+
+
 @dataclass(frozen=True)
 class Codec:
     """A task's codec as the manifest names it (``tasks[i]["codec"]``)."""
@@ -89,6 +98,7 @@ class Codec:
     dtype: str | None = None        # delta: F32 / F16 / BF16, or I8 / I4 (quantized per row)
     correction: int = 0             # entries of the sparse correction (0: none)
     scale: str = "none"             # tall: "none", or "ls" (a float32 scale per tensor in scale/<task>)
+    codes: str = "raw"              # quantized delta: "raw" (a tensor per param) or "xz" (one stream, dcodes/<task>)
 
     @property
     def plain_tall(self) -> bool:
@@ -111,6 +121,11 @@ class Codec:
         return self.name == "delta" and self.dtype in QUANT_DTYPES
 
     @property
+    def uses_codes_tensor(self) -> bool:
+        """A quantized delta whose codes are one xz stream ``dcodes/<task>``."""
+        return self.qscale_rows and self.codes == "xz"
+
+    @property
     def uses_planes_tensor(self) -> bool:
         return self.name in ("tswitch", "emr") or (self.name == "tall" and self.planes == "xz") or self.correction > 0
 
@@ -122,6 +137,8 @@ class Codec:
             d["scale"] = self.scale
         if self.name == "delta":
             d["dtype"] = self.dtype
+        if self.codes != "raw":
+            d["codes"] = self.codes
         d["correction"] = self.correction
         return d
 
@@ -132,7 +149,8 @@ class Codec:
         if not isinstance(raw, dict) or raw.get("name") not in CODECS:
             got = raw.get("name") if isinstance(raw, dict) else raw
             raise FormatError(f"{where}: {unknown_name('codec', str(got), CODECS)}")
-        c = cls(raw["name"], raw.get("planes", "raw"), raw.get("dtype"), raw.get("correction", 0), raw.get("scale", "none"))
+        c = cls(raw["name"], raw.get("planes", "raw"), raw.get("dtype"), raw.get("correction", 0), raw.get("scale", "none"),
+                raw.get("codes", "raw"))
         if c.scale not in TALL_SCALES or (c.scale != "none" and c.name != "tall"):
             raise FormatError(f"{where}: codec scale {c.scale!r}: a tall codec takes one of {', '.join(TALL_SCALES)}, "
                               "other codecs none")
@@ -140,6 +158,9 @@ class Codec:
             raise FormatError(f"{where}: plane encoding {c.planes!r} is not one of {', '.join(PLANE_ENCODINGS)}")
         if c.name == "delta" and c.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
             raise FormatError(f"{where}: delta dtype {c.dtype!r} is not one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
+        if c.codes not in PLANE_ENCODINGS or (c.codes != "raw" and not c.qscale_rows):
+            raise FormatError(f"{where}: codec codes {c.codes!r}: a quantized delta (I8 / I4) takes one of "
+                              f"{', '.join(PLANE_ENCODINGS)}, other codecs raw")
         if type(c.correction) is not int or c.correction < 0:
             raise FormatError(f"{where}: codec 'correction' must be a non-negative integer")
         return c
@@ -361,16 +382,8 @@ def decode_planes(where: str, codec: Codec, blob: np.ndarray, numels: list[int])
     """Inverse of ``encode_planes``: per param, packed full-length planes ``presence``, ``sign``
     (0 where absent) and the fix positions ``fix`` (int64). Every length is checked."""
     raw = memoryview(np.ascontiguousarray(blob).reshape(-1).view(np.uint8))
-    if codec.planes == "xz":
-        bound = sum(3 * packed_nbytes(n) for n in numels)  # presence + signs + fix at most: no bomb inflates past it
-        try:
-            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 28)
-            raw = memoryview(d.decompress(raw, max_length=bound + 1))
-            ok = d.eof and not d.unused_data and len(raw) <= bound
-        except lzma.LZMAError as exc:
-            raise FormatError(f"{where}: the xz stream does not decode ({exc})") from None
-        if not ok:
-            raise FormatError(f"{where}: the xz stream is truncated, has trailing bytes or inflates past its planes")
+    if codec.planes == "xz":  # presence + signs + fix at most
+        raw = memoryview(_unxz(where, blob, sum(3 * packed_nbytes(n) for n in numels)))
     layout = planes_layout(codec, numels).split()
     pos, out = 0, []
 
@@ -400,4 +413,41 @@ def decode_planes(where: str, codec: Codec, blob: np.ndarray, numels: list[int])
         out.append(d)
     if pos != len(raw):
         raise FormatError(f"{where}: {len(raw) - pos} bytes after the last plane")
+    return out
+
+
+def _unxz(where: str, blob: np.ndarray, bound: int) -> bytes:
+    """One xz stream, decoded to at most ``bound`` bytes (no bomb inflates past it)."""
+    try:
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 28)
+        raw = d.decompress(memoryview(np.ascontiguousarray(blob).reshape(-1).view(np.uint8)), max_length=bound + 1)
+        ok = d.eof and not d.unused_data and len(raw) <= bound
+    except lzma.LZMAError as exc:
+        raise FormatError(f"{where}: the xz stream does not decode ({exc})") from None
+    if not ok:
+        raise FormatError(f"{where}: the xz stream is truncated, has trailing bytes or inflates past its planes or codes")
+    return raw
+
+
+def encode_codes(dtype: str, codes: list[np.ndarray]) -> np.ndarray:
+    """``dcodes/<task>``: every merged param's quantized δ codes as stored raw (I8 bytes, I4
+    nibbles), concatenated in manifest order, as one xz stream."""
+    raw = b"".join(np.ascontiguousarray(c).reshape(-1).view(np.uint8).tobytes() for c in codes)
+    return np.frombuffer(lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6), dtype=np.uint8)
+
+
+def decode_codes(where: str, dtype: str, blob: np.ndarray, numels: list[int]) -> list[np.ndarray]:
+    """Inverse of ``encode_codes``: per param its codes as the raw tensor holds them (I8: int8
+    per element; I4: uint8, two per byte, an odd count's last low nibble 0). Every length is checked."""
+    sizes = [code_nbytes(dtype, n) for n in numels]
+    raw = _unxz(where, blob, sum(sizes))
+    if len(raw) != sum(sizes):
+        raise FormatError(f"{where}: the codes hold {len(raw)} bytes, the merged params need {sum(sizes)}")
+    out, pos = [], 0
+    for n, k in zip(numels, sizes):
+        chunk = np.frombuffer(raw, np.int8 if dtype == "I8" else np.uint8, count=k, offset=pos)
+        if dtype == "I4" and n % 2 and chunk[-1] & 15:
+            raise FormatError(f"{where}: the codes of param {len(out)} have padding bits set")
+        out.append(chunk)
+        pos += k
     return out
