@@ -487,7 +487,8 @@ def _belongs(name: str, task: str) -> bool:
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
               "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4,qmax=1,codes=xz",
               "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,qmax=3,codes=xz", "delta:dtype=I4,codes=xz",
-              "delta:dtype=I8,qmax=15,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
+              "delta:dtype=I8,qmax=15,codes=xz",
+              "delta:dtype=I8,qmax=31,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
 FALLBACK = "delta:dtype=F16"
 Score = Callable[[str, Mapping[str, np.ndarray]], float]
 
