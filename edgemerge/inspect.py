@@ -8,8 +8,8 @@ from typing import Any
 from .runtime.bundle import Bundle
 from .runtime.dtypes import DTYPES, FLOAT_DTYPES
 
-SECTIONS = ("base", "vector", "elected", "mask", "planes", "scale", "delta", "dscale", "fix", "task")
 PER_TASK = ("mask", "planes", "scale", "delta", "dcodes", "dscale", "fix")  # a task's own codec data
+SECTIONS = ("base", "vector", "elected", *PER_TASK, "task")  # every tensor kind a bundle the reader accepts holds
 
 
 def codec_bytes(bundle: Bundle) -> dict[str, int]:
@@ -60,8 +60,7 @@ def summarize(bundle: Bundle) -> dict[str, Any]:
         "vector_dtype": bundle.vector_dtype,
         "n_params": sum(p.numel for p in bundle.params if p.role == "merged"),
         "tasks": [{**{k: t.get(k) for k in ("name", "lambda", "density", "recon_error")},
-                   "codec": bundle.codecs[t["name"]].name + (" + scale" if bundle.codecs[t["name"]].scale != "none" else "")
-                   + (" + correction" if bundle.codecs[t["name"]].correction else ""),
+                   "codec": bundle.codecs[t["name"]].describe(),
                    "bits_per_param": own[t["name"]] * 8 / merged if merged else 0.0} for t in m["tasks"]],
         "bits_per_param_per_task": bits_per_param_per_task(bundle),
         "sections": {**sections, "header": h.data_start},

@@ -324,15 +324,16 @@ def test_cli_encode_and_inspect(merged):
     path, tasks, d = merged
     out = str(d / "cli.safetensors")
     args = [sys.executable, "-m", "edgemerge", "encode", path, *(f"--task={t}={p}" for t, p in tasks.items()),
-            "--codec", "tswitch:density=0.2", "--codec-for", "task2=delta:dtype=F16", "-o", out, "--quiet"]
+            "--codec", "tswitch:density=0.2", "--codec-for", "task2=delta:dtype=F16", "--codec-for",
+            "task1=delta:dtype=I8,qmax=1,codes=xz", "-o", out, "--quiet"]
     p = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "tswitch" in p.stdout and "delta:dtype=F16" in p.stdout
+    assert "tswitch" in p.stdout and "delta:dtype=F16" in p.stdout and "dtype=I8,codes=xz" in p.stdout
     p = subprocess.run([sys.executable, "-m", "edgemerge", "inspect", out, "--json"], capture_output=True, text=True, timeout=60)
     s = json.loads(p.stdout)
-    assert [t["codec"] for t in s["tasks"]] == ["tswitch", "tswitch", "delta"]
+    assert [t["codec"] for t in s["tasks"]] == ["tswitch", "delta I8 (xz codes)", "delta F16"]
     assert s["tasks"][2]["bits_per_param"] == 16.0 and s["format_version"] == 2
-    bad = subprocess.run([*args[:-7], "--codec", "tswitch:q=1", "-o", str(d / "x.safetensors")], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*args[:-9], "--codec", "tswitch:q=1", "-o", str(d / "x.safetensors")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "codec 'tswitch' has no parameter 'q'" in bad.stderr
     assert not os.path.exists(d / "x.safetensors")
 

@@ -129,6 +129,11 @@ class Codec:
     def uses_planes_tensor(self) -> bool:
         return self.name in ("tswitch", "emr") or (self.name == "tall" and self.planes == "xz") or self.correction > 0
 
+    def describe(self) -> str:
+        """What ``inspect`` prints: the rule and how its data is stored, e.g. ``delta I4 (xz codes) + correction``."""
+        text = self.name + (f" {self.dtype}" if self.name == "delta" else "") + (" (xz codes)" if self.codes == "xz" else "")
+        return text + (" + scale" if self.scale != "none" else "") + (" + correction" if self.correction else "")
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
         if self.name != "delta":
