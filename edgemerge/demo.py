@@ -33,7 +33,7 @@ ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 TALL_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 3.0)
 MERGED = ("task_arithmetic", "ties", "consensus_ta", "consensus_ties")
 # per-task codecs the report sets beside the TALL bundle (format v2; bench/frontier_bench.py has more)
-DEMO_CODECS = ("tswitch:density=0.1", "tswitch:density=0.3", "delta:dtype=I4")
+DEMO_CODECS = ("tswitch:density=0.1", "tswitch:density=0.3", "delta:dtype=I4,codes=xz")
 LABELS = {"zero_shot": "zero-shot", "finetuned": "fine-tuned", "task_arithmetic": "TA", "ties": "TIES",
           "consensus_ta": "Cons-TA", "consensus_ties": "Cons-TIES", "tall": "TALL bundle"}
 
