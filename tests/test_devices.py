@@ -38,7 +38,7 @@ def test_projection_arithmetic_exactly():
     assert p["speedup"] == p["separate_load_s"] / p["switch_s"]
     assert p["bundle_storage_bytes"] == 800_000_000 + 8 * 12_600_000
     assert p["separate_storage_bytes"] == 8 * 400_100_000
-    assert p["resident_parts"] == {"bundle data a switch reads": touched, "engine weights": 400_000_000,
+    assert p["resident_parts"] == {"bundle data a switch holds": touched, "engine weights": 400_000_000,
                                    "activations": 50_000_000}
     assert p["cold_switch_read_bytes"] == touched and p["cold_switch_s"] == touched / 2.5e9 + p["switch_s"]
     assert p["cold_read_vs_checkpoint"] == touched / 400_100_000  # ≈ 2.03: θ0 + τ_MTL + masks + head
@@ -86,9 +86,31 @@ def test_sizes_of_a_v2_bundle_without_a_shared_vector(tmp_path):
     assert s.vector == 0 and not s.reads_vector and s.mask_one_task == own[worst] and s.codec_bytes == sum(own.values())
     numel = 48 * 20 + 48 + 33 * 48
     assert s.kernel_touch == 8 * numel + 2 * (120 + 6 + 198)  # θ0 read, θ_t written, two planes
+    held = {t: own[t] - h[f"planes/{t}"].end + h[f"planes/{t}"].start + 2 * (120 + 6 + 198) for t in b.tasks}
+    assert s.held_one_task == max(held.values()) > s.mask_one_task  # xz planes held decoded: presence + full sign plane
     p = project(s, DEVICES["orin-nano-8gb"])
+    assert p["warm_ram_bytes"] == s.base + s.private_one_task + s.held_one_task + s.model
     assert p["cold_switch_read_bytes"] == s.base + reads[worst]
     assert p["cold_read_vs_checkpoint"] == (s.base + reads[worst]) / (s.base + s.private_one_task) < 1.1
+
+
+def test_held_codes_of_an_xz_delta(tmp_path):
+    """A quantized delta stored as xz is read small but held as its raw codes after the first switch."""
+    from conftest import make_suite
+    from edgemerge.codecs import encode_bundle, parse_codec
+
+    base, tasks = make_suite(tmp_path)
+    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
+    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {t: parse_codec("delta:dtype=I8,qmax=1,codes=xz") for t in tasks},
+                  str(tmp_path / "v2.safetensors"))
+    b = open_bundle(tmp_path / "v2.safetensors")
+    s, h = sizes(b), b.header.tensors
+    assert all(b.codecs[t].codes == "xz" for t in b.tasks)
+    own = {t: sum(e.end - e.start for n, e in h.items() if n.split("/")[0] in ("dcodes", "dscale") and n.split("/")[1] == t)
+           for t in b.tasks}
+    numel = 48 * 20 + 48 + 33 * 48
+    assert s.held_one_task == max(o - (h[f"dcodes/{t}"].end - h[f"dcodes/{t}"].start) + numel for t, o in own.items())
+    assert s.codec_bytes == sum(own.values()) and s.held_one_task > s.mask_one_task
 
 
 def test_cli_devices_and_plan(tmp_path):
@@ -117,7 +139,7 @@ def test_plan_from_another_architecture_gives_a_range_and_says_why(tmp_path):
     env = {**__import__("os").environ, "COLUMNS": "250"}
     out = subprocess.run([sys.executable, "-m", "edgemerge.cli", "plan", str(tmp_path / "b.safetensors"), "--device",
                           "orin-nano-8gb"], capture_output=True, text=True, check=True, env=env).stdout
-    assert "of which engine weights" in out and "of which bundle data a switch reads" in out
+    assert "of which engine weights" in out and "of which bundle data a switch holds" in out
     assert "task switch (cold page cache, nvme_gen3)" in out and "× one checkpoint" in out
     assert "RAM to keep switches warm" in out
     if platform.machine().lower() not in ("aarch64", "arm64"):

@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..inspect import codec_bytes
 from ..runtime.bundle import Bundle
+from ..runtime.codecs import code_nbytes, dcodes_name, planes_layout, planes_name
 from ..runtime.dtypes import DTYPES
 from .profiles import STORAGE_READ, Device
 
@@ -61,6 +62,9 @@ class Sizes:
     codec_bytes: int = -1       # all tasks' codec data (−1: n_tasks × mask_one_task, v1)
     private_bytes: int = -1     # all tasks' private tensors (−1: n_tasks × private_one_task)
     vector_read: int = -1       # the shared vector that task reads (−1: all of ``vector`` when reads_vector)
+    held_one_task: int = -1     # the most codec data any task holds in RAM once decoded (xz planes and codes are
+                                # decoded at first use into full-length planes, int64 fix positions, raw codes;
+                                # −1: as stored, ``mask_one_task``)
 
 
 def sizes(bundle: Bundle) -> Sizes:
@@ -87,9 +91,19 @@ def sizes(bundle: Bundle) -> Sizes:
                "delta": lambda: (numel + 1) // 2 if c.dtype == "I4" else numel * DTYPES["I8" if c.dtype == "I8" else c.dtype].itemsize}
         return 2 * item + per[c.name]()
 
+    def held(t: str) -> int:  # the stored planes / codes stream replaced by what it decodes to
+        c = bundle.codecs[t]
+        out = own[t]
+        if c.uses_planes_tensor:
+            layout = planes_layout(c, [p.numel for p in merged]).split()
+            out += planes * (("presence" in layout) + ("signs" in layout)) + 8 * c.correction - nbytes(planes_name(t))
+        if c.uses_codes_tensor:
+            out += sum(code_nbytes(c.dtype, p.numel) for p in merged) - nbytes(dcodes_name(t))
+        return out
+
     return Sizes(len(bundle.tasks), base, vector + elected, own[worst], private[worst], base, numel,
                  max(touch(t) for t in bundle.tasks), base + private[worst], shared[worst] > 0,
-                 sum(own.values()), sum(private.values()), shared[worst])
+                 sum(own.values()), sum(private.values()), shared[worst], max(held(t) for t in bundle.tasks))
 
 
 def measure_efficiency(numel: int = 1 << 24, repeat: int = 5) -> float:
@@ -125,8 +139,9 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
     read = STORAGE_READ[storage]
     vec = (s.vector_read if s.vector_read >= 0 else s.vector) if s.reads_vector else 0
     touched = s.base + vec + s.mask_one_task + s.private_one_task
+    held = touched - s.mask_one_task + (s.held_one_task if s.held_one_task >= 0 else s.mask_one_task)
     engines = s.model * (s.n_tasks if runtime == "sessions" else 1)
-    resident = touched + engines + activation_bytes
+    resident = held + engines + activation_bytes
     available = device.ram_bytes - device.os_reserved_bytes
     switch = s.kernel_touch / (device.bandwidth * low)
     load = s.separate_model / read
@@ -142,11 +157,12 @@ def project(s: Sizes, device: Device, runtime: str = "inputs", storage: str | No
         # before the kernel runs; warm, it reads nothing (all of it resident: warm_ram_bytes)
         "cold_switch_read_bytes": touched, "cold_switch_s": touched / read + switch,
         "cold_read_vs_checkpoint": touched / s.separate_model if s.separate_model else float("nan"),
-        "warm_ram_bytes": touched + engines,
+        "warm_ram_bytes": held + engines,
         "switch_s": switch, "switch_s_range": [s.kernel_touch / (device.bandwidth * high), switch],
         "separate_load_s": load, "speedup": load / switch,
         "efficiency": efficiency, "kernel_bytes": s.kernel_touch,
         # what the resident figure is made of: the bundle's θ0, τ_MTL and one task's masks and head
         # stay mapped for warm switches; the engine holds θ_t (N copies in sessions mode)
-        "resident_parts": {"bundle data a switch reads": touched, "engine weights": engines, "activations": activation_bytes},
+        "resident_parts": {"bundle data a switch holds": held, "engine weights": engines,
+                           "activations": activation_bytes},
     }
