@@ -36,7 +36,7 @@ from .runtime.bundle import (
 )
 from .runtime.codecs import (
     CODECS, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name, decode_codes, decode_planes, delta_name,
-    encode_codes, dscale_name, fix_name, planes_name,
+    dscale_name, fix_name, planes_name,
     quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
@@ -130,6 +130,13 @@ def encode_planes(codec: Codec, per_param: list[dict[str, np.ndarray]]) -> np.nd
     if codec.planes == "xz":
         raw = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6)
     return np.frombuffer(raw, dtype=np.uint8)
+
+
+def encode_codes(dtype: str, codes: list[np.ndarray]) -> np.ndarray:
+    """``dcodes/<task>``: every merged param's quantized δ codes as stored raw (I8 bytes, I4
+    nibbles), concatenated in manifest order, as one xz stream (``decode_codes`` reads it)."""
+    raw = b"".join(np.ascontiguousarray(c).reshape(-1).view(np.uint8).tobytes() for c in codes)
+    return np.frombuffer(lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6), dtype=np.uint8)
 
 
 def plane_entropy_bits(p: float) -> float:

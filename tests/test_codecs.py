@@ -422,7 +422,8 @@ def test_quantized_codes_xz_at_rest(merged):
 
 
 def test_damaged_codes_stream_is_refused(merged):
-    from edgemerge.runtime.codecs import decode_codes, encode_codes
+    from edgemerge.codecs import encode_codes
+    from edgemerge.runtime.codecs import decode_codes
 
     numels = [3, 4]
     good = [np.array([0x12, 0x30], np.uint8), np.array([0x45, 0x67], np.uint8)]  # I4, the odd param's low nibble 0

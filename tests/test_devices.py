@@ -67,16 +67,20 @@ def test_sizes_from_a_real_bundle(tmp_path):
     assert s.private_one_task == 4 * 4 * 33  # task2's head: 4 x 33 floats
 
 
-def test_sizes_of_a_v2_bundle_without_a_shared_vector(tmp_path):
-    """tswitch tasks read θ0 + their own compressed bits: a cold switch reads about one checkpoint."""
+def _v2_bundle(tmp_path, codec: str):
+    """The test suite merged, then every task re-encoded with ``codec`` (format v2), opened."""
     from conftest import make_suite
     from edgemerge.codecs import encode_bundle, parse_codec
 
     base, tasks = make_suite(tmp_path)
     merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
-    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {t: parse_codec("tswitch:density=0.1") for t in tasks},
-                  str(tmp_path / "v2.safetensors"))
-    b = open_bundle(tmp_path / "v2.safetensors")
+    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {t: parse_codec(codec) for t in tasks}, str(tmp_path / "v2.safetensors"))
+    return open_bundle(tmp_path / "v2.safetensors")
+
+
+def test_sizes_of_a_v2_bundle_without_a_shared_vector(tmp_path):
+    """tswitch tasks read θ0 + their own compressed bits: a cold switch reads about one checkpoint."""
+    b = _v2_bundle(tmp_path, "tswitch:density=0.1")
     s = sizes(b)
     h = b.header.tensors
     own = {t: sum(e.end - e.start for n, e in h.items() if n.split("/")[0] in ("planes", "scale") and n.split("/")[1] == t)
@@ -96,14 +100,7 @@ def test_sizes_of_a_v2_bundle_without_a_shared_vector(tmp_path):
 
 def test_held_codes_of_an_xz_delta(tmp_path):
     """A quantized delta stored as xz is read small but held as its raw codes after the first switch."""
-    from conftest import make_suite
-    from edgemerge.codecs import encode_bundle, parse_codec
-
-    base, tasks = make_suite(tmp_path)
-    merge(MergeConfig(base, tasks, private=("head.*",)), tmp_path / "b.safetensors")
-    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {t: parse_codec("delta:dtype=I8,qmax=1,codes=xz") for t in tasks},
-                  str(tmp_path / "v2.safetensors"))
-    b = open_bundle(tmp_path / "v2.safetensors")
+    b = _v2_bundle(tmp_path, "delta:dtype=I8,qmax=1,codes=xz")
     s, h = sizes(b), b.header.tensors
     assert all(b.codecs[t].codes == "xz" for t in b.tasks)
     own = {t: sum(e.end - e.start for n, e in h.items() if n.split("/")[0] in ("dcodes", "dscale") and n.split("/")[1] == t)

@@ -133,8 +133,7 @@ class Bundle:
         self.elected = any(c.name == "emr" for c in self.codecs.values())  # EMR's elected vector is stored
         self._merged_pos = {p.name: i for i, p in enumerate(self.merged)}
         self._recipes: dict[tuple[str, str], Recipe] = {}  # views and decoded planes: built once per (task, param)
-        self._decoded: dict[str, list[dict[str, np.ndarray]]] = {}
-        self._decoded_codes: dict[str, list[np.ndarray]] = {}
+        self._decoded: dict[tuple[str, str], Any] = {}  # ("planes" | "dcodes", task) -> what that stream decodes to
         self._decode_lock = threading.Lock()
         self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
         self.checksums: dict[str, str] = self._parse_checksums()
@@ -166,16 +165,11 @@ class Bundle:
         for t, c in self.codecs.items():
             _expect(not (c.name == "tall" and c.planes == "xz" and self.mask_policy != "tall"), self.path,
                     f"task {t!r}: xz planes of a tall codec need mask policy 'tall'")
-            if c.uses_planes_tensor:
-                e = h.tensors.get(planes_name(t))
+            for name in [n for n, on in ((planes_name(t), c.uses_planes_tensor), (dcodes_name(t), c.uses_codes_tensor)) if on]:
+                e = h.tensors.get(name)
                 _expect(e is not None and e.dtype == "U8" and len(e.shape) == 1, self.path,
-                        f"task {t!r} ({c.name}) needs a 1-D U8 tensor {planes_name(t)!r}")
-                seen.add(planes_name(t))
-            if c.uses_codes_tensor:
-                e = h.tensors.get(dcodes_name(t))
-                _expect(e is not None and e.dtype == "U8" and len(e.shape) == 1, self.path,
-                        f"task {t!r} (delta {c.dtype}, codes xz) needs a 1-D U8 tensor {dcodes_name(t)!r}")
-                seen.add(dcodes_name(t))
+                        f"task {t!r} ({c.describe()}) needs a 1-D U8 tensor {name!r}")
+                seen.add(name)
             if c.has_scales:
                 _check_tensor(h, scales_name(t), "F32", (len(self.merged),), seen)
             if c.correction:
@@ -291,33 +285,33 @@ class Bundle:
             raise FormatError(f"{self.path}: no merged parameter {param!r}")
         return i
 
+    def _once(self, key: tuple[str, str], build: Any) -> Any:
+        """``build()`` once per key, at first use (under the decode lock), kept while the bundle is open."""
+        if key not in self._decoded:
+            with self._decode_lock:
+                if key not in self._decoded:
+                    self._decoded[key] = build()
+        return self._decoded[key]
+
     def _planes(self, task: str) -> list[dict[str, np.ndarray]]:
         """The task's bit planes, decoded once (first use) into the packed planes the kernels take."""
-        if task not in self._decoded:
-            with self._decode_lock:
-                if task not in self._decoded:
-                    c = self.codecs[task]
-                    where = f"{self.path}: tensor {planes_name(task)!r}"
-                    planes = decode_planes(where, c, self._view(planes_name(task)), [p.numel for p in self.merged])
-                    if c.correction:
-                        k = 0
-                        for d in planes:  # where each param's values start in fix/<task>
-                            d["fix_start"], k = k, k + d["fix"].size
-                        _expect(k == c.correction, self.path,
-                                f"task {task!r}: the fix planes mark {k} positions, the codec declares {c.correction}")
-                    self._decoded[task] = planes
-        return self._decoded[task]
+        return self._once(("planes", task), lambda: self._decode_planes(task))
+
+    def _decode_planes(self, task: str) -> list[dict[str, np.ndarray]]:
+        c = self.codecs[task]
+        planes = decode_planes(f"{self.path}: tensor {planes_name(task)!r}", c, self._view(planes_name(task)),
+                               [p.numel for p in self.merged])
+        if c.correction:
+            k = 0
+            for d in planes:  # where each param's values start in fix/<task>
+                d["fix_start"], k = k, k + d["fix"].size
+            _expect(k == c.correction, self.path, f"task {task!r}: the fix planes mark {k} positions, the codec declares {c.correction}")
+        return planes
 
     def _codes(self, task: str) -> list[np.ndarray]:
-        """A quantized delta's codes stored as one xz stream, decoded once (first use) into the
-        per-param codes the kernels take."""
-        if task not in self._decoded_codes:
-            with self._decode_lock:
-                if task not in self._decoded_codes:
-                    where = f"{self.path}: tensor {dcodes_name(task)!r}"
-                    self._decoded_codes[task] = decode_codes(where, self.codecs[task].dtype, self._view(dcodes_name(task)),
-                                                             [p.numel for p in self.merged])
-        return self._decoded_codes[task]
+        """A quantized delta's xz codes, decoded once (first use) into the per-param codes the kernels take."""
+        return self._once(("dcodes", task), lambda: decode_codes(f"{self.path}: tensor {dcodes_name(task)!r}", self.codecs[task].dtype,
+                                                                 self._view(dcodes_name(task)), [p.numel for p in self.merged]))
 
     def recipe(self, task: str, param: str) -> Recipe:
         """What rebuilds merged param ``param`` of ``task`` (its codec's planes, scale, δ, correction);

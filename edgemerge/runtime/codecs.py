@@ -434,13 +434,6 @@ def _unxz(where: str, blob: np.ndarray, bound: int) -> bytes:
     return raw
 
 
-def encode_codes(dtype: str, codes: list[np.ndarray]) -> np.ndarray:
-    """``dcodes/<task>``: every merged param's quantized δ codes as stored raw (I8 bytes, I4
-    nibbles), concatenated in manifest order, as one xz stream."""
-    raw = b"".join(np.ascontiguousarray(c).reshape(-1).view(np.uint8).tobytes() for c in codes)
-    return np.frombuffer(lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6), dtype=np.uint8)
-
-
 def decode_codes(where: str, dtype: str, blob: np.ndarray, numels: list[int]) -> list[np.ndarray]:
     """Inverse of ``encode_codes``: per param its codes as the raw tensor holds them (I8: int8
     per element; I4: uint8, two per byte, an odd count's last low nibble 0). Every length is checked."""
