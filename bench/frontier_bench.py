@@ -41,10 +41,10 @@ from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suit
 
 SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitch:density=0.1",
             "tswitch:density=0.2", "tswitch:density=0.3", "tswitch:density=0.3,correction=0.01",
-            "tall:planes=xz,correction=0.005", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4,qmax=1,codes=xz",
-            "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,qmax=3,codes=xz", "delta:dtype=I4,codes=xz", "delta:dtype=I4",
-            "delta:dtype=I8,qmax=15,codes=xz",
-            "delta:dtype=I8,qmax=31,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
+            "tall:planes=xz,correction=0.005", "tall:planes=xz,scale=ls", "emr:planes=xz",
+            "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz", "delta:dtype=I4",
+            "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",
+            "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
 FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
 # published points (ViT-B/32, 8 tasks), as the papers report them: not measured here

@@ -9,7 +9,7 @@ A codec spec is ``name[:key=value,...]``:
 |---|---|---|
 | ``tall`` | ``planes=raw|xz`` | its TALL mask over the shared τ_MTL (xz: compressed at rest) |
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
-| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax``, ``codes=raw|xz`` | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest) |
+| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz`` | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest) |
 
 and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
@@ -43,9 +43,10 @@ from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
 KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"}, "emr": {"planes", "correction"},
-        "delta": {"dtype", "correction", "qmax", "fit", "codes"}}
+        "delta": {"dtype", "correction", "qmax", "fit", "step", "codes"}}
 QMAX = {"I8": 127, "I4": 7}          # the largest code each quantized dtype holds
-FITS = ("mse", "absmax")             # a quantized row's scale: least squared error over clip levels, or max|τ| / qmax
+FITS = ("mse", "absmax", "step")     # a quantized row's scale: least squared error over clip levels, max|τ| / qmax,
+#                                      or one step for the whole tensor (step × its RMS of τ; for codes=xz)
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)  # fit=mse tries s = max|τ_r| · f / qmax
 
 
@@ -62,6 +63,7 @@ class CodecSpec:
     qmax: int = 0               # quantized delta: largest code (0: the dtype's, QMAX)
     fit: str = "mse"            # quantized delta: how each row's scale is chosen (FITS)
     codes: str = "raw"          # quantized delta: codes at rest, raw or xz
+    step: float = 0.5           # quantized delta, fit=step: the step as a multiple of the tensor's RMS of τ
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
@@ -70,6 +72,8 @@ class CodecSpec:
             parts.append(f"qmax={self.qmax}")
         if self.fit != "mse" and self.dtype in QUANT_DTYPES and self.name == "delta":
             parts.append(f"fit={self.fit}")
+            if self.fit == "step":
+                parts.append(f"step={self.step:g}")
         if self.codes != "raw":
             parts.append(f"codes={self.codes}")
         if self.scale != "none":
@@ -93,9 +97,9 @@ def parse_codec(text: str) -> CodecSpec:
     try:
         spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
                          float(kw.get("correction", 0.0)), kw.get("scale", "none"), int(kw.get("qmax", 0)),
-                         kw.get("fit", "mse"), kw.get("codes", "raw"))
+                         kw.get("fit", "mse"), kw.get("codes", "raw"), float(kw.get("step", 0.5)))
     except ValueError:
-        raise ConfigError(f"codec {text!r}: density and correction are numbers, qmax an integer") from None
+        raise ConfigError(f"codec {text!r}: density, correction and step are numbers, qmax an integer") from None
     if not 0 < spec.density <= 1:
         raise ConfigError(f"codec {text!r}: density must be in (0, 1]")
     if not 0 <= spec.correction < 1:
@@ -107,12 +111,16 @@ def parse_codec(text: str) -> CodecSpec:
     if spec.scale not in TALL_SCALES:
         raise ConfigError(f"codec {text!r}: scale must be one of {', '.join(TALL_SCALES)}")
     quant = spec.dtype in QUANT_DTYPES
-    if {"qmax", "fit", "codes"} & set(kw) and not quant:
-        raise ConfigError(f"codec {text!r}: qmax, fit and codes apply to a quantized delta (dtype={' or '.join(QUANT_DTYPES)})")
+    if {"qmax", "fit", "step", "codes"} & set(kw) and not quant:
+        raise ConfigError(f"codec {text!r}: qmax, fit, step and codes apply to a quantized delta (dtype={' or '.join(QUANT_DTYPES)})")
     if quant and not 1 <= (spec.qmax or QMAX[spec.dtype]) <= QMAX[spec.dtype]:
         raise ConfigError(f"codec {text!r}: qmax must be in [1, {QMAX[spec.dtype]}] for dtype {spec.dtype}")
     if spec.fit not in FITS:
         raise ConfigError(f"codec {text!r}: fit must be one of {', '.join(FITS)}")
+    if "step" in kw and spec.fit != "step":
+        raise ConfigError(f"codec {text!r}: step applies to fit=step (add fit=step, or drop step)")
+    if not (math.isfinite(spec.step) and spec.step > 0):
+        raise ConfigError(f"codec {text!r}: step must be a number > 0 (a multiple of the tensor's RMS of τ; 0.5 is the default)")
     if spec.codes not in PLANE_ENCODINGS:
         raise ConfigError(f"codec {text!r}: codes must be one of {', '.join(PLANE_ENCODINGS)}")
     return spec
@@ -165,15 +173,26 @@ def tswitch_planes(tau: np.ndarray, density: float) -> tuple[np.ndarray, np.ndar
     return keep, t < 0, scale
 
 
-def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int, fit: str = "absmax") -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int, fit: str = "absmax",
+                  step: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row quantization, q = clip(round-half-even(τ / s_r), ±qmax), one float32 s_r
     per row: ``absmax`` s_r = max|τ_r| / qmax; ``mse`` the s_r = max|τ_r| · f / qmax (f in
     ``CLIPS``) whose rebuilt row q·s_r is nearest τ_r in squared error (clipping a long tail's
-    few largest entries buys a finer step for the rest; the first f wins a tie)."""
+    few largest entries buys a finer step for the rest; the first f wins a tie); ``step`` one
+    s = step · RMS(τ) for every row of the tensor (computed in float64, stored float32). One
+    step everywhere is what an entropy coder wants: most codes are 0 or ±1, and the squared error
+    for the bits spent is near the best a scalar quantizer gets (at equal rate the per-row fits
+    spend the same relative error on rows that matter less)."""
     rows = quant_rows(shape)
     t = tau.reshape(rows, -1) if rows else tau.reshape(0, 0)
     if not t.size:
         return np.zeros(0, np.int8), np.zeros(rows, np.float32)
+    if fit == "step":
+        s = np.float32(step * math.sqrt(float(np.mean(np.square(t, dtype=np.float64)))))
+        if not s > 0:
+            return np.zeros(t.size, np.int8), np.zeros(rows, np.float32)
+        q = np.clip(np.rint(t / s), -qmax, qmax).astype(np.int8)
+        return q.reshape(-1), np.full(rows, s, np.float32)
     amax = np.abs(t).max(axis=1)
     clips = CLIPS if fit == "mse" else (1.0,)
     best: list[np.ndarray] = []
@@ -270,7 +289,7 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             kept += int(keep.sum())
             r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
         elif spec.dtype in QUANT_DTYPES:
-            q, scale = quantize_rows(tau, p.shape, spec.qmax or QMAX[spec.dtype], spec.fit)
+            q, scale = quantize_rows(tau, p.shape, spec.qmax or QMAX[spec.dtype], spec.fit, spec.step)
             out.deltas[p.name] = q.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(q)
             out.dscales[p.name] = scale
             rows = quant_rows(p.shape)
@@ -492,10 +511,10 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
-              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz", "delta:dtype=I4,qmax=1,codes=xz",
-              "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,qmax=3,codes=xz", "delta:dtype=I4,codes=xz",
-              "delta:dtype=I8,qmax=15,codes=xz",
-              "delta:dtype=I8,qmax=31,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
+              "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz",
+              "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz",
+              "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",
+              "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
 FALLBACK = "delta:dtype=F16"
 Score = Callable[[str, Mapping[str, np.ndarray]], float]
 

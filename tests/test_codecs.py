@@ -397,6 +397,43 @@ def test_mse_fit_clips_a_long_tail():
     assert (err["mse"] <= err["absmax"]).all() and (err["mse"] < err["absmax"]).mean() > 0.5
 
 
+def test_step_fit_one_step_per_tensor():
+    from edgemerge.codecs import quantize_rows
+
+    tau = (np.array([[1, 1, 1, 1], [1, 1, 1, -5]], np.float32) * np.float32(0.25))  # RMS 0.5 exactly
+    codes, scale = quantize_rows(tau.reshape(-1), tau.shape, 7, "step", 0.5)
+    assert scale.tolist() == [0.25, 0.25] and codes.tolist() == [1, 1, 1, 1, 1, 1, 1, -5]
+    codes, scale = quantize_rows(tau.reshape(-1), tau.shape, 3, "step", 0.5)   # qmax still clips
+    assert codes.tolist()[-1] == -3 and scale.tolist() == [0.25, 0.25]
+    codes, scale = quantize_rows(tau.reshape(-1), tau.shape, 127, "step", 2.0)  # s = 1: 0.25 -> 0, -1.25 -> -1
+    assert scale.tolist() == [1.0, 1.0] and codes.tolist() == [0] * 7 + [-1]
+    codes, scale = quantize_rows(np.zeros(6, np.float32), (2, 3), 127, "step", 0.5)  # no change: zero codes, zero scales
+    assert codes.tolist() == [0] * 6 and scale.tolist() == [0.0, 0.0]
+
+
+def test_step_fit_bundle(merged):
+    path, tasks, d = merged
+    out = str(d / "step.safetensors")
+    spec = parse_codec("delta:dtype=I8,fit=step,step=0.5,codes=xz")
+    assert parse_codec(spec.label()) == spec and spec.label() == "delta:dtype=I8,fit=step,step=0.5,codes=xz"
+    encode_bundle(path, tasks, {"task0": spec, "task1": parse_codec("delta:dtype=I4,fit=step,step=2")}, out)
+    b, stored = open_bundle(out, verify=True), load_file(out)
+    src = {t: load_file(tasks[t]) for t in tasks}
+    base = load_file(str(d / "base.safetensors"))
+    for t, k in (("task0", 0.5), ("task1", 2.0)):
+        for name in ("enc.0.weight", "enc.1.weight"):
+            tau = src[t][name] - base[name]
+            s = np.float32(k * np.sqrt(np.mean(np.square(tau, dtype=np.float64))))
+            assert set(stored[f"dscale/{t}/{name}"].tolist()) == {s}  # one step for every row
+            if t == "task0":  # I8 holds every code here: each weight within half a step of θ_t
+                assert (np.abs(b.task_weights(t)[name] - src[t][name]) <= s / 2 * (1 + 1e-5) + 1e-7).all()
+    for bad, msg in (("delta:dtype=I8,step=0.5", "step applies to fit=step"), ("delta:dtype=I8,fit=step,step=0", "step must be a number > 0"),
+                     ("delta:dtype=I8,fit=step,step=nan", "step must be a number > 0"), ("delta:dtype=F16,step=1", "apply to a quantized delta"),
+                     ("delta:dtype=I8,fit=step,step=x", "step are numbers")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_codec(bad)
+
+
 def test_quantized_codes_xz_at_rest(merged):
     path, tasks, d = merged
     raw, xz = str(d / "codes-raw.safetensors"), str(d / "codes-xz.safetensors")
@@ -417,7 +454,7 @@ def test_quantized_codes_xz_at_rest(merged):
         parse_codec("delta:dtype=I4,qmax=8")
     with pytest.raises(ConfigError, match="apply to a quantized delta"):
         parse_codec("delta:dtype=F16,codes=xz")
-    with pytest.raises(ConfigError, match="fit must be one of mse, absmax"):
+    with pytest.raises(ConfigError, match="fit must be one of mse, absmax, step"):
         parse_codec("delta:dtype=I8,fit=max")
 
 
