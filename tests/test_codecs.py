@@ -21,7 +21,7 @@ from edgemerge.runtime import open_bundle
 from edgemerge.runtime.bits import pack_bits
 from edgemerge.runtime.codecs import Codec, Recipe, apply_sign, decode_planes, rebuild, rebuild_reference
 from edgemerge.runtime.dtypes import DTYPES
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from conftest import make_suite
 
@@ -488,6 +488,31 @@ def test_damaged_codes_stream_is_refused(merged):
     open(bad, "wb").write(bytes(blob))
     with pytest.raises(FormatError, match="dcodes/task0"):
         open_bundle(bad, verify=False).task_weights("task0")
+
+
+def test_raw_i4_padding_nibble_is_checked(tmp_path):
+    """An odd-numel I4 param stored raw: its last low nibble is padding; set, the reader refuses
+    the task (the xz codes are checked the same way by decode_codes)."""
+    rng = np.random.default_rng(2)
+    base = {"w": rng.standard_normal((3, 5)).astype(np.float32)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    tasks = {}
+    for t in ("a", "b"):
+        save_file({"w": base["w"] + np.float32(0.01) * rng.standard_normal((3, 5)).astype(np.float32)}, str(tmp_path / f"{t}.safetensors"))
+        tasks[t] = str(tmp_path / f"{t}.safetensors")
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks), str(tmp_path / "v1.safetensors"))
+    good = str(tmp_path / "i4.safetensors")
+    encode_bundle(str(tmp_path / "v1.safetensors"), tasks, {"a": parse_codec("delta:dtype=I4")}, good)
+    b = open_bundle(good, verify=False)
+    e = b.header.tensors["delta/a/w"]
+    assert e.shape == (8,) and open_bundle(good).task_weights("a")["w"].shape == (3, 5)
+    blob = bytearray(open(good, "rb").read())
+    blob[8 + int.from_bytes(blob[:8], "little") + e.end - 1] |= 0x01
+    b.close()
+    bad = str(tmp_path / "bad.safetensors")
+    open(bad, "wb").write(bytes(blob))
+    with pytest.raises(FormatError, match="delta/a/w has its padding nibble set"):
+        open_bundle(bad, verify=False).task_weights("a")
 
 
 @pytest.mark.parametrize("simd", [True, False])

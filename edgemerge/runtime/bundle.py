@@ -327,14 +327,11 @@ class Bundle:
         planes = self._planes(task)[i] if c.uses_planes_tensor else {}
         fix = {}
         if c.correction:
-            start = planes["fix_start"]
-            idx = planes["fix"]
+            start, idx = planes["fix_start"], planes["fix"]
             fix = {"fix_index": idx, "fix_value": self._view(fix_name(task))[start : start + idx.size].astype(np.float32)}
-        if c.name == "tall" and c.scale == "ls":
-            return Recipe("tall", presence=self.tall_presence(task, param), scale=float(self._view(scales_name(task))[i]),
-                          scaled=True, **fix)
-        if c.name == "tall":
-            return Recipe("tall", presence=self.tall_presence(task, param), **fix)
+        if c.name == "tall":  # scale ls: the scaled select
+            ls = {"scale": float(self._view(scales_name(task))[i]), "scaled": True} if c.scale == "ls" else {}
+            return Recipe("tall", presence=self.tall_presence(task, param), **ls, **fix)
         if c.name == "tswitch":
             return Recipe("tswitch", presence=planes["presence"], sign=planes["sign"],
                           scale=float(self._view(scales_name(task))[i]), **fix)
@@ -344,6 +341,8 @@ class Bundle:
         if c.qscale_rows:
             rows = quant_rows(p.shape)
             codes = self._codes(task)[i] if c.uses_codes_tensor else self._view(delta_name(task, param)).reshape(-1)
+            if c.dtype == "I4" and p.numel % 2 and codes[-1] & 15:  # as decode_codes checks the xz codes
+                raise FormatError(f"{self.path}: {delta_name(task, param)} has its padding nibble set; the file is damaged")
             return Recipe("delta", delta=codes, packed4=c.dtype == "I4",
                           qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
                           qgrid=(rows, p.numel // rows if rows else 0, 0), **fix)
