@@ -44,7 +44,9 @@ SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitc
             "tall:planes=xz,correction=0.005", "tall:planes=xz,scale=ls", "emr:planes=xz",
             "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz", "delta:dtype=I4",
             "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",
-            "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
+            "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz",
+            "delta:dtype=I8,fit=step,step=0.25,codes=xz", "delta:dtype=I8,fit=step,step=0.18,codes=xz", "delta:dtype=I8,fit=step,step=0.12,codes=xz",
+            "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
 FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
 # published points (ViT-B/32, 8 tasks), as the papers report them: not measured here

@@ -514,7 +514,9 @@ CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.
               "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz",
               "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz",
               "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",
-              "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz", "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
+              "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz",
+              "delta:dtype=I8,fit=step,step=0.25,codes=xz", "delta:dtype=I8,fit=step,step=0.18,codes=xz", "delta:dtype=I8,fit=step,step=0.12,codes=xz",
+              "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
 FALLBACK = "delta:dtype=F16"
 Score = Callable[[str, Mapping[str, np.ndarray]], float]
 
