@@ -24,7 +24,7 @@ from common import git_rev, machine, table  # noqa: E402
 import matrix  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
-COLUMNS = ["formats", "extract", "TaskSession inputs", "TaskSession sessions", "TorchTaskModel numpy",
+COLUMNS = ["formats", "extract", "TaskSession inputs", "TaskSession few-rows", "TaskSession sessions", "TorchTaskModel numpy",
            "TorchTaskModel torch", "flat + C applier"]
 
 

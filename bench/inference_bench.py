@@ -12,7 +12,7 @@ no shared vector) and exported once per layout:
 Per model, measured side by side in interleaved rounds (one call of each variant per round, the
 order rotated): the plain ONNX model (weights as initializers, pre-packed), `TaskSession` in
 `inputs` mode over the switchable graph as the exporter wrote it, and over the fast layout
-(export/layout.py); batch 1 and batched rows. Then switches: ours (both layouts), a memcpy of the
+(export/layout.py) and over the few-rows layout (each weight on GEMM's left, (W @ xᵀ)ᵀ); batch 1 and batched rows. Then switches: ours (both layouts), a memcpy of the
 merged weights, `TorchTaskModel.switch` on the CPU and `model.load_state_dict(load_file(θ_t))`
 from a warm file. Then cold: with the files' pages dropped from the page cache
 (``posix_fadvise(DONTNEED)`` after ``fsync``; no root needed), the bytes read from storage
@@ -132,26 +132,35 @@ def measure(name: str, d: str, rounds: int):
     kw = dict(input_names=["ids"], output_names=["y"], dynamic_axes=axes)
     fast = export_onnx(bundle, factory, os.path.join(d, "fast"), **kw)
     exporter = export_onnx(bundle, factory, os.path.join(d, "exporter"), layout="exporter", **kw)
+    few = export_onnx(bundle, factory, os.path.join(d, "few-rows"), layout="few-rows", **kw)
     task_onnx = export_onnx(bundle, factory, os.path.join(d, "task"), task="t1", switchable=False, **kw).plain
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as TaskSession does
     plain = ort.InferenceSession(fast.plain, opts, providers=["CPUExecutionProvider"])
     s_exp, s_fast = TaskSession(bundle, exporter.switchable), TaskSession(bundle, fast.switchable)
-    s_exp.switch("t0")
-    s_fast.switch("t0")
+    s_few = TaskSession(bundle, few.switchable)
+    for s in (s_exp, s_fast, s_few):
+        s.switch("t0")
     infer_rows = []
     for rows in shapes:
         x = _inputs(name, rows)
-        fns = {"plain": lambda: plain.run(None, {"ids": x}), "exporter": lambda: s_exp.run(x), "fast": lambda: s_fast.run(x)}
+        fns = {"plain": lambda: plain.run(None, {"ids": x}), "exporter": lambda: s_exp.run(x), "fast": lambda: s_fast.run(x),
+               "few": lambda: s_few.run(x)}
         for f in fns.values():
             f()
+        for a, b in zip(s_few.run(x), s_fast.run(x)):  # the layouts compute one model (tests/test_layout.py: against torch)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
         med = _interleaved(fns, rounds)
         goal = GOALS[name] if rows[0] == 1 else None
         same = "" if fast.transposed else " (same graph)"  # nothing to rewrite: the difference is noise
+        best = min(("fast", "few"), key=lambda k: med[k])
+        ratio = med[best] / med["plain"]
         infer_rows.append([name, "×".join(map(str, rows)), f"{1e3 * med['plain']:.1f} ms",
                            f"{med['exporter'] / med['plain']:.2f}×", f"{med['fast'] / med['plain']:.2f}×{same}",
-                           "" if goal is None else f"≤ {goal:.2f}× — {'met' if med['fast'] / med['plain'] <= goal else 'MISSED'}"])
+                           f"{med['few'] / med['plain']:.2f}×",
+                           "" if goal is None else f"≤ {goal:.2f}× — {'met' if ratio <= goal else 'MISSED'} "
+                                                   f"({'few-rows' if best == 'few' else 'fast'}: {ratio:.2f}×)"])
 
     # warm switches, side by side
     copy = float(np.median(memcpy_seconds(bundle, 7)))
@@ -165,7 +174,7 @@ def measure(name: str, d: str, rounds: int):
                        "torch": lambda: torch_model.switch(next(which)), "load_state_dict": load_state,
                        "ts": lambda: s_ts.switch(next(which)), "torch_ts": lambda: torch_ts.switch(next(which))}, 7)
     resident = s_fast.resident_bytes()
-    s_exp = s_fast = torch_model = s_ts = torch_ts = None  # noqa: F841 -- free their buffers before the cold runs
+    s_exp = s_fast = s_few = torch_model = s_ts = torch_ts = None  # noqa: F841 -- free their buffers before the cold runs
 
     # cold: pages of every file involved dropped first
     files = [path, ts_path, fast.switchable, tasks["t1"], task_onnx]
@@ -219,7 +228,7 @@ def main() -> None:
         cold += c
         print(f"{name} done", flush=True)
     t1 = table(["model", "rows per call", "plain model", "inputs mode, exporter layout", "inputs mode, fast layout",
-                "goal at batch 1 (fast)"], infer)
+                "inputs mode, few-rows layout", "goal at batch 1 (the faster of fast and few-rows)"], infer)
     t2 = table(["model", "memcpy of merged weights", "our switch, exporter layout", "fast layout (transposed copies)",
                 "TorchTaskModel (CPU)", "load_state_dict(load_file(θ_t)), warm", "TorchTaskModel ÷ load_state_dict",
                 f"{TSWITCH}: our switch (fast layout)", f"{TSWITCH}: TorchTaskModel (÷ load_state_dict)"], switch)

@@ -475,8 +475,9 @@ def _onnx_paths(r: Result, bundle, exported: dict, refs, arch, dtype, TaskSessio
     r.paths["export onnx"] = "ok" if not exported["problems"] else "INCOMPLETE"
     r.failures += [f"export onnx: {p}" for p in exported["problems"]]
     feeds = ort_feeds(arch, dtype)
-    for mode, graph in (("inputs", exported["switchable"]), ("sessions", exported["plain"])):
-        key = f"TaskSession {mode}"
+    for key, mode, graph in (("TaskSession inputs", "inputs", exported["switchable"]),
+                             ("TaskSession few-rows", "inputs", exported["few-rows"]),
+                             ("TaskSession sessions", "sessions", exported["plain"])):
         try:
             s = TaskSession(bundle, graph, mode=mode)
             worst = 0.0
@@ -552,13 +553,14 @@ def export_suite(suite: Suite, bundle_path: str) -> dict:
     """Switchable + plain graphs for this (arch, dtype), shared by every method's bundle (same θ0)."""
     from edgemerge.export.onnx import export_onnx
 
+    kw = dict(input_names=list(suite.arch.inputs), output_names=["logits"])
     try:
-        e = export_onnx(bundle_path, factory_for(suite.arch, suite.dtype), str(suite.root / "onnx"),
-                        input_names=list(suite.arch.inputs), output_names=["logits"])
+        e = export_onnx(bundle_path, factory_for(suite.arch, suite.dtype), str(suite.root / "onnx"), **kw)
+        few = export_onnx(bundle_path, factory_for(suite.arch, suite.dtype), str(suite.root / "onnx-few-rows"), layout="few-rows", **kw)
     except EdgemergeError as exc:
         return {"error": str(exc)}
-    return {"switchable": e.switchable, "plain": e.plain, "unused": e.unused,
-            "problems": graph_problems(e.switchable, bundle_path, suite.arch)}
+    return {"switchable": e.switchable, "few-rows": few.switchable, "plain": e.plain, "unused": e.unused,
+            "problems": graph_problems(e.switchable, bundle_path, suite.arch) + graph_problems(few.switchable, bundle_path, suite.arch)}
 
 
 def graph_problems(switchable: str, bundle_path: str, arch: Arch) -> list[str]:

@@ -1,6 +1,7 @@
 """The conformance matrix (tests/matrix.py): every architecture × dtype × merge method through every
 path -- merge from safetensors, a sharded folder and a torch file (byte-identical bundles), verify,
-extract (bytes = the normative rule), ONNX export, TaskSession in both modes, TorchTaskModel with
+extract (bytes = the normative rule), ONNX export, TaskSession in both modes (inputs mode over the fast
+and the few-rows layouts), TorchTaskModel with
 each CPU kernel, the flat image + the C applier -- each task's output against a torch forward of θ_t.
 A path that cannot serve a cell must refuse with an edgemerge error that names the fix; anything
 else fails the cell. ``bench/conformance.py`` prints the same cells as docs/conformance.md.
@@ -47,7 +48,7 @@ def test_cell(workdir, arch, dtype, method):
     assert r.failures == [], r.failures
     for path, allowed in EXPECTED.items():
         assert r.paths.get(path) in allowed, (path, r.paths.get(path))
-    for mode in ("inputs", "sessions"):
+    for mode in ("inputs", "few-rows", "sessions"):
         got = r.paths[f"TaskSession {mode}"]
         if dtype == "fp32":  # float32 graphs always run, within 1e-5 of torch
             assert r.worst[f"TaskSession {mode}"] <= 1e-5, got
@@ -67,7 +68,7 @@ def test_codec_cell(workdir, arch, dtype):
     assert r.failures == [], r.failures
     for path in ("extract", "TorchTaskModel numpy", "TorchTaskModel torch", "flat + C applier"):
         assert r.paths.get(path) == "exact", (path, r.paths)
-    for mode in ("inputs", "sessions"):
+    for mode in ("inputs", "few-rows", "sessions"):
         got = r.paths[f"TaskSession {mode}"]
         if dtype == "fp32":
             assert r.worst[f"TaskSession {mode}"] <= 1e-5, got

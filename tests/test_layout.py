@@ -69,11 +69,12 @@ def exported(tmp_path_factory):
     fast = export_onnx(bundle, layouts, str(d / "fast"), input_names=["ids"], output_names=["y", "tokens"])
     plain = export_onnx(bundle, layouts, str(d / "exporter"), input_names=["ids"], output_names=["y", "tokens"],
                         layout="exporter")
-    return bundle, fast, plain
+    few = export_onnx(bundle, layouts, str(d / "few"), input_names=["ids"], output_names=["y", "tokens"], layout="few-rows")
+    return bundle, fast, plain, few
 
 
 def test_gemm_weights_are_fed_as_n_by_k(exported):
-    bundle, fast, plain = exported
+    bundle, fast, plain, _ = exported
     assert sorted(fast.transposed) == ["c1.weight", "head", "proj"] and plain.transposed == []
     g = onnx.load(fast.switchable).graph
     meta = {p.key: p.value for p in onnx.load(fast.switchable).metadata_props}
@@ -103,7 +104,7 @@ def _torch(bundle, task, ids):
 
 
 def test_outputs_match_torch_and_the_exporter_layout(exported):
-    bundle, fast, plain = exported
+    bundle, fast, plain, _ = exported
     ids = np.array([[1, 2, 3, 4, 5, 6, 7], [10, 0, 9, 8, 7, 6, 5]], dtype=np.int64)
     s_fast, s_plain = TaskSession(bundle, fast.switchable), TaskSession(bundle, plain.switchable)
     for task in ("t2", "t0", "t1", "t0"):
@@ -120,7 +121,7 @@ def test_outputs_match_torch_and_the_exporter_layout(exported):
 
 
 def test_resident_bytes_count_the_transposed_copies(exported):
-    bundle, fast, plain = exported
+    bundle, fast, plain, _ = exported
     s_fast, s_plain = TaskSession(bundle, fast.switchable), TaskSession(bundle, plain.switchable)
     buffers = sum(p.numel * 4 for p in bundle.params)  # every managed weight is float32 here
     assert s_plain.resident_bytes() == {"weight buffers": buffers, "transposed copies": 0}
@@ -140,10 +141,40 @@ def _with_meta(src: str, dst, value: str) -> str:
 
 
 def test_bad_transposed_metadata_is_refused(exported, tmp_path):
-    bundle, fast, _ = exported
+    bundle, fast, _, _ = exported
     for value, message in (('["c1.weight", "nope"]', "'nope' is listed as transposed but is not a graph weight"),
                            ('["c1.weight", "head", "lin.bias"]', "'lin.bias' is listed as transposed but has shape \\[16\\]"),
                            ('["c1.weight"]', "weight 'head': graph has F32 \\[3, 16\\], bundle task 't0' has F32 \\[16, 3\\]"),
                            ('{"c1.weight": 1}', "must be a list of weight names")):
         with pytest.raises(FormatError, match=message):
             TaskSession(bundle, _with_meta(fast.switchable, tmp_path / "bad.onnx", value))
+
+
+def test_few_rows_puts_every_weight_on_the_left(exported):
+    """layout='few-rows': each GEMM over a weight input reads it as MatMul's first operand, fed
+    exactly as the fast layout feeds it; its other readers (the embedding's Gather) are left."""
+    bundle, fast, _, few = exported
+    assert few.transposed == fast.transposed
+    g = onnx.load(few.switchable).graph
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    assert dims == {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(fast.switchable).graph.input}
+    readers = {}
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node.op_type, i))
+    for w in ("c1.weight", "lin.weight", "flat.weight", "head", "proj"):
+        assert readers[w] == [("MatMul", 0)], w
+    assert sorted(readers["emb.weight"]) == [("Gather", 0), ("MatMul", 0)]
+    assert not any(n.op_type == "Gemm" for n in g.node)
+
+
+def test_few_rows_outputs_match_torch(exported):
+    bundle, fast, _, few = exported
+    s_few, s_fast = TaskSession(bundle, few.switchable), TaskSession(bundle, fast.switchable)
+    for ids in (np.array([[1, 2, 3, 4, 5, 6, 7], [10, 0, 9, 8, 7, 6, 5]], np.int64), np.array([[4]], np.int64)):
+        for task in ("t1", "t0", "t2"):
+            want = _torch(bundle, task, ids)
+            for w, a, b in zip(want, s_few.run(ids, task=task), s_fast.run(ids, task=task)):
+                np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            assert s_few._buffers["c1.weight"].tobytes() == s_fast._buffers["c1.weight"].tobytes()

@@ -36,10 +36,10 @@ from ..errors import BackendError, ConfigError, FormatError
 from ..io import atomic_output
 from ..runtime.bundle import Bundle, open_bundle
 from ..runtime.session import BASE_ID_KEY, TRANSPOSED_KEY, WEIGHTS_KEY
-from .layout import fast_gemm_layout
+from .layout import fast_gemm_layout, weights_left_layout
 
 TASK_KEY = "edgemerge.task"
-LAYOUTS = ("fast", "exporter")
+LAYOUTS = ("fast", "few-rows", "exporter")
 
 
 @dataclass
@@ -227,7 +227,9 @@ def export_onnx(
 
     ``task``: bake θ_task into the plain graph (the per-task baseline); default θ0.
     ``layout``: ``"fast"`` rewrites the switchable graph's GEMMs to take their weights as [N, K]
-    with ``transB=1`` (``export/layout.py``); ``"exporter"`` keeps the exporter's graph.
+    with ``transB=1`` (``export/layout.py``); ``"few-rows"`` also puts each such weight on GEMM's
+    left, ``(W @ xᵀ)ᵀ``, for calls with few rows (batch 1, short sequences: measured faster there,
+    slower at a few hundred rows); ``"exporter"`` keeps the exporter's graph.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
@@ -258,9 +260,11 @@ def export_onnx(
     if switchable:
         result.switchable = os.path.join(output_dir, f"{name}.switchable.onnx")
         graph = make_switchable(proto, result.weights, _varying_private(bundle))
-        if layout == "fast":
+        if layout != "exporter":
             result.transposed = fast_gemm_layout(graph, set(result.weights))
             _set_meta(graph, {TRANSPOSED_KEY: json.dumps(result.transposed)})
+        if layout == "few-rows":
+            weights_left_layout(graph, set(result.weights))
         _atomic_save(graph, result.switchable)
     return result
 
