@@ -9,10 +9,13 @@ no shared vector) and exported once per layout:
 - minilm: all-MiniLM-L6-v2's shape (22.7 M, BERT), Linear on 3-D: MatMul(x, Transpose(W));
 - vit-b: ViT-B/16 (86 M, bench/vit.py), Linear on 3-D.
 
-Per model, measured side by side in interleaved rounds (one call of each variant per round, the
-order rotated): the plain ONNX model (weights as initializers, pre-packed), `TaskSession` in
-`inputs` mode over the switchable graph as the exporter wrote it, and over the fast layout
-(export/layout.py) and over the few-rows layout (each weight on GEMM's left, (W @ xᵀ)ᵀ); batch 1 and batched rows. Then switches: ours (both layouts), a memcpy of the
+Per model, measured side by side in interleaved rounds (each variant called for ~50 ms per round,
+the order rotated; the median of the rounds' mean call times): the plain ONNX model (weights as
+initializers, pre-packed), `TaskSession` in `inputs` mode over the switchable graph as the
+exporter wrote it, over the fast layout (export/layout.py) and over the few-rows layout (each
+weight on GEMM's left, (W @ xᵀ)ᵀ); batch 1 and batched rows. A model with nothing for the fast
+layout to rewrite runs one graph in two columns: their gap is this machine's noise. Then
+switches: ours (both layouts), a memcpy of the
 merged weights, `TorchTaskModel.switch` on the CPU and `model.load_state_dict(load_file(θ_t))`
 from a warm file. Then cold: with the files' pages dropped from the page cache
 (``posix_fadvise(DONTNEED)`` after ``fsync``; no root needed), the bytes read from storage
@@ -25,6 +28,8 @@ task's own checkpoint; plus the RAM a session holds to stay warm.
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import os
 import sys
 import tempfile
@@ -89,14 +94,22 @@ def _read_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
 
 
-def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
+def _interleaved(fns: dict, rounds: int, per: float = 0.05) -> dict[str, float]:
+    """Median over interleaved rounds of each function's mean call time; a round repeats a call
+    for ~``per`` seconds, so a 4 ms call is not judged on one sample of this VM's jitter."""
+    reps = {}
+    for k, f in fns.items():
+        t0 = time.perf_counter()
+        f()
+        reps[k] = max(1, int(per / (time.perf_counter() - t0)))
     times = {k: [] for k in fns}
     keys = list(fns)
     for r in range(rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(reps[k]):
+                fns[k]()
+            times[k].append((time.perf_counter() - t0) / reps[k])
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -169,12 +182,13 @@ def measure(name: str, d: str, rounds: int):
     state_model = make_model(name)[0]
     load_state = lambda: state_model.load_state_dict(load_file(tasks["t1"]))  # noqa: E731
     s_ts, torch_ts = TaskSession(ts_bundle, fast.switchable), TorchTaskModel(ts_bundle, make_model(name)[0], kernel="auto")
-    which = iter(["t0", "t1"] * 200)
+    which = itertools.cycle(["t0", "t1"])
     sw = _interleaved({"exporter": lambda: s_exp.switch(next(which)), "fast": lambda: s_fast.switch(next(which)),
                        "torch": lambda: torch_model.switch(next(which)), "load_state_dict": load_state,
                        "ts": lambda: s_ts.switch(next(which)), "torch_ts": lambda: torch_ts.switch(next(which))}, 7)
     resident = s_fast.resident_bytes()
-    s_exp = s_fast = s_few = torch_model = s_ts = torch_ts = None  # noqa: F841 -- free their buffers before the cold runs
+    s = s_exp = s_fast = s_few = torch_model = s_ts = torch_ts = None  # noqa: F841 -- free their buffers before the cold runs
+    gc.collect()  # a mapping still alive keeps its pages: posix_fadvise(DONTNEED) would drop nothing
 
     # cold: pages of every file involved dropped first
     files = [path, ts_path, fast.switchable, tasks["t1"], task_onnx]
@@ -200,6 +214,10 @@ def measure(name: str, d: str, rounds: int):
     ort.InferenceSession(task_onnx, opts, providers=["CPUExecutionProvider"])
     sess = (time.perf_counter() - t0, _read_bytes() - r0)
     ckpt_bytes = os.path.getsize(tasks["t1"])
+    for what, (_, read) in {"ours, TALL": ours, f"ours, {TSWITCH}": ours_ts, "load_state_dict": ckpt, "task ONNX": sess}.items():
+        if read < 0.9 * ckpt_bytes:  # each reads at least θ0 or one checkpoint
+            raise SystemExit(f"{name}: the cold run '{what}' read {read} bytes from storage, less than one checkpoint "
+                             f"({ckpt_bytes}): the page cache was not dropped (a mapping of the file still alive?)")
     ms = lambda s: f"{1e3 * s:.0f} ms"  # noqa: E731
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     switch_rows = [[name, ms(copy), f"{sw['exporter'] / copy:.2f}×", f"{sw['fast'] / copy:.2f}×", f"{sw['torch'] / copy:.2f}×",
@@ -222,7 +240,7 @@ def main() -> None:
     infer, switch, cold = [], [], []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"edgemerge-infer-{name}-") as d:
-            a, b, c = measure(name, d, args.rounds if name != "vit-b" else max(5, args.rounds // 3))
+            a, b, c = measure(name, d, args.rounds)
         infer += a
         switch += b
         cold += c
