@@ -487,10 +487,12 @@ def export() -> None:
 @click.option("--output-name", "output_names", multiple=True, help="Names of the outputs (repeat).")
 @click.option("--task", default=None, help="Bake this task's θ_t into the plain graph (default θ0).")
 @click.option("--opset", default=17, show_default=True)
-@click.option("--layout", type=click.Choice(["fast", "few-rows", "exporter"]), default="fast", show_default=True,
+@click.option("--layout", type=click.Choice(["fast", "few-rows", "auto", "exporter"]), default="fast",
+              show_default=True,
               help="fast: the switchable graph's GEMMs take weights as [N, K] with transB=1 (faster in ONNX Runtime); "
                    "few-rows: also as (W @ xᵀ)ᵀ, faster for batch 1 and short sequences, slower at a few hundred rows "
-                   "per call (docs/BENCHMARKS.md); exporter: keep the graph as torch wrote it.")
+                   "per call (docs/BENCHMARKS.md); auto: both graphs, the runtime times them per input shape and runs "
+                   "the faster; exporter: keep the graph as torch wrote it.")
 def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task, opset, layout) -> None:
     """Write <model>.plain.onnx (initializers) and <model>.switchable.onnx (weights as inputs)."""
     from .export.onnx import export_onnx
@@ -503,6 +505,8 @@ def export_onnx_cmd(bundle, factory, output_dir, input_names, output_names, task
     if res.switchable:
         fed = f", {len(res.transposed)} of them fed transposed" if res.transposed else ""
         console.print(f"switchable graph → {res.switchable} ({len(res.weights)} weights as inputs{fed})")
+    if res.alternate:
+        console.print(f"few-rows graph → {res.alternate} (same feeds; TaskSession runs the faster per input shape)")
     if res.unused:
         console.print(f"[yellow]not used by the graph:[/] {', '.join(res.unused)}")
 

@@ -15,7 +15,7 @@ from edgemerge.export.onnx import export_onnx  # noqa: E402
 from edgemerge.io import write_safetensors  # noqa: E402
 from edgemerge.pipeline import MergeConfig, merge  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
-from edgemerge.runtime.session import TRANSPOSED_KEY, TaskSession  # noqa: E402
+from edgemerge.runtime.session import ALTERNATE_KEY, TRANSPOSED_KEY, TaskSession  # noqa: E402
 
 
 class Layouts(torch.nn.Module):
@@ -178,3 +178,68 @@ def test_few_rows_outputs_match_torch(exported):
                 np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
             assert s_few._buffers["c1.weight"].tobytes() == s_fast._buffers["c1.weight"].tobytes()
+
+
+@pytest.fixture(scope="module")
+def auto(exported, tmp_path_factory):
+    bundle = exported[0]
+    return export_onnx(bundle, layouts, str(tmp_path_factory.mktemp("auto")), input_names=["ids"],
+                       output_names=["y", "tokens"], layout="auto")
+
+
+def test_auto_writes_the_fast_graph_and_names_the_few_rows_one(exported, auto):
+    """layout='auto': the switchable graph is the fast layout's, plus the few-rows graph beside it
+    under the name its metadata gives."""
+    _, fast, _, few = exported
+    meta = {p.key: p.value for p in onnx.load(auto.switchable).metadata_props}
+    assert meta[ALTERNATE_KEY] == "model.few-rows.onnx" and auto.alternate.endswith("model.few-rows.onnx")
+    assert onnx.load(auto.switchable).graph == onnx.load(fast.switchable).graph
+    assert onnx.load(auto.alternate).graph == onnx.load(few.switchable).graph
+    assert ALTERNATE_KEY not in {p.key for p in onnx.load(auto.alternate).metadata_props}
+    assert auto.transposed == fast.transposed
+
+
+def test_auto_runs_one_of_the_two_graphs_per_shape_and_matches_torch(exported, auto):
+    bundle = exported[0]
+    s = TaskSession(bundle, auto.switchable)
+    only_fast, only_few = TaskSession(bundle, auto.switchable, alternate=False), TaskSession(bundle, auto.alternate)
+    batches = (np.array([[1, 2, 3, 4, 5, 6, 7], [10, 0, 9, 8, 7, 6, 5]], np.int64), np.array([[4]], np.int64),
+               np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int64))  # [2, 5] shares [2, 7]'s timing: both round to [2, 8]
+    for task in ("t1", "t0", "t2"):
+        for ids in batches:
+            got = s.run(ids, task=task)
+            for w, a in zip(_torch(bundle, task, ids), got):
+                np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+            ran = s.layouts()[(("ids", tuple(1 << (d - 1).bit_length() for d in ids.shape)),)]
+            other = only_fast if ran == auto.switchable else only_few
+            assert ran in (auto.switchable, auto.alternate)
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(got, other.run(ids, task=task)))  # that graph, bit for bit
+    assert sorted(s.layouts()) == [(("ids", (1, 1)),), (("ids", (2, 8)),)]
+    only_fast.run(batches[0], task="t0")
+    assert set(only_fast.layouts().values()) == {auto.switchable}
+
+
+def test_auto_picks_the_faster_graph(exported, auto, monkeypatch):
+    """The choice follows the timing: the graph made slow is the one not chosen."""
+    import time
+
+    s = TaskSession(exported[0], auto.switchable)
+    s.switch("t0")
+    run = s._run_graph
+    for slow, shape in ((0, (1, 3)), (1, (1, 9))):
+        monkeypatch.setattr(s, "_run_graph", lambda i, x, slow=slow: (time.sleep(0.01) if i == slow else None, run(i, x))[1])
+        s.run(np.ones(shape, np.int64))
+        assert s.layouts()[(("ids", tuple(1 << (d - 1).bit_length() for d in shape)),)] == s._graphs[1 - slow][0]
+
+
+def test_auto_refuses_a_missing_or_different_alternate(exported, auto, tmp_path):
+    bundle, _, plain, _ = exported
+    import shutil
+
+    shutil.copy(auto.switchable, tmp_path / "model.switchable.onnx")
+    with pytest.raises(FormatError, match="names 'model.few-rows.onnx' as its few-rows graph and .* is not there"):
+        TaskSession(bundle, str(tmp_path / "model.switchable.onnx"))
+    TaskSession(bundle, str(tmp_path / "model.switchable.onnx"), alternate=False)  # the fast graph alone still serves
+    shutil.copy(plain.switchable, tmp_path / "model.few-rows.onnx")  # the exporter layout: other feeds
+    with pytest.raises(FormatError, match="does not take the same weights and inputs as"):
+        TaskSession(bundle, str(tmp_path / "model.switchable.onnx"))

@@ -152,7 +152,9 @@ def test_cli_export_run_bench(exported, tmp_path):
         assert p.returncode == 0, p.stderr
         return p.stdout
 
-    cli("export", "onnx", bundle.path, "--model", "models:tiny", "-o", tmp_path, "--input-name", "x", "--output-name", "logits")
+    out = cli("export", "onnx", bundle.path, "--model", "models:tiny", "-o", tmp_path, "--input-name", "x", "--output-name",
+              "logits", "--layout", "auto")
+    assert f"few-rows graph → {tmp_path / 'model.few-rows.onnx'} (same feeds" in " ".join(out.split()) and (tmp_path / "model.few-rows.onnx").is_file()
     x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     victim = tmp_path / "victim.bin"

@@ -35,11 +35,11 @@ import numpy as np
 from ..errors import BackendError, ConfigError, FormatError
 from ..io import atomic_output
 from ..runtime.bundle import Bundle, open_bundle
-from ..runtime.session import BASE_ID_KEY, TRANSPOSED_KEY, WEIGHTS_KEY
+from ..runtime.session import ALTERNATE_KEY, BASE_ID_KEY, TRANSPOSED_KEY, WEIGHTS_KEY
 from .layout import fast_gemm_layout, weights_left_layout
 
 TASK_KEY = "edgemerge.task"
-LAYOUTS = ("fast", "few-rows", "exporter")
+LAYOUTS = ("fast", "few-rows", "auto", "exporter")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class OnnxExport:
     unused: list[str] = field(default_factory=list)   # bundle tensors the graph does not use
     data_inputs: list[str] = field(default_factory=list)
     transposed: list[str] = field(default_factory=list)  # weights the switchable graph takes as Wᵀ
+    alternate: str | None = None  # layout="auto": the few-rows graph, same feeds, beside the switchable one
 
 
 def load_factory(spec: str) -> Callable:
@@ -229,7 +230,9 @@ def export_onnx(
     ``layout``: ``"fast"`` rewrites the switchable graph's GEMMs to take their weights as [N, K]
     with ``transB=1`` (``export/layout.py``); ``"few-rows"`` also puts each such weight on GEMM's
     left, ``(W @ xᵀ)ᵀ``, for calls with few rows (batch 1, short sequences: measured faster there,
-    slower at a few hundred rows); ``"exporter"`` keeps the exporter's graph.
+    slower at a few hundred rows); ``"auto"`` writes the fast graph and, as ``<name>.few-rows.onnx``
+    named in its metadata, the few-rows one: ``TaskSession`` times both on each new input shape and
+    runs the faster (the crossover depends on the machine); ``"exporter"`` keeps the exporter's graph.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
@@ -263,6 +266,13 @@ def export_onnx(
         if layout != "exporter":
             result.transposed = fast_gemm_layout(graph, set(result.weights))
             _set_meta(graph, {TRANSPOSED_KEY: json.dumps(result.transposed)})
+        if layout == "auto":
+            left = type(graph)()
+            left.CopyFrom(graph)
+            if weights_left_layout(left, set(result.weights)):  # nothing rewritten: one graph serves
+                result.alternate = os.path.join(output_dir, f"{name}.few-rows.onnx")
+                _atomic_save(left, result.alternate)  # first: the graph that names it lands after it
+                _set_meta(graph, {ALTERNATE_KEY: os.path.basename(result.alternate)})
         if layout == "few-rows":
             weights_left_layout(graph, set(result.weights))
         _atomic_save(graph, result.switchable)

@@ -8,7 +8,10 @@ Two modes (``docs/runtime.md`` has the measurements behind the default):
 - ``"inputs"`` (default): one session over the *switchable* graph, whose bundle-managed weights
   are graph inputs. Their buffers are allocated once and wrapped as OrtValues without a copy;
   ``switch`` rewrites them in place with the mask kernel. No session work per switch, memory of
-  one model; ONNX Runtime cannot pre-pack weights that are inputs, so inference is slower.
+  one model; ONNX Runtime cannot pre-pack weights that are inputs, so inference is slower. A
+  graph exported with ``layout="auto"`` names a second one with the same feeds (its GEMMs as
+  ``(W @ xᵀ)ᵀ``): on the first call of each input shape (dims rounded up to powers of two) both
+  are timed and the faster runs from then on.
 - ``"sessions"``: one session per task over the *plain* graph. Its managed initializers are
   turned into external-data references (a small in-memory skeleton) and θ_t is handed over with
   ``SessionOptions.add_external_initializers``, which ONNX Runtime applies *before* any graph
@@ -24,6 +27,7 @@ sees a mix of two tasks' weights. Weights are always rebuilt absolutely from θ0
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -42,6 +46,7 @@ MODES = ("inputs", "sessions")
 BASE_ID_KEY = "edgemerge.base_id"
 WEIGHTS_KEY = "edgemerge.weights"
 TRANSPOSED_KEY = "edgemerge.transposed"  # 2-D weights the switchable graph takes as Wᵀ (export/layout.py)
+ALTERNATE_KEY = "edgemerge.alternate"  # export layout="auto": the few-rows graph beside this one, same feeds
 # SessionOptions cannot be copied; a per-task session gets a fresh one with these copied over.
 # For anything else (custom ops, providers' own options) pass a callable that returns new options.
 _OPTION_ATTRS = ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
@@ -189,10 +194,12 @@ class TaskSession(Switchable):
     """One ONNX model, N tasks from one bundle; ``switch(task)`` then ``run(inputs)``."""
 
     def __init__(self, bundle: Bundle | str, onnx_path: str, mode: str = "inputs",
-                 providers: Sequence[str] | None = None, session_options=None):
+                 providers: Sequence[str] | None = None, session_options=None, alternate: bool = True):
         """``session_options``: an ``onnxruntime.SessionOptions`` (in ``sessions`` mode each task's
         session gets a fresh copy of its documented attributes and config keys) or a callable that
-        returns a new one per session, for settings that cannot be copied."""
+        returns a new one per session, for settings that cannot be copied. ``alternate``: in
+        ``inputs`` mode, also load the graph the file's metadata names (export ``layout="auto"``)
+        and run, per input shape, whichever of the two was faster on its first call there."""
         if mode not in MODES:
             raise ConfigError(f"unknown runtime mode {mode!r}; valid: {', '.join(MODES)}")
         self.bundle = open_bundle(bundle) if isinstance(bundle, str) else bundle
@@ -212,7 +219,8 @@ class TaskSession(Switchable):
         by_name = {p.name: p for p in self.bundle.params}
         self._params = {n: by_name[self.bundle.resolve(n)] for n in self.weights if self.bundle.resolve(n) in by_name}
         if mode == "inputs":
-            self._session = probe
+            self._graphs = [(onnx_path, probe)] + (self._alternates(probe, declared) if alternate else [])
+            self._chosen: dict[tuple, int] = {}  # input shapes -> index in _graphs, timed on first use
             self._buffers = {n: np.empty(self._fed(n, p.shape), DTYPES[p.dtype]) for n, p in self._params.items() if p.role == "merged"}
             # weights fed transposed: θ0 and τ kept in that order, masks permuted once per task
             b = self.bundle
@@ -256,10 +264,11 @@ class TaskSession(Switchable):
             opts.add_session_config_entry(SPIN_KEY, "0")
         return opts
 
-    def _new_session(self, weights: Mapping[str, np.ndarray] | None = None):
-        """A session over the file, or -- with ``weights`` -- over the skeleton with those weights."""
+    def _new_session(self, weights: Mapping[str, np.ndarray] | None = None, path: str | None = None):
+        """A session over the file (or ``path``), or -- with ``weights`` -- over the skeleton with
+        those weights."""
         opts = self._session_options()
-        model: object = self.onnx_path
+        model: object = path or self.onnx_path
         if weights is not None:
             names = list(weights)
             opts.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
@@ -268,7 +277,27 @@ class TaskSession(Switchable):
             return self._ort.InferenceSession(model, sess_options=opts, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             hint = _dtype_hint({p.dtype for p in self.bundle.params}, self._providers, str(exc))
-            raise BackendError(f"{self.onnx_path}: ONNX Runtime could not load the model: {_first_line(exc)}{hint}") from None
+            raise BackendError(f"{path or self.onnx_path}: ONNX Runtime could not load the model: {_first_line(exc)}{hint}") from None
+
+    def _alternates(self, probe, declared) -> list[tuple[str, object]]:
+        """The graph this one's metadata names (export ``layout="auto"``), checked to take exactly
+        the same feeds."""
+        name = probe.get_modelmeta().custom_metadata_map.get(ALTERNATE_KEY)
+        if not name:
+            return []
+        path = os.path.join(os.path.dirname(self.onnx_path), name)
+        if os.path.basename(name) != name or not os.path.isfile(path):
+            raise FormatError(f"{self.onnx_path} names {name!r} as its few-rows graph and {path} is not there; "
+                              "re-export with `edgemerge export onnx --layout auto`, or pass alternate=False")
+        other = self._new_session(path=path)
+        meta, theirs = probe.get_modelmeta().custom_metadata_map, other.get_modelmeta().custom_metadata_map
+        same = all(meta.get(k) == theirs.get(k) for k in (BASE_ID_KEY, WEIGHTS_KEY, TRANSPOSED_KEY))
+        inputs = {i.name: (i.type, i.shape) for i in other.get_inputs()}
+        if not same or inputs != {n: (i.type, i.shape) for n, i in declared.items()} or \
+                [o.name for o in other.get_outputs()] != self.output_names:
+            raise FormatError(f"{path} does not take the same weights and inputs as {self.onnx_path}; "
+                              "re-export both with `edgemerge export onnx --layout auto`")
+        return [(path, other)]
 
     def _check_base(self, session) -> None:
         meta = session.get_modelmeta().custom_metadata_map
@@ -415,28 +444,61 @@ class TaskSession(Switchable):
         try:
             if self.mode == "sessions":
                 return self._sessions[self.current].run(self.output_names, inputs)
-            binding = self._binding()
-            for n, a in inputs.items():
-                binding.bind_cpu_input(n, a)
-            binding.clear_binding_outputs()
-            for o in self.output_names:
-                binding.bind_output(o, "cpu")
-            self._session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()
+            key = tuple((n, _bucket(a.shape)) for n, a in sorted(inputs.items()))
+            which = self._chosen.get(key)
+            if which is None:
+                which = self._chosen[key] = self._fastest(inputs)
+            return self._run_graph(which, inputs)
         except Exception as exc:  # onnxruntime's own exception types: one line, with what was passed
             shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in inputs.items())
             raise BackendError(f"{self.onnx_path}: ONNX Runtime refused the inputs ({shapes}): {_first_line(exc)}") from None
 
-    def _binding(self):
-        """This thread's IOBinding, its weights bound once per switch: a call then passes only the
-        data inputs, not every weight by name. It keeps the thread's last inputs referenced."""
+    def _run_graph(self, which: int, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        binding = self._binding(which)
+        for n, a in inputs.items():
+            binding.bind_cpu_input(n, a)
+        binding.clear_binding_outputs()
+        for o in self.output_names:
+            binding.bind_output(o, "cpu")
+        self._graphs[which][1].run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _fastest(self, inputs: Mapping[str, np.ndarray], rounds: int = 3, least: float = 0.05, most: int = 20) -> int:
+        """Index of the graph with the lowest best time over interleaved runs on these inputs (after
+        one untimed run each): ``rounds`` at least, more until each graph has run ``least`` seconds
+        (a 4 ms call is not judged on three samples), ``most`` at most; 0 when there is one graph."""
+        if len(self._graphs) == 1:
+            return 0
+        best, spent = [float("inf")] * len(self._graphs), [0.0] * len(self._graphs)
+        for r in range(most + 1):
+            if r > rounds and min(spent) >= least:
+                break
+            for i in range(len(self._graphs)):
+                t0 = time.perf_counter()
+                self._run_graph(i, inputs)
+                took = time.perf_counter() - t0
+                if r:
+                    best[i], spent[i] = min(best[i], took), spent[i] + took
+        return best.index(min(best))
+
+    def layouts(self) -> dict[tuple, str]:
+        """The graph each input shape seen so far runs on: ``((input, shape), ...) -> path``, every
+        dim rounded up to a power of two (a sequence of 17..32 tokens is timed once)."""
+        return {key: self._graphs[i][0] for key, i in self._chosen.items()}
+
+    def _binding(self, which: int):
+        """This thread's IOBinding of graph ``which``, its weights bound once per switch: a call
+        then passes only the data inputs, not every weight by name. It keeps the thread's last
+        inputs referenced."""
         local = self._local
-        if getattr(local, "generation", None) != self._generation:  # runs hold the read lock: no switch now
-            local.binding = getattr(local, "binding", None) or self._session.io_binding()
+        if not hasattr(local, "bindings"):
+            local.bindings, local.generations = {}, {}
+        if local.generations.get(which) != self._generation:  # runs hold the read lock: no switch now
+            binding = local.bindings.get(which) or self._graphs[which][1].io_binding()
             for n, v in self._values.items():
-                local.binding.bind_ortvalue_input(n, v)
-            local.generation = self._generation
-        return local.binding
+                binding.bind_ortvalue_input(n, v)
+            local.bindings[which], local.generations[which] = binding, self._generation
+        return local.bindings[which]
 
     def _conform(self, name: str, a) -> np.ndarray:
         """The input as the graph declares it: integers widened where lossless (int32 token ids for
@@ -456,6 +518,11 @@ class TaskSession(Switchable):
 
 
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def _bucket(shape: Sequence[int]) -> tuple[int, ...]:
+    """Each dim rounded up to a power of two: the shapes that share one timing of the graphs."""
+    return tuple(1 << (d - 1).bit_length() if d > 0 else 0 for d in shape)
 
 
 def _t(a) -> np.ndarray:
