@@ -15,7 +15,7 @@ switch time of one task (every merged param rebuilt into preallocated buffers by
 tensor by tensor, median of interleaved rounds. Writes docs/BENCHMARKS.md and
 docs/frontier.png (published anchor points marked as published, not measured here).
 
-    python bench/frontier_bench.py [--suites text,vision] [--seeds 0,1,2] [--no-write]
+    python bench/frontier_bench.py [--suites text,vision] [--seeds 0,1,2] [--no-write] [--settings 'A;B' --no-write]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitc
             "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",
             "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz",
             "delta:dtype=I8,fit=step,step=0.25,codes=xz", "delta:dtype=I8,fit=step,step=0.18,codes=xz", "delta:dtype=I8,fit=step,step=0.12,codes=xz",
-            "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16")
+            "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16",
+            "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=2")
 FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
 # published points (ViT-B/32, 8 tasks), as the papers report them: not measured here
@@ -103,7 +104,7 @@ def bits_per_param_task(path: str) -> float:
         return bits_per_param_per_task(b)
 
 
-def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
+def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ...] = SETTINGS) -> dict:
     with tempfile.TemporaryDirectory() as out:  # the demo builds (or reuses) checkpoints + TALL bundle
         r = run_demo(DemoOptions(suite=suite_name, seed=seed, out=out, deploy=False))
     cfg = SuiteConfig(suite_name, None, seed).resolved()
@@ -120,7 +121,7 @@ def run_seed(suite_name: str, seed: int, work: str, log) -> dict:
     rows = {}
     tried: dict[str, list] = {t: [] for t in tasks}  # the selector's candidates = these settings
     tried_fid: dict[str, list] = {t: [] for t in tasks}  # the same, scored by the data-free proxy
-    for label in SETTINGS:
+    for label in settings:
         spec = parse_codec(label)
         path = os.path.join(work, f"{suite_name}-{seed}.safetensors")
         m = encode_bundle(v1, ckpts, {t: spec for t in tasks}, path)
@@ -195,11 +196,12 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
                  f"{np.mean([r['bits'] for r in fsel]):.3f} bits/param/task, worst task-seed "
                  f"{min(min(r['norm'].values()) for r in fsel):.2f}% normalized, worst agreement "
                  f"{min(min(r['agree'].values()) for r in fsel):.2f}%")
-    best_ts = max((p for p in points if p[0].startswith("tswitch") and "correction" not in p[0]), key=lambda p: p[2])
+    best_ts = max((p for p in points if p[0].startswith("tswitch") and "correction" not in p[0]), key=lambda p: p[2],
+                  default=("(no tswitch setting run)", float("nan"), float("nan")))
     goals.append(f"`tswitch` alone, best density: {best_ts[0]} {best_ts[2]:.2f}% normalized at {best_ts[1]:.3f} bits "
                  f"(goal ≥ 99% — {'met' if best_ts[2] >= 99 else 'MISSED'})")
-    sw = {label: np.median([s[label]["switch"] for s in per_seed]) for label in labels if label in SETTINGS}
-    ts = max(v for k, v in sw.items() if k.startswith("tswitch"))
+    sw = {label: np.median([s[label]["switch"] for s in per_seed]) for label in labels if not label.startswith("select")}
+    ts = max((v for k, v in sw.items() if k.startswith("tswitch")), default=float("nan"))
     goals.append(f"switch ÷ memcpy, the whole model by its SwitchPlan as the runtimes run it (the memcpy tensor by tensor; "
                  f"bench/kernel_bench.py times the kernels alone on one large array): tswitch ≤ {ts:.2f}× (goal ≤ 1.2 — "
                  f"{'met' if ts <= 1.2 else 'MISSED'}); highest of any codec {max(sw.values()):.2f}× (goal ≤ 1.6 — "
@@ -210,7 +212,7 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
 def proxy_relation(per_seed: list[dict]) -> str:
     """How the data-free proxy relates to accuracy over every (setting, task-seed) of the codec settings."""
     pairs = np.array([(r["fidelity"][t], r["norm"][t], r["agree"][t]) for s in per_seed for label, r in s.items()
-                      if label in SETTINGS for t in r["norm"]])
+                      if not label.startswith("select") for t in r["norm"]])
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731 (no ties in practice)
     rho = float(np.corrcoef(rank(pairs[:, 0]), rank(pairs[:, 1]))[0, 1])
     parts = []
@@ -253,12 +255,18 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", help="also dump every number here")
+    ap.add_argument("--settings", help="only these codec settings, ';'-separated (a partial run: needs --no-write)")
     args = ap.parse_args()
+    settings = tuple(args.settings.split(";")) if args.settings else SETTINGS
+    for label in settings:
+        parse_codec(label)  # a bad spec fails before any work
+    if args.settings and not args.no_write:
+        ap.error("--settings runs part of the frontier: add --no-write (docs/BENCHMARKS.md keeps the full run)")
     seeds = [int(s) for s in args.seeds.split(",")]
     points, dump, sections = {}, {}, []
     with tempfile.TemporaryDirectory() as work:
         for suite_name in args.suites.split(","):
-            per_seed = [run_seed(suite_name, s, work, lambda m: print(m, flush=True)) for s in seeds]
+            per_seed = [run_seed(suite_name, s, work, lambda m: print(m, flush=True), settings) for s in seeds]
             dump[suite_name] = per_seed
             text, goals, points[suite_name] = report(suite_name, per_seed)
             print(f"\n### {suite_name}\n\n{text}\n" + "\n".join(goals), flush=True)

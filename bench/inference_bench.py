@@ -164,7 +164,7 @@ def measure(name: str, d: str, rounds: int):
         t0 = time.perf_counter()
         s_auto.run(x)  # the first call of this shape times both graphs
         first = time.perf_counter() - t0
-        chose = "few-rows" if list(s_auto.layouts().values())[-1] == auto.alternate else "fast"
+        chose = "few-rows" if s_auto.layout(x) == auto.alternate else "fast"
         fns = {"plain": lambda: plain.run(None, {"ids": x}), "exporter": lambda: s_exp.run(x), "fast": lambda: s_fast.run(x),
                "few": lambda: s_few.run(x), "auto": lambda: s_auto.run(x)}
         for f in fns.values():

@@ -9,7 +9,7 @@ A codec spec is ``name[:key=value,...]``:
 |---|---|---|
 | ``tall`` | ``planes=raw|xz`` | its TALL mask over the shared τ_MTL (xz: compressed at rest) |
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
-| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz`` | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest) |
+| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz``; I8 also ``codes=lowrank`` with ``bits`` (bits per merged param for the task, 1) | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest; lowrank: the codes rebuilt from int8 factors of a truncated SVD of each matrix, the ranks allotted across the task's tensors to the budget) |
 
 and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
@@ -35,15 +35,15 @@ from .runtime.bundle import (
     MANIFEST_KEY, Bundle, base_name, elected_name, mask_name, open_bundle, private_name, vector_name,
 )
 from .runtime.codecs import (
-    CODECS, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name, decode_codes, decode_planes, delta_name,
-    dscale_name, fix_name, planes_name,
+    CODE_ENCODINGS, CODECS, LOWRANK_MAX_RANK, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name,
+    decode_codes, decode_planes, delta_name, dscale_name, fix_name, lowrank_codes, planes_name,
     quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
 KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"}, "emr": {"planes", "correction"},
-        "delta": {"dtype", "correction", "qmax", "fit", "step", "codes"}}
+        "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits"}}
 QMAX = {"I8": 127, "I4": 7}          # the largest code each quantized dtype holds
 FITS = ("mse", "absmax", "step")     # a quantized row's scale: least squared error over clip levels, max|τ| / qmax,
 #                                      or one step for the whole tensor (step × its RMS of τ; for codes=xz)
@@ -62,8 +62,9 @@ class CodecSpec:
     scale: str = "none"         # tall: "ls", a least-squares scale per tensor
     qmax: int = 0               # quantized delta: largest code (0: the dtype's, QMAX)
     fit: str = "mse"            # quantized delta: how each row's scale is chosen (FITS)
-    codes: str = "raw"          # quantized delta: codes at rest, raw or xz
+    codes: str = "raw"          # quantized delta: codes at rest, raw, xz or lowrank (I8)
     step: float = 0.5           # quantized delta, fit=step: the step as a multiple of the tensor's RMS of τ
+    bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, row scales)
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
@@ -76,6 +77,8 @@ class CodecSpec:
                 parts.append(f"step={self.step:g}")
         if self.codes != "raw":
             parts.append(f"codes={self.codes}")
+        if self.codes == "lowrank":
+            parts.append(f"bits={self.bits:g}")
         if self.scale != "none":
             parts.append(f"scale={self.scale}")
         if self.correction:
@@ -97,9 +100,9 @@ def parse_codec(text: str) -> CodecSpec:
     try:
         spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
                          float(kw.get("correction", 0.0)), kw.get("scale", "none"), int(kw.get("qmax", 0)),
-                         kw.get("fit", "mse"), kw.get("codes", "raw"), float(kw.get("step", 0.5)))
+                         kw.get("fit", "mse"), kw.get("codes", "raw"), float(kw.get("step", 0.5)), float(kw.get("bits", 1.0)))
     except ValueError:
-        raise ConfigError(f"codec {text!r}: density, correction and step are numbers, qmax an integer") from None
+        raise ConfigError(f"codec {text!r}: density, correction, step and bits are numbers, qmax an integer") from None
     if not 0 < spec.density <= 1:
         raise ConfigError(f"codec {text!r}: density must be in (0, 1]")
     if not 0 <= spec.correction < 1:
@@ -121,9 +124,20 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: step applies to fit=step (add fit=step, or drop step)")
     if not (math.isfinite(spec.step) and spec.step > 0):
         raise ConfigError(f"codec {text!r}: step must be a number > 0 (a multiple of the tensor's RMS of τ; 0.5 is the default)")
-    if spec.codes not in PLANE_ENCODINGS:
-        raise ConfigError(f"codec {text!r}: codes must be one of {', '.join(PLANE_ENCODINGS)}")
+    if spec.codes not in CODE_ENCODINGS:
+        raise ConfigError(f"codec {text!r}: codes must be one of {', '.join(CODE_ENCODINGS)}")
+    if spec.codes == "lowrank" and spec.dtype != "I8":
+        raise ConfigError(f"codec {text!r}: codes=lowrank rebuilds I8 codes: use dtype=I8")
+    if "bits" in kw and spec.codes != "lowrank":
+        raise ConfigError(f"codec {text!r}: bits applies to codes=lowrank (add codes=lowrank, or drop bits)")
+    if not (math.isfinite(spec.bits) and spec.bits > 0):
+        raise ConfigError(f"codec {text!r}: bits must be a number > 0 (bits per merged parameter; 1 is the default)")
     return spec
+
+
+def xz_stream(raw: bytes) -> bytes:
+    """The one xz form every stream of the file uses (docs/format.md §8: lzma, CRC32 check)."""
+    return lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6)
 
 
 def encode_planes(codec: Codec, per_param: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -136,7 +150,7 @@ def encode_planes(codec: Codec, per_param: list[dict[str, np.ndarray]]) -> np.nd
                 parts.append(pack_bits(d[key]).tobytes())
     raw = b"".join(parts)
     if codec.planes == "xz":
-        raw = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6)
+        raw = xz_stream(raw)
     return np.frombuffer(raw, dtype=np.uint8)
 
 
@@ -144,7 +158,7 @@ def encode_codes(dtype: str, codes: list[np.ndarray]) -> np.ndarray:
     """``dcodes/<task>``: every merged param's quantized δ codes as stored raw (I8 bytes, I4
     nibbles), concatenated in manifest order, as one xz stream (``decode_codes`` reads it)."""
     raw = b"".join(np.ascontiguousarray(c).reshape(-1).view(np.uint8).tobytes() for c in codes)
-    return np.frombuffer(lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=6), dtype=np.uint8)
+    return np.frombuffer(xz_stream(raw), dtype=np.uint8)
 
 
 def plane_entropy_bits(p: float) -> float:
@@ -212,6 +226,75 @@ def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int, fit: str =
     return q.reshape(-1), scale
 
 
+LOWRANK_MIN_DIM = 16  # a param with fewer rows or columns keeps plain I8 codes (kind 0)
+
+
+def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
+    """``codes: lowrank`` for one task, to the budget ``spec.bits``: per merged param (τ flat, shape)
+    its I8 codes, row scales and record (docs/format.md §8). Each [m, n] matrix (rows: the first
+    dim) with m, n ≥ 16 gets a truncated SVD; the components of all of them compete for the budget
+    (``bits`` × the merged params, counting every record's bytes and the float32 row scales) by σ²
+    per bit, so the ranks go where they remove the most squared error, which is what weight
+    fidelity measures. Smaller params keep plain I8 codes as ``quantize_rows`` fits them. Their cost
+    and each row's shift and scale come first: a budget below that fixed part keeps every rank 0
+    (and is exceeded). A kept factor pair is A = U√S and B = √S Vᵀ: B quantized per component to
+    int8, its scales folded into A, A quantized per row; the codes are then ``lowrank_codes`` of
+    them (a per-row shift e brings |A·B| within 127) and each row's float32 scale is the
+    least-squares fit of those codes to τ. Holds every matrix's SVD at once (about twice τ_t)."""
+    total = sum(t.size for t, _ in taus)
+    budget = spec.bits * total
+    grids = [(quant_rows(shape), t.size // quant_rows(shape) if quant_rows(shape) else 0) for t, shape in taus]
+    svd: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for i, ((t, _), (m, n)) in enumerate(zip(taus, grids)):
+        if min(m, n) >= LOWRANK_MIN_DIM:
+            svd[i] = np.linalg.svd(t.reshape(m, n), full_matrices=False)
+            budget -= 8 * (1 + 4 + m) + 32 * m
+        else:
+            budget -= 8 * (1 + m * n) + 32 * m
+    # every component by its σ² per bit; a param's components come in order of σ, so a rank is a prefix
+    cands = [(float(sv) ** 2 / (8 * (grids[i][0] + grids[i][1])), i) for i, (_, S, _) in svd.items() for sv in S if sv > 0]
+    cands.sort(key=lambda c: -c[0])
+    rank = dict.fromkeys(svd, 0)
+    for _, i in cands:
+        m, n = grids[i]
+        cost = 8 * (m + n)
+        if cost > budget or rank[i] >= LOWRANK_MAX_RANK or (rank[i] + 1) * (m + n) + m + 4 > m * n:
+            continue
+        rank[i] += 1
+        budget -= cost
+    out = []
+    for i, ((t, shape), (m, n)) in enumerate(zip(taus, grids)):
+        if i not in svd:
+            q, scale = quantize_rows(t, shape, spec.qmax or QMAX["I8"], spec.fit, spec.step)
+            out.append((q, scale, b"\x00" + q.tobytes()))
+            continue
+        r = rank[i]
+        if r == 0:
+            out.append((np.zeros(t.size, np.int8), np.zeros(m, np.float32), b"\x01" + (0).to_bytes(4, "little")))
+            continue
+        U, S, Vt = svd[i]
+        root = np.sqrt(S[:r])
+        a, b = U[:, :r] * root, root[:, None] * Vt[:r]
+        sb = np.abs(b).max(axis=1) / 127
+        sb[sb == 0] = 1
+        qb = np.rint(b / sb[:, None]).astype(np.int8)
+        a = a * sb
+        sa = np.abs(a).max(axis=1) / 127
+        sa[sa == 0] = 1
+        qa = np.clip(np.rint(a / sa[:, None]), -127, 127).astype(np.int8)
+        d = np.abs(np.matmul(qa.astype(np.float32), qb.astype(np.float32))).max(axis=1)
+        shift = np.zeros(m, np.uint8)
+        while (big := d > 127 * (1 << shift.astype(np.int64))).any():
+            shift[big] += 1
+        q = lowrank_codes(shift, qa, qb)
+        qf, tf = q.astype(np.float64), t.reshape(m, n).astype(np.float64)
+        den = np.einsum("ij,ij->i", qf, qf)
+        scale = np.where(den > 0, np.einsum("ij,ij->i", qf, tf) / np.where(den > 0, den, 1), 0).astype(np.float32)
+        rec = b"\x01" + r.to_bytes(4, "little") + shift.tobytes() + qa.tobytes() + qb.tobytes()
+        out.append((q.reshape(-1), scale, rec))
+    return out
+
+
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
     """int8 codes in [-8, 7] -> I4 storage (element 2j in the high nibble of byte j)."""
     u = (q.astype(np.int16) & 15).astype(np.uint8)
@@ -226,6 +309,7 @@ class _TaskOut:
     planes: list[dict[str, np.ndarray]] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     deltas: dict[str, np.ndarray] = field(default_factory=dict)
+    records: dict[str, bytes] = field(default_factory=dict)  # codes: lowrank, per param (decoded: deltas)
     dscales: dict[str, np.ndarray] = field(default_factory=dict)
     fixes: list[np.ndarray] = field(default_factory=list)
     sq_err: float = 0.0
@@ -255,6 +339,12 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
     errors: list[np.ndarray] = []
     rebuilt: list[np.ndarray] = []
     kept = 0
+    lowrank = {}
+    if ckpt is not None and spec.name == "delta" and spec.codes == "lowrank":  # the ranks are allotted over the whole task
+        taus = [(_read_task(ckpt, p.name, bundle, task, p.shape).astype(np.float32).reshape(-1)
+                 - bundle.base(p.name).astype(np.float32).reshape(-1), p.shape) for p in bundle.merged]
+        lowrank = dict(zip((p.name for p in bundle.merged), lowrank_task(taus, spec)))
+        del taus
     for p in bundle.merged:
         base = bundle.base(p.name)
         d: dict[str, np.ndarray] = {}
@@ -289,7 +379,10 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             kept += int(keep.sum())
             r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
         elif spec.dtype in QUANT_DTYPES:
-            q, scale = quantize_rows(tau, p.shape, spec.qmax or QMAX[spec.dtype], spec.fit, spec.step)
+            if lowrank:
+                q, scale, out.records[p.name] = lowrank[p.name]
+            else:
+                q, scale = quantize_rows(tau, p.shape, spec.qmax or QMAX[spec.dtype], spec.fit, spec.step)
             out.deltas[p.name] = q.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(q)
             out.dscales[p.name] = scale
             rows = quant_rows(p.shape)
@@ -453,8 +546,11 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
                 blob = raw if o.codec.uses_planes_tensor else None
         codes = None
         if o.codec.uses_codes_tensor:
-            codes = encode_codes(o.codec.dtype, [o.deltas[p.name] for p in b.merged])
-            if len(codes) >= sum(d.nbytes for d in o.deltas.values()):  # xz loses (tiny or dense codes): keep them raw
+            if o.codec.codes == "lowrank":  # the records of the factors (the codes they rebuild are o.deltas)
+                codes = np.frombuffer(xz_stream(b"".join(o.records[p.name] for p in b.merged)), dtype=np.uint8)
+            else:
+                codes = encode_codes(o.codec.dtype, [o.deltas[p.name] for p in b.merged])
+            if len(codes) >= sum(d.nbytes for d in o.deltas.values()):  # the stream loses (tiny or dense codes): keep them raw
                 o.codec, codes = replace(o.codec, codes="raw"), None
         c = o.codec
         for k in b.private_keys[t]:
@@ -468,7 +564,10 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
         if c.has_scales:
             tensors[scales_name(t)] = np.array(o.scales, np.float32)
         if codes is not None:
-            decode_codes(f"{output}: {dcodes_name(t)}", c.dtype, codes, numels)  # the reader's decode, before writing
+            back = decode_codes(f"{output}: {dcodes_name(t)}", c, codes, [p.shape for p in b.merged])  # the reader's decode
+            if any(x.tobytes() != np.ascontiguousarray(o.deltas[p.name]).reshape(-1).view(np.uint8).tobytes()
+                   for x, p in zip(back, b.merged)):
+                raise FormatError(f"{output}: task {t!r}: the reader's decode of {dcodes_name(t)} differs from the encoder's codes")
             tensors[dcodes_name(t)] = codes
         else:
             for p, d in o.deltas.items():
@@ -511,6 +610,7 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
+              "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=2",
               "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz",
               "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz",
               "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",

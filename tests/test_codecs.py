@@ -263,7 +263,7 @@ def test_bad_codec_specs_and_inputs(merged):
     path, tasks, d = merged
     with pytest.raises(ConfigError, match="unknown codec 'tswich'.*valid: tall, tswitch, delta"):
         parse_codec("tswich")
-    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: codes, correction, dtype, fit, qmax"):
+    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: bits, codes, correction, dtype, fit, qmax"):
         parse_codec("delta:density=0.1")
     for bad, msg in (("tswitch:density=0", "density must be in"), ("tswitch:density=x", "are numbers"),
                      ("tall:correction=1", "correction must be in"), ("tall:planes=zip", "planes must be one of"),
@@ -429,7 +429,7 @@ def test_step_fit_bundle(merged):
                 assert (np.abs(b.task_weights(t)[name] - src[t][name]) <= s / 2 * (1 + 1e-5) + 1e-7).all()
     for bad, msg in (("delta:dtype=I8,step=0.5", "step applies to fit=step"), ("delta:dtype=I8,fit=step,step=0", "step must be a number > 0"),
                      ("delta:dtype=I8,fit=step,step=nan", "step must be a number > 0"), ("delta:dtype=F16,step=1", "apply to a quantized delta"),
-                     ("delta:dtype=I8,fit=step,step=x", "step are numbers")):
+                     ("delta:dtype=I8,fit=step,step=x", "step and bits are numbers")):
         with pytest.raises(ConfigError, match=msg):
             parse_codec(bad)
 
@@ -460,20 +460,21 @@ def test_quantized_codes_xz_at_rest(merged):
 
 def test_damaged_codes_stream_is_refused(merged):
     from edgemerge.codecs import encode_codes
-    from edgemerge.runtime.codecs import decode_codes
+    from edgemerge.runtime.codecs import Codec, decode_codes
 
-    numels = [3, 4]
+    shapes = [(3,), (4,)]
+    i4, i8 = Codec("delta", dtype="I4", codes="xz"), Codec("delta", dtype="I8", codes="xz")
     good = [np.array([0x12, 0x30], np.uint8), np.array([0x45, 0x67], np.uint8)]  # I4, the odd param's low nibble 0
-    got = decode_codes("w", "I4", encode_codes("I4", good), numels)
+    got = decode_codes("w", i4, encode_codes("I4", good), shapes)
     assert [g.tolist() for g in got] == [[0x12, 0x30], [0x45, 0x67]]
     with pytest.raises(FormatError, match="w: the codes of param 0 have padding bits set"):
-        decode_codes("w", "I4", encode_codes("I4", [np.array([0x12, 0x31], np.uint8), good[1]]), numels)
+        decode_codes("w", i4, encode_codes("I4", [np.array([0x12, 0x31], np.uint8), good[1]]), shapes)
     with pytest.raises(FormatError, match="w: the codes hold 3 bytes, the merged params need 4"):
-        decode_codes("w", "I4", encode_codes("I4", [good[0], good[1][:1]]), numels)
+        decode_codes("w", i4, encode_codes("I4", [good[0], good[1][:1]]), shapes)
     with pytest.raises(FormatError, match="w: the xz stream is truncated"):
-        decode_codes("w", "I4", encode_codes("I4", good)[:-4], numels)
+        decode_codes("w", i4, encode_codes("I4", good)[:-4], shapes)
     with pytest.raises(FormatError, match="inflates past"):  # a longer stream is refused at its bound, not inflated
-        decode_codes("w", "I8", encode_codes("I8", [np.zeros(1 << 20, np.int8)]), numels)
+        decode_codes("w", i8, encode_codes("I8", [np.zeros(1 << 20, np.int8)]), shapes)
     path, tasks, d = merged
     out = str(d / "xz.safetensors")
     encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I8,qmax=1,codes=xz")}, out)
@@ -488,6 +489,93 @@ def test_damaged_codes_stream_is_refused(merged):
     open(bad, "wb").write(bytes(blob))
     with pytest.raises(FormatError, match="dcodes/task0"):
         open_bundle(bad, verify=False).task_weights("task0")
+
+
+def _lowrank_stream(records: list[bytes]) -> np.ndarray:
+    return np.frombuffer(lzma.compress(b"".join(records), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32), np.uint8)
+
+
+def test_lowrank_codes_golden_and_exact_at_the_rank_bound():
+    """The rule on a 2×4 case worked by hand (clip, a shift with round half up, floor on negatives),
+    then at the largest rank with ±128 factors: the float32 product equals the int64 one."""
+    from edgemerge.runtime.codecs import LOWRANK_MAX_RANK, lowrank_codes
+
+    a = np.array([[1, 2], [-128, 127]], np.int8)
+    b = np.array([[3, -1, 0, 5], [100, 127, -128, 1]], np.int8)
+    # d = [[203, 253, -256, 7], [12316, 16257, -16256, -513]]; row 1 shifted by 7 with +64 first
+    assert lowrank_codes(np.array([0, 7], np.uint8), a, b).tolist() == [[127, 127, -127, 7], [96, 127, -127, -4]]
+    assert lowrank_codes(np.array([7], np.uint8), np.array([[1]], np.int8), np.array([[-64, -65, 64, 63]], np.int8)).tolist() \
+        == [[0, -1, 1, 0]]  # −0.5 rounds up to 0, −0.51 down to −1, 0.5 up to 1
+    rng = np.random.default_rng(0)
+    r = LOWRANK_MAX_RANK
+    fa = rng.choice(np.array([-128, 127, -127, 1, 0], np.int8), size=(5, r))
+    fb = rng.choice(np.array([-128, 127, -1, 3], np.int8), size=(r, 7))
+    fa[0], fb[:, 0] = -128, -128  # d[0, 0] = r·128², the largest product the format allows
+    e = rng.integers(0, 25, 5).astype(np.uint8)
+    d = fa.astype(np.int64) @ fb.astype(np.int64)
+    want = np.clip((d + ((1 << e.astype(np.int64)[:, None]) >> 1)) >> e.astype(np.int64)[:, None], -127, 127)
+    assert d[0, 0] == r * 128 * 128 and d[0, 0] < 1 << 24
+    assert np.array_equal(lowrank_codes(e, fa, fb), want)
+
+
+def test_lowrank_codes_bundle_and_budget(merged):
+    """codes=lowrank: a valid v2 file whose reader rebuilds the encoder's codes, smaller than the
+    same task's raw I8 codes, within its bits budget, and closer to θ_t with a larger budget."""
+    from edgemerge.runtime.codecs import decode_lowrank
+
+    path, tasks, d = merged
+    fid = {}
+    for bits in (2.0, 6.0):  # above the fixed cost (the bias's codes, each row's shift and scale): 1.3 bits here
+        out = str(d / f"lr{bits}.safetensors")
+        m = encode_bundle(path, tasks, {"task0": parse_codec(f"delta:dtype=I8,codes=lowrank,bits={bits}")}, out)
+        b = open_bundle(out, verify=True)
+        assert b.codecs["task0"].codes == "lowrank" and b.codecs["task0"].describe() == "delta I8 (lowrank codes)"
+        assert "dcodes/task0" in b.header.tensors and not any(n.startswith("delta/task0/") for n in b.header.tensors)
+        entry = next(e for e in m["tasks"] if e["name"] == "task0")["codec"]
+        assert entry["codes"] == "lowrank" and entry["bits_per_param"] <= bits
+        fid[bits] = entry["relative_error"]
+        records = lzma.decompress(b._view("dcodes/task0").tobytes())
+        assert records[0] == 0 and records[1 + 48] == 1  # the bias as codes, the first matrix as factors
+        codes = decode_lowrank("x", b._view("dcodes/task0"), [p.shape for p in b.merged])
+        for p, q in zip(b.merged, codes):  # the reader's weights are the I8 rule over the decoded codes
+            r = b.recipe("task0", p.name)
+            assert np.array_equal(r.codes(), q)
+            assert b.task_weights("task0")[p.name].tobytes() == rebuild_reference(b.base(p.name), None, r).reshape(p.shape).tobytes()
+        b.close()
+    assert fid[6.0] < fid[2.0]
+    lowrank_kind = [p for p in open_bundle(str(d / "lr6.0.safetensors")).merged if min(p.shape[0], p.numel // p.shape[0]) >= 16]
+    assert lowrank_kind, "the test model has no matrix the lowrank records factor"
+    with pytest.raises(ConfigError, match="codes=lowrank rebuilds I8 codes: use dtype=I8"):
+        parse_codec("delta:dtype=I4,codes=lowrank")
+    with pytest.raises(ConfigError, match="bits applies to codes=lowrank"):
+        parse_codec("delta:dtype=I8,codes=xz,bits=1")
+    with pytest.raises(ConfigError, match="bits must be a number > 0"):
+        parse_codec("delta:dtype=I8,codes=lowrank,bits=0")
+    with pytest.raises(ConfigError, match="codes must be one of raw, xz, lowrank"):
+        parse_codec("delta:dtype=I8,codes=svd")
+    assert parse_codec("delta:dtype=I8,codes=lowrank,bits=0.65").label() == "delta:dtype=I8,codes=lowrank,bits=0.65"
+
+
+def test_damaged_lowrank_stream_is_refused():
+    from edgemerge.runtime.codecs import decode_lowrank
+
+    shapes = [(32, 32), (4,)]
+    factors = b"\x01" + (2).to_bytes(4, "little") + bytes(32) + bytes(64) + bytes(64)
+    tail = b"\x00" + bytes([1, 2, 3, 255])
+    got = decode_lowrank("w", _lowrank_stream([factors, tail]), shapes)
+    assert got[0].tolist() == [0] * 1024 and got[1].tolist() == [1, 2, 3, -1]
+    cases = [([b"\x02" + bytes(1024), tail], "param 0 has lowrank record kind 2"),
+             ([b"\x01" + (1024).to_bytes(4, "little"), tail], "param 0 \\(\\[32, 32\\]\\) has rank 1024"),
+             ([b"\x01" + (16).to_bytes(4, "little"), tail], "has rank 16: more than 1023, or larger"),  # 16·64 + 36 > 1024
+             ([b"\x01" + (1).to_bytes(4, "little") + bytes([25]) + bytes(31 + 64), tail], "row shift above 24"),
+             ([factors, tail[:-1]], "end inside the record of param 1"),
+             ([factors, tail, b"\x00"], "1 bytes after the last param's record"),
+             ([factors[:-1]], "end inside the record of param 0")]
+    for records, match in cases:
+        with pytest.raises(FormatError, match=match):
+            decode_lowrank("w", _lowrank_stream(records), shapes)
+    with pytest.raises(FormatError, match="inflates past"):
+        decode_lowrank("w", _lowrank_stream([b"\x00" * 4000]), shapes)
 
 
 def test_raw_i4_padding_nibble_is_checked(tmp_path):

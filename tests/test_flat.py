@@ -178,17 +178,19 @@ def test_v2_golden_values_in_numpy_and_c(applier, tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_v2_every_codec_c_numpy_and_bundle_agree(applier, tmp_path, dtype):
-    """tswitch, delta (I4, I8 with xz codes, F16), tall with a least-squares scale and emr, with corrections, in
+    """tswitch, delta (I4, I8 with xz and lowrank codes, F16), tall with a least-squares scale and emr, with corrections, in
     one bundle: the image's θ_t, cast to the model's dtype, is the bundle's, in numpy and in C."""
     from edgemerge.codecs import encode_bundle, parse_codec
 
-    base, tasks = make_suite(tmp_path, n_tasks=6, dtype=dtype)
+    base, tasks = make_suite(tmp_path, n_tasks=7, dtype=dtype)
     merge(MergeConfig(base, tasks, "ties", private=("head.*",)), tmp_path / "v1.safetensors")
     mix = ["tswitch:density=0.3,correction=0.05", "delta:dtype=I4,correction=0.05", "tall:planes=xz,scale=ls,correction=0.05",
-           "emr:planes=xz,correction=0.02", "delta:dtype=I8,qmax=2,codes=xz", "delta:dtype=F16"]
+           "emr:planes=xz,correction=0.02", "delta:dtype=I8,qmax=2,codes=xz", "delta:dtype=F16",
+           "delta:dtype=I8,codes=lowrank,bits=2"]
     encode_bundle(str(tmp_path / "v1.safetensors"), tasks, dict(zip(tasks, map(parse_codec, mix))), str(tmp_path / "v2.safetensors"))
     b = open_bundle(tmp_path / "v2.safetensors")
     assert b.codecs[list(tasks)[4]].codes == "xz"  # codes at rest as xz: the image holds them decoded
+    assert b.codecs[list(tasks)[6]].codes == "lowrank"  # the same for codes rebuilt from factors
     cli = subprocess.run([sys.executable, "-m", "edgemerge", "export", "flat", str(tmp_path / "v2.safetensors"),
                           "-o", str(tmp_path / "cli.img")], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and "version 2: per-task codecs" in cli.stdout, cli.stdout + cli.stderr

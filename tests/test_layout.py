@@ -205,12 +205,14 @@ def test_auto_runs_one_of_the_two_graphs_per_shape_and_matches_torch(exported, a
     only_fast, only_few = TaskSession(bundle, auto.switchable, alternate=False), TaskSession(bundle, auto.alternate)
     batches = (np.array([[1, 2, 3, 4, 5, 6, 7], [10, 0, 9, 8, 7, 6, 5]], np.int64), np.array([[4]], np.int64),
                np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int64))  # [2, 5] shares [2, 7]'s timing: both round to [2, 8]
+    assert s.layout(batches[0]) is None  # not timed before its first call
     for task in ("t1", "t0", "t2"):
         for ids in batches:
             got = s.run(ids, task=task)
             for w, a in zip(_torch(bundle, task, ids), got):
                 np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
-            ran = s.layouts()[(("ids", tuple(1 << (d - 1).bit_length() for d in ids.shape)),)]
+            ran = s.layout(ids)
+            assert ran == s.layouts()[(("ids", tuple(1 << (d - 1).bit_length() for d in ids.shape)),)]
             other = only_fast if ran == auto.switchable else only_few
             assert ran in (auto.switchable, auto.alternate)
             assert all(a.tobytes() == b.tobytes() for a, b in zip(got, other.run(ids, task=task)))  # that graph, bit for bit
@@ -229,7 +231,7 @@ def test_auto_picks_the_faster_graph(exported, auto, monkeypatch):
     for slow, shape in ((0, (1, 3)), (1, (1, 9))):
         monkeypatch.setattr(s, "_run_graph", lambda i, x, slow=slow: (time.sleep(0.01) if i == slow else None, run(i, x))[1])
         s.run(np.ones(shape, np.int64))
-        assert s.layouts()[(("ids", tuple(1 << (d - 1).bit_length() for d in shape)),)] == s._graphs[1 - slow][0]
+        assert s.layout(np.ones(shape, np.int64)) == s._graphs[1 - slow][0]
 
 
 def test_auto_refuses_a_missing_or_different_alternate(exported, auto, tmp_path):

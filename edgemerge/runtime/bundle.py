@@ -309,9 +309,9 @@ class Bundle:
         return planes
 
     def _codes(self, task: str) -> list[np.ndarray]:
-        """A quantized delta's xz codes, decoded once (first use) into the per-param codes the kernels take."""
-        return self._once(("dcodes", task), lambda: decode_codes(f"{self.path}: tensor {dcodes_name(task)!r}", self.codecs[task].dtype,
-                                                                 self._view(dcodes_name(task)), [p.numel for p in self.merged]))
+        """A quantized delta's xz or lowrank codes, decoded once (first use) into the per-param codes the kernels take."""
+        return self._once(("dcodes", task), lambda: decode_codes(f"{self.path}: tensor {dcodes_name(task)!r}", self.codecs[task],
+                                                                 self._view(dcodes_name(task)), [p.shape for p in self.merged]))
 
     def recipe(self, task: str, param: str) -> Recipe:
         """What rebuilds merged param ``param`` of ``task`` (its codec's planes, scale, δ, correction);

@@ -38,6 +38,8 @@ from .kernel import OP_Q8, OP_SCALED, OP_SIGN, _apply_c, _cmask, apply_mask, c_j
 
 CODECS = ("tall", "tswitch", "delta", "emr")
 PLANE_ENCODINGS = ("raw", "xz")
+CODE_ENCODINGS = ("raw", "xz", "lowrank")  # a quantized delta's codes at rest (lowrank: I8 only)
+LOWRANK_MAX_RANK = 1023  # r·128² < 2²⁴: every partial sum of a factor product is an exact float32 integer
 TALL_SCALES = ("none", "ls")  # tall: no scale, or one least-squares scale per tensor
 _KIND = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 if "BF16" in DTYPES:
@@ -98,7 +100,8 @@ class Codec:
     dtype: str | None = None        # delta: F32 / F16 / BF16, or I8 / I4 (quantized per row)
     correction: int = 0             # entries of the sparse correction (0: none)
     scale: str = "none"             # tall: "none", or "ls" (a float32 scale per tensor in scale/<task>)
-    codes: str = "raw"              # quantized delta: "raw" (a tensor per param) or "xz" (one stream, dcodes/<task>)
+    codes: str = "raw"              # quantized delta: "raw" (a tensor per param), or one stream dcodes/<task>:
+    #                                 "xz" (the codes compressed), "lowrank" (I8 codes rebuilt from int8 factors)
 
     @property
     def plain_tall(self) -> bool:
@@ -122,8 +125,8 @@ class Codec:
 
     @property
     def uses_codes_tensor(self) -> bool:
-        """A quantized delta whose codes are one xz stream ``dcodes/<task>``."""
-        return self.qscale_rows and self.codes == "xz"
+        """A quantized delta whose codes are one stream ``dcodes/<task>`` (xz or lowrank)."""
+        return self.qscale_rows and self.codes != "raw"
 
     @property
     def uses_planes_tensor(self) -> bool:
@@ -131,7 +134,7 @@ class Codec:
 
     def describe(self) -> str:
         """What ``inspect`` prints: the rule and how its data is stored, e.g. ``delta I4 (xz codes) + correction``."""
-        text = self.name + (f" {self.dtype}" if self.name == "delta" else "") + (" (xz codes)" if self.codes == "xz" else "")
+        text = self.name + (f" {self.dtype}" if self.name == "delta" else "") + (f" ({self.codes} codes)" if self.codes != "raw" else "")
         return text + (" + scale" if self.scale != "none" else "") + (" + correction" if self.correction else "")
 
     def to_json(self) -> dict[str, Any]:
@@ -163,9 +166,9 @@ class Codec:
             raise FormatError(f"{where}: plane encoding {c.planes!r} is not one of {', '.join(PLANE_ENCODINGS)}")
         if c.name == "delta" and c.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
             raise FormatError(f"{where}: delta dtype {c.dtype!r} is not one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
-        if c.codes not in PLANE_ENCODINGS or (c.codes != "raw" and not c.qscale_rows):
-            raise FormatError(f"{where}: codec codes {c.codes!r}: a quantized delta (I8 / I4) takes one of "
-                              f"{', '.join(PLANE_ENCODINGS)}, other codecs raw")
+        if c.codes not in CODE_ENCODINGS or (c.codes != "raw" and not c.qscale_rows) or (c.codes == "lowrank" and c.dtype != "I8"):
+            raise FormatError(f"{where}: codec codes {c.codes!r}: a quantized delta takes raw or xz (I8 / I4) or lowrank "
+                              "(I8), other codecs raw")
         if type(c.correction) is not int or c.correction < 0:
             raise FormatError(f"{where}: codec 'correction' must be a non-negative integer")
         return c
@@ -421,6 +424,57 @@ def decode_planes(where: str, codec: Codec, blob: np.ndarray, numels: list[int])
     return out
 
 
+def lowrank_codes(shift: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The lowrank rule: I8 codes ``q = clip((A·B + h) >> e, −127, 127)`` of an [m, n] param from
+    int8 factors A [m, r] and B [r, n] and a shift e per row, h = 2^e >> 1 (round half up). The
+    product runs as float32 BLAS yet is exact: every partial sum is an integer below r·128² < 2²⁴."""
+    d = np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.int32)
+    e = shift.astype(np.int32)[:, None]
+    return np.clip((d + ((1 << e) >> 1)) >> e, -127, 127).astype(np.int8)
+
+
+def decode_lowrank(where: str, blob: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """``codes: lowrank``: one xz stream of a record per merged param, in manifest order, its rows
+    m = the first dim (1-D and 0-d: one row) and n = numel / m: a kind byte, then kind 0: the m·n
+    I8 codes; kind 1: rank r (uint32 LE), then, when r > 0, e (m uint8, each ≤ 24), A (m·r int8,
+    row-major) and B (r·n int8, row-major), the codes being ``lowrank_codes(e, A, B)`` (r = 0: all
+    0). A kind-1 record is never larger than kind 0 would be: r·(m+n) + m + 4 ≤ m·n, r ≤ 1023."""
+    grids = [(quant_rows(s), int(np.prod(s, dtype=np.int64)) // quant_rows(s) if quant_rows(s) else 0) for s in shapes]
+    raw = memoryview(_unxz(where, blob, sum(1 + m * n for m, n in grids)))
+    out, pos = [], 0
+
+    def take(k: int, i: int) -> memoryview:
+        nonlocal pos
+        if pos + k > len(raw):
+            raise FormatError(f"{where}: the lowrank codes end inside the record of param {i}")
+        pos += k
+        return raw[pos - k : pos]
+
+    for i, (m, n) in enumerate(grids):
+        kind = take(1, i)[0]
+        if kind == 0:
+            out.append(np.frombuffer(take(m * n, i), np.int8))
+            continue
+        if kind != 1:
+            raise FormatError(f"{where}: param {i} has lowrank record kind {kind}; kinds are 0 (codes) and 1 (factors)")
+        r = int.from_bytes(take(4, i), "little")
+        if r > LOWRANK_MAX_RANK or r * (m + n) + m + 4 > m * n:
+            raise FormatError(f"{where}: param {i} ([{m}, {n}]) has rank {r}: more than {LOWRANK_MAX_RANK}, or larger than its "
+                              "codes; the file is damaged")
+        if r == 0:
+            out.append(np.zeros(m * n, np.int8))
+            continue
+        e = np.frombuffer(take(m, i), np.uint8)
+        if int(e.max()) > 24:
+            raise FormatError(f"{where}: param {i} has a row shift above 24; the file is damaged")
+        a = np.frombuffer(take(m * r, i), np.int8).reshape(m, r)
+        b = np.frombuffer(take(r * n, i), np.int8).reshape(r, n)
+        out.append(lowrank_codes(e, a, b).reshape(-1))
+    if pos != len(raw):
+        raise FormatError(f"{where}: the lowrank codes have {len(raw) - pos} bytes after the last param's record")
+    return out
+
+
 def _unxz(where: str, blob: np.ndarray, bound: int) -> bytes:
     """One xz stream, decoded to at most ``bound`` bytes (no bomb inflates past it)."""
     try:
@@ -434,9 +488,13 @@ def _unxz(where: str, blob: np.ndarray, bound: int) -> bytes:
     return raw
 
 
-def decode_codes(where: str, dtype: str, blob: np.ndarray, numels: list[int]) -> list[np.ndarray]:
-    """Inverse of ``encode_codes``: per param its codes as the raw tensor holds them (I8: int8
-    per element; I4: uint8, two per byte, an odd count's last low nibble 0). Every length is checked."""
+def decode_codes(where: str, codec: Codec, blob: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """``dcodes/<task>`` -> per merged param (``shapes``, manifest order) its codes as the raw
+    tensor would hold them (I8: int8 per element; I4: uint8, two per byte, an odd count's last low
+    nibble 0). Every length is checked."""
+    if codec.codes == "lowrank":
+        return decode_lowrank(where, blob, shapes)
+    dtype, numels = codec.dtype, [int(np.prod(s, dtype=np.int64)) for s in shapes]
     sizes = [code_nbytes(dtype, n) for n in numels]
     raw = _unxz(where, blob, sum(sizes))
     if len(raw) != sum(sizes):

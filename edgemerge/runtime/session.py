@@ -430,6 +430,23 @@ class TaskSession(Switchable):
         return self._locked(task, lambda: self._run_locked(inputs))
 
     def _run_locked(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        inputs = self._feeds(inputs)
+        if self.current is None:
+            raise ConfigError(f"no task selected: call switch() first; tasks: {', '.join(self.tasks)}")
+        try:
+            if self.mode == "sessions":
+                return self._sessions[self.current].run(self.output_names, inputs)
+            key = _shape_key(inputs)
+            which = self._chosen.get(key)
+            if which is None:
+                which = self._chosen[key] = self._fastest(inputs)
+            return self._run_graph(which, inputs)
+        except Exception as exc:  # onnxruntime's own exception types: one line, with what was passed
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in inputs.items())
+            raise BackendError(f"{self.onnx_path}: ONNX Runtime refused the inputs ({shapes}): {_first_line(exc)}") from None
+
+    def _feeds(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """The data inputs by name, each as the graph declares it; a ConfigError naming what is wrong."""
         if not isinstance(inputs, Mapping):
             if len(self.data_inputs) != 1:
                 raise ConfigError(f"this model takes {len(self.data_inputs)} inputs: pass a dict with {', '.join(self.data_inputs)}")
@@ -438,20 +455,7 @@ class TaskSession(Switchable):
         missing = sorted(set(self.data_inputs) - set(inputs))
         if unknown or missing:
             raise ConfigError(f"model inputs are {', '.join(self.data_inputs)}; got unknown {unknown}, missing {missing}")
-        if self.current is None:
-            raise ConfigError(f"no task selected: call switch() first; tasks: {', '.join(self.tasks)}")
-        inputs = {n: self._conform(n, a) for n, a in inputs.items()}
-        try:
-            if self.mode == "sessions":
-                return self._sessions[self.current].run(self.output_names, inputs)
-            key = tuple((n, _bucket(a.shape)) for n, a in sorted(inputs.items()))
-            which = self._chosen.get(key)
-            if which is None:
-                which = self._chosen[key] = self._fastest(inputs)
-            return self._run_graph(which, inputs)
-        except Exception as exc:  # onnxruntime's own exception types: one line, with what was passed
-            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in inputs.items())
-            raise BackendError(f"{self.onnx_path}: ONNX Runtime refused the inputs ({shapes}): {_first_line(exc)}") from None
+        return {n: self._conform(n, a) for n, a in inputs.items()}
 
     def _run_graph(self, which: int, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         binding = self._binding(which)
@@ -486,6 +490,11 @@ class TaskSession(Switchable):
         dim rounded up to a power of two (a sequence of 17..32 tokens is timed once)."""
         return {key: self._graphs[i][0] for key, i in self._chosen.items()}
 
+    def layout(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> str | None:
+        """The graph (its path) that inputs of this shape run on; None before the first such call."""
+        which = self._chosen.get(_shape_key(self._feeds(inputs))) if self.mode == "inputs" else None
+        return None if which is None else self._graphs[which][0]
+
     def _binding(self, which: int):
         """This thread's IOBinding of graph ``which``, its weights bound once per switch: a call
         then passes only the data inputs, not every weight by name. It keeps the thread's last
@@ -518,6 +527,11 @@ class TaskSession(Switchable):
 
 
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def _shape_key(inputs: Mapping[str, np.ndarray]) -> tuple:
+    """What one timing of the graphs covers: each input's shape, every dim rounded up to a power of two."""
+    return tuple((n, _bucket(a.shape)) for n, a in sorted(inputs.items()))
 
 
 def _bucket(shape: Sequence[int]) -> tuple[int, ...]:
