@@ -47,7 +47,8 @@ SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitc
             "delta:dtype=I8,fit=step,step=0.5,codes=xz", "delta:dtype=I8,fit=step,step=0.35,codes=xz",
             "delta:dtype=I8,fit=step,step=0.25,codes=xz", "delta:dtype=I8,fit=step,step=0.18,codes=xz", "delta:dtype=I8,fit=step,step=0.12,codes=xz",
             "delta:dtype=I8,codes=xz", "delta:dtype=I8", "delta:dtype=F16",
-            "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=2")
+            "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=1.5",
+            "delta:dtype=I8,codes=lowrank,bits=2", "delta:dtype=I8,codes=lowrank,bits=3")
 FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
 # published points (ViT-B/32, 8 tasks), as the papers report them: not measured here

@@ -610,7 +610,8 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
-              "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=2",
+              "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=1.5",
+              "delta:dtype=I8,codes=lowrank,bits=2", "delta:dtype=I8,codes=lowrank,bits=3",
               "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz",
               "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz",
               "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I8,fit=step,step=1,codes=xz", "delta:dtype=I8,fit=step,step=0.7,codes=xz",
