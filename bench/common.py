@@ -26,7 +26,17 @@ def machine() -> str:
         mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
     except (OSError, AttributeError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"float32 switch kernel {_kernel()}")
+
+
+def _kernel() -> str:
+    """The float32 kernel this process switches with: a switch timed without the C extension (a
+    checkout whose _cmask was never built) runs numpy's codec paths at several times a memcpy, so
+    every table names it."""
+    from edgemerge.runtime.kernel import _cmask, kernel_name
+    name = kernel_name()
+    return name if _cmask() is not None else f"{name} (C extension off or not built: codec switches run numpy, not comparable)"
 
 
 def git_rev() -> str:

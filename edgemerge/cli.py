@@ -108,8 +108,13 @@ def bundle_kernels(b, kernel_name) -> str:
     """The mask kernel(s) a switch of this bundle runs, per θ0 dtype (e.g. 'c-avx2 (F16)')."""
     from .runtime.dtypes import DTYPES
 
+    from .runtime.kernel import _cmask
+
     dtypes = sorted({p.dtype for p in b.params if p.role == "merged"})
-    return ", ".join(f"{kernel_name(DTYPES[d], DTYPES[b.vector_dtype])} ({d})" for d in dtypes) or "none (nothing merged)"
+    out = ", ".join(f"{kernel_name(DTYPES[d], DTYPES[b.vector_dtype])} ({d})" for d in dtypes) or "none (nothing merged)"
+    if any(c.name != "tall" for c in b.codecs.values()):  # tswitch, emr and delta run the C plan or plain numpy
+        out += "; other codecs: " + ("C" if _cmask() is not None else "numpy (the C extension is off or not built: several times slower)")
+    return out
 
 
 def _parse_ties(items) -> dict[str, str]:

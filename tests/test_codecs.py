@@ -194,6 +194,23 @@ def test_encode_rebuilds_each_codec_and_keeps_the_rest(merged):
         v2.packed_mask("task2", "enc.0.weight")
 
 
+def test_bench_names_the_codec_kernel(merged, monkeypatch):
+    """`edgemerge bench` names what a switch runs: a v2 bundle's other codecs take the C plan, or
+    plain numpy (several times slower) when the C extension is off, which the line must say."""
+    from edgemerge.cli import bundle_kernels
+
+    path, tasks, d = merged
+    out = str(d / "v2.safetensors")
+    encode_bundle(path, tasks, {t: parse_codec(c) for t, c in MIX.items()}, out)
+    assert bundle_kernels(open_bundle(path), kernel.kernel_name) == f"{kernel.kernel_name()} (F32)"  # v1: masks only
+    monkeypatch.setattr(kernel, "_C", False)  # as without the extension: the C plan is gone
+    shown = bundle_kernels(open_bundle(out), kernel.kernel_name)
+    assert shown == f"{kernel.kernel_name()} (F32); other codecs: numpy (the C extension is off or not built: several times slower)"
+    monkeypatch.setattr(kernel, "_C", None)
+    if kernel._cmask() is not None:
+        assert bundle_kernels(open_bundle(out), kernel.kernel_name).endswith("; other codecs: C")
+
+
 def test_a_bundle_without_tall_tasks_stores_no_shared_vector(merged):
     path, tasks, d = merged
     out = str(d / "v2.safetensors")
