@@ -64,7 +64,7 @@ class CodecSpec:
     fit: str = "mse"            # quantized delta: how each row's scale is chosen (FITS)
     codes: str = "raw"          # quantized delta: codes at rest, raw, xz or lowrank (I8)
     step: float = 0.5           # quantized delta, fit=step: the step as a multiple of the tensor's RMS of τ
-    bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, row scales)
+    bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, scales)
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
@@ -231,16 +231,20 @@ LOWRANK_MIN_DIM = 16  # a param with fewer rows or columns keeps plain I8 codes 
 
 def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
     """``codes: lowrank`` for one task, to the budget ``spec.bits``: per merged param (τ flat, shape)
-    its I8 codes, row scales and record (docs/format.md §8). Each [m, n] matrix (rows: the first
+    its I8 codes, stored scales and record (docs/format.md §8). Each [m, n] matrix (rows: the first
     dim) with m, n ≥ 16 gets a truncated SVD; the components of all of them compete for the budget
-    (``bits`` × the merged params, counting every record's bytes and the float32 row scales) by σ²
-    per bit, so the ranks go where they remove the most squared error, which is what weight
-    fidelity measures. Smaller params keep plain I8 codes as ``quantize_rows`` fits them. Their cost
-    and each row's shift and scale come first: a budget below that fixed part keeps every rank 0
-    (and is exceeded). A kept factor pair is A = U√S and B = √S Vᵀ: B quantized per component to
-    int8, its scales folded into A, A quantized per row; the codes are then ``lowrank_codes`` of
-    them (a per-row shift e brings |A·B| within 127) and each row's float32 scale is the
-    least-squares fit of those codes to τ. Holds every matrix's SVD at once (about twice τ_t)."""
+    (``bits`` × the merged params, counting every record's bytes and the float32 scales) by σ² per
+    bit, so the ranks go where they remove the most squared error, which is what weight fidelity
+    measures. Smaller params keep plain I8 codes and row scales as ``quantize_rows`` fits them.
+    Their cost and each factored param's shift bytes and scale come first: a budget below that fixed
+    part keeps every rank 0 (and is exceeded). A kept factor pair is A = U√S and B = √S Vᵀ: B
+    quantized per component to int8, its scales folded into A, then A quantized with one scale for
+    the whole matrix, so every component's code product weighs the same and one float32 scale (the
+    least-squares fit of the codes to τ) serves the param: per-row scales cost 32 bits a row, which
+    on narrow matrices (a depthwise conv's [C, 25]) is most of a sub-bit budget, and keep less
+    weight fidelity at every budget measured on both suites. The codes are ``lowrank_codes`` of the
+    factors with one shift e for every row (the least that brings |A·B| within 127; its m equal
+    bytes compress). Holds every matrix's SVD at once (about twice τ_t)."""
     total = sum(t.size for t, _ in taus)
     budget = spec.bits * total
     grids = [(quant_rows(shape), t.size // quant_rows(shape) if quant_rows(shape) else 0) for t, shape in taus]
@@ -248,7 +252,7 @@ def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec
     for i, ((t, _), (m, n)) in enumerate(zip(taus, grids)):
         if min(m, n) >= LOWRANK_MIN_DIM:
             svd[i] = np.linalg.svd(t.reshape(m, n), full_matrices=False)
-            budget -= 8 * (1 + 4 + m) + 32 * m
+            budget -= 8 * (1 + 4 + m) + 32
         else:
             budget -= 8 * (1 + m * n) + 32 * m
     # every component by its σ² per bit; a param's components come in order of σ, so a rank is a prefix
@@ -270,7 +274,7 @@ def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec
             continue
         r = rank[i]
         if r == 0:
-            out.append((np.zeros(t.size, np.int8), np.zeros(m, np.float32), b"\x01" + (0).to_bytes(4, "little")))
+            out.append((np.zeros(t.size, np.int8), np.zeros(1, np.float32), b"\x01" + (0).to_bytes(4, "little")))
             continue
         U, S, Vt = svd[i]
         root = np.sqrt(S[:r])
@@ -279,18 +283,16 @@ def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec
         sb[sb == 0] = 1
         qb = np.rint(b / sb[:, None]).astype(np.int8)
         a = a * sb
-        sa = np.abs(a).max(axis=1) / 127
-        sa[sa == 0] = 1
-        qa = np.clip(np.rint(a / sa[:, None]), -127, 127).astype(np.int8)
-        d = np.abs(np.matmul(qa.astype(np.float32), qb.astype(np.float32))).max(axis=1)
-        shift = np.zeros(m, np.uint8)
-        while (big := d > 127 * (1 << shift.astype(np.int64))).any():
-            shift[big] += 1
-        q = lowrank_codes(shift, qa, qb)
+        qa = np.clip(np.rint(a / (np.abs(a).max() / 127 or 1)), -127, 127).astype(np.int8)  # one scale for all of A
+        d = float(np.abs(np.matmul(qa.astype(np.float32), qb.astype(np.float32))).max())
+        e = 0
+        while d > 127 * (1 << e):
+            e += 1
+        q = lowrank_codes(np.full(m, e, np.uint8), qa, qb)
         qf, tf = q.astype(np.float64), t.reshape(m, n).astype(np.float64)
-        den = np.einsum("ij,ij->i", qf, qf)
-        scale = np.where(den > 0, np.einsum("ij,ij->i", qf, tf) / np.where(den > 0, den, 1), 0).astype(np.float32)
-        rec = b"\x01" + r.to_bytes(4, "little") + shift.tobytes() + qa.tobytes() + qb.tobytes()
+        den = float(np.einsum("ij,ij->", qf, qf))
+        scale = np.full(1, float(np.einsum("ij,ij->", qf, tf)) / den if den > 0 else 0, np.float32)
+        rec = b"\x01" + r.to_bytes(4, "little") + bytes([e]) * m + qa.tobytes() + qb.tobytes()
         out.append((q.reshape(-1), scale, rec))
     return out
 
@@ -386,7 +388,8 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             out.deltas[p.name] = q.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(q)
             out.dscales[p.name] = scale
             rows = quant_rows(p.shape)
-            r = Recipe("delta", delta=q, qscale=scale, qgrid=(rows, p.numel // rows if rows else 0, 0))
+            r = Recipe("delta", delta=q, qscale=np.ascontiguousarray(np.broadcast_to(scale, (rows,))),
+                       qgrid=(rows, p.numel // rows if rows else 0, 0))
         else:
             with np.errstate(over="ignore"):  # an overflow is refused below, naming the tensor
                 delta = tau.astype(DTYPES[spec.dtype])

@@ -327,8 +327,10 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
                 if codec["dtype"] == "I4":  # nibbles, high first, two's complement
                     q = np.stack([q >> 4, q & 15], axis=1).reshape(-1)[: b.size].astype(np.int8)
                     q = np.where(q > 7, q - 16, q).astype(np.int8)
-                s = raw[f"dscale/{task}/{p['name']}"]
-                res = b32 + (q.reshape(s.size, -1).astype(np.float32) * s[:, None]).reshape(-1)
+                s = raw[f"dscale/{task}/{p['name']}"]  # a scale per row, or with lowrank codes one for every row
+                rows = b.shape[0] if b.ndim >= 2 else 1
+                assert s.shape == (rows,) or (s.shape == (1,) and codec.get("codes") == "lowrank"), "dscale shape"
+                res = b32 + (q.reshape(rows, -1).astype(np.float32) * np.broadcast_to(s, (rows,))[:, None]).reshape(-1)
             else:
                 res = b32 + raw[f"delta/{task}/{p['name']}"].astype(np.float32).reshape(-1)
             res = res.astype(b.dtype)

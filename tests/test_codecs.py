@@ -7,6 +7,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from edgemerge.errors import CheckpointError, ConfigError, FormatError
 from edgemerge.pipeline import MergeConfig, merge
 from edgemerge.runtime import open_bundle
 from edgemerge.runtime.bits import pack_bits
-from edgemerge.runtime.codecs import Codec, Recipe, apply_sign, decode_planes, rebuild, rebuild_reference
+from edgemerge.runtime.codecs import Codec, Recipe, apply_sign, decode_planes, quant_rows, rebuild, rebuild_reference
 from edgemerge.runtime.dtypes import DTYPES
 from safetensors.numpy import load_file, save_file
 
@@ -542,7 +543,7 @@ def test_lowrank_codes_bundle_and_budget(merged):
 
     path, tasks, d = merged
     fid = {}
-    for bits in (2.0, 6.0):  # above the fixed cost (the bias's codes, each row's shift and scale): 1.3 bits here
+    for bits in (2.0, 6.0):  # above the fixed cost (the bias's codes and scale, each factored matrix's shift bytes and scale)
         out = str(d / f"lr{bits}.safetensors")
         m = encode_bundle(path, tasks, {"task0": parse_codec(f"delta:dtype=I8,codes=lowrank,bits={bits}")}, out)
         b = open_bundle(out, verify=True)
@@ -554,6 +555,17 @@ def test_lowrank_codes_bundle_and_budget(merged):
         records = lzma.decompress(b._view("dcodes/task0").tobytes())
         assert records[0] == 0 and records[1 + 48] == 1  # the bias as codes, the first matrix as factors
         codes = decode_lowrank("x", b._view("dcodes/task0"), [p.shape for p in b.merged])
+        pos = 0
+        for p in b.merged:  # a factored param: one scale and one shift for every row; a kind-0 one: row scales
+            rows = quant_rows(p.shape)
+            kind, rank = records[pos], int.from_bytes(records[pos + 1 : pos + 5], "little")
+            assert b.header.tensors[f"dscale/task0/{p.name}"].shape == ((1,) if kind == 1 else (rows,))
+            if kind == 1:
+                assert rank == 0 or len(set(records[pos + 5 : pos + 5 + rows])) == 1
+                pos += 5 + (rows + rank * p.numel // rows + rank * rows if rank else 0)
+            else:
+                pos += 1 + p.numel
+        assert pos == len(records)
         for p, q in zip(b.merged, codes):  # the reader's weights are the I8 rule over the decoded codes
             r = b.recipe("task0", p.name)
             assert np.array_equal(r.codes(), q)
@@ -571,6 +583,46 @@ def test_lowrank_codes_bundle_and_budget(merged):
     with pytest.raises(ConfigError, match="codes must be one of raw, xz, lowrank"):
         parse_codec("delta:dtype=I8,codes=svd")
     assert parse_codec("delta:dtype=I8,codes=lowrank,bits=0.65").label() == "delta:dtype=I8,codes=lowrank,bits=0.65"
+
+
+def test_lowrank_scales_read_as_one_or_per_row(merged):
+    """A lowrank param's scale is [1] (broadcast to every row) or [rows] (as an earlier encoder wrote
+    them): the same weights either way; any other shape, or [1] where codes are not lowrank, is refused."""
+    from safetensors import safe_open
+
+    from edgemerge.runtime.bundle import CHECKSUM_KEY, _sha256
+
+    path, tasks, d = merged
+    out = str(d / "lr.safetensors")
+    encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I8,codes=lowrank,bits=6"),
+                                "task1": parse_codec("delta:dtype=I8")}, out)
+    b = open_bundle(out)
+    want = {k: v.copy() for k, v in b.task_weights("task0").items()}
+    one = [p for p in b.merged if b.header.tensors[f"dscale/task0/{p.name}"].shape == (1,) and quant_rows(p.shape) > 1]
+    assert one, "no factored param with several rows"
+    b.close()
+
+    def rewrite(name, fn, to):
+        with safe_open(out, "np") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors[name] = fn(tensors[name])
+        sums = json.loads(meta[CHECKSUM_KEY])
+        sums[name] = _sha256(tensors[name])
+        save_file(tensors, to, metadata={**meta, CHECKSUM_KEY: json.dumps(sums)})
+        return to
+
+    p = one[0]
+    rows_file = rewrite(f"dscale/task0/{p.name}", lambda s: np.full(p.shape[0], s[0], np.float32), str(d / "rows.safetensors"))
+    with open_bundle(rows_file, verify=True) as b2:
+        got = b2.task_weights("task0")
+        assert all(got[k].tobytes() == v.tobytes() for k, v in want.items())
+    bad = rewrite(f"dscale/task0/{p.name}", lambda s: np.full(2, s[0], np.float32), str(d / "bad.safetensors"))
+    with pytest.raises(FormatError, match=rf"dscale/task0/{re.escape(p.name)}' is F32 \[2\], the manifest says F32 \[{p.shape[0]}\]"):
+        open_bundle(bad)
+    q = next(q for q in b.merged if quant_rows(q.shape) > 1)
+    raw = rewrite(f"dscale/task1/{q.name}", lambda s: s[:1].copy(), str(d / "raw1.safetensors"))
+    with pytest.raises(FormatError, match=rf"dscale/task1/{re.escape(q.name)}' is F32 \[1\], the manifest says F32 \[{q.shape[0]}\]"):
+        open_bundle(raw)
 
 
 def test_damaged_lowrank_stream_is_refused():

@@ -192,8 +192,10 @@ class Bundle:
                     _check_tensor(h, delta_name(t, p.name), "U8", ((p.numel + 1) // 2,), seen)
                 elif c.name == "delta":
                     _check_tensor(h, delta_name(t, p.name), c.dtype, p.shape, seen)
-                if c.qscale_rows:
-                    _check_tensor(h, dscale_name(t, p.name), "F32", (quant_rows(p.shape),), seen)
+                if c.qscale_rows:  # lowrank codes may hold one scale for every row
+                    e = h.tensors.get(dscale_name(t, p.name))
+                    one = c.codes == "lowrank" and e is not None and e.shape == (1,)
+                    _check_tensor(h, dscale_name(t, p.name), "F32", (1,) if one else (quant_rows(p.shape),), seen)
         for t, keys in self.private_keys.items():
             for k in keys:
                 e = h.tensors.get(private_name(t, k))
@@ -344,7 +346,7 @@ class Bundle:
             if c.dtype == "I4" and p.numel % 2 and codes[-1] & 15:  # as decode_codes checks the xz codes
                 raise FormatError(f"{self.path}: {delta_name(task, param)} has its padding nibble set; the file is damaged")
             return Recipe("delta", delta=codes, packed4=c.dtype == "I4",
-                          qscale=np.asarray(self._view(dscale_name(task, param)), np.float32),
+                          qscale=np.ascontiguousarray(np.broadcast_to(np.asarray(self._view(dscale_name(task, param)), np.float32), (rows,))),
                           qgrid=(rows, p.numel // rows if rows else 0, 0), **fix)
         return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), **fix)
 
