@@ -16,6 +16,7 @@ tensor by tensor, median of interleaved rounds. Writes docs/BENCHMARKS.md and
 docs/frontier.png (published anchor points marked as published, not measured here).
 
     python bench/frontier_bench.py [--suites text,vision] [--seeds 0,1,2] [--no-write] [--settings 'A;B' --no-write]
+    python bench/frontier_bench.py --replot dump.json   # the plot again from a --json dump
 """
 
 from __future__ import annotations
@@ -225,26 +226,40 @@ def proxy_relation(per_seed: list[dict]) -> str:
             f"test accuracy over {len(pairs)} setting × task-seed points: Spearman ρ = {rho:.2f}; " + "; ".join(parts))
 
 
+FAMILIES = (("tswitch", "C0"), ("tall", "C1"), ("emr", "C4"), ("lowrank", "C5"), ("delta", "C2"), ("select", "C3"))
+
+
+def family(label: str) -> str:
+    """The plot's colour group of a setting label: its codec, lowrank codes apart from other deltas."""
+    if label.startswith("select"):
+        return "select"
+    return "lowrank" if "codes=lowrank" in label else label.split(":")[0]
+
+
 def plot(results: dict[str, list[tuple[str, float, float]]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = dict(FAMILIES)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for (suite_name, points), marker in zip(results.items(), "os"):
         for label, bits, norm in points:
-            color = "C0" if label.startswith("tswitch") else "C1" if label.startswith("tall") else "C2" if label.startswith("delta") else "C3"
-            ax.scatter(bits, norm, marker=marker, color=color)
-            ax.annotate(f"{suite_name}: {label.split(':')[-1] if not label.startswith('select') else label[7:]}",
-                        (bits, norm), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.scatter(bits, norm, marker=marker, color=colors[family(label)])
+            short = label[7:] if label.startswith("select") else label.replace("delta:dtype=I8,codes=lowrank,", "lowrank ").replace("delta:dtype=", "")
+            ax.annotate(f"{suite_name}: {short}", (bits, norm), fontsize=5, xytext=(3, 2), textcoords="offset points")
     for label, bits, norm in PUBLISHED:
         ax.scatter(bits, norm, marker="*", s=90, facecolors="none", edgecolors="k")
         ax.annotate(f"published: {label}", (bits, norm), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    handles = [ax.scatter([], [], color=c, label=f) for f, c in FAMILIES]
+    handles += [ax.scatter([], [], marker=m, color="grey", label=f"{s} suite") for m, s in zip("os", results)]
+    handles.append(ax.scatter([], [], marker="*", s=90, facecolors="none", edgecolors="k", label="published, not measured here"))
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("bits per parameter per task (bundle − θ0)")
     ax.set_ylabel("normalized accuracy %, mean over task-seeds")
-    ax.set_title("measured here: o text, s vision (blue tswitch, orange tall, green delta, red selector); * published")
+    ax.set_title("Per-task codecs: accuracy kept against bits (measured here, 3 seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -257,7 +272,13 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--json", help="also dump every number here")
     ap.add_argument("--settings", help="only these codec settings, ';'-separated (a partial run: needs --no-write)")
+    ap.add_argument("--replot", metavar="JSON", help="redraw docs/frontier.png from a --json dump of a full run; runs nothing else")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            dump = json.load(f)
+        plot({name: report(name, per_seed)[2] for name, per_seed in dump.items()}, os.path.join(DOCS, "frontier.png"))
+        return
     settings = tuple(args.settings.split(";")) if args.settings else SETTINGS
     for label in settings:
         parse_codec(label)  # a bad spec fails before any work

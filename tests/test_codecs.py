@@ -996,3 +996,20 @@ def test_emr_elect_mask_rescale_exact(tmp_path):
                 assert w[k].tobytes() == want.astype(np.float32).tobytes(), (t, k)
     with pytest.raises(ConfigError, match="elects its vector from every task: pass the checkpoints of c"):
         encode_bundle(v1, {t: tasks[t] for t in ("a", "b")}, {"a": parse_codec("emr")}, str(tmp_path / "x.safetensors"))
+
+
+def test_frontier_plot_colours_each_codec_apart(tmp_path):
+    """The frontier plot groups points by codec: EMR and the lowrank delta codes each get their own
+    colour (EMR once shared the selector's red), and the plot is a real PNG."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("frontier_bench", os.path.join(os.path.dirname(__file__), "..", "bench", "frontier_bench.py"))
+    fb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fb)
+    labels = ["tswitch:density=0.1", "tall:planes=xz", "emr:planes=xz", "delta:dtype=I8,codes=lowrank,bits=1",
+              "delta:dtype=I4,codes=xz", "select --target 99.5"]
+    assert [fb.family(x) for x in labels] == ["tswitch", "tall", "emr", "lowrank", "delta", "select"]
+    assert len({c for _, c in fb.FAMILIES}) == len(fb.FAMILIES)
+    out = tmp_path / "frontier.png"
+    fb.plot({"text": [(x, 0.5 + i, 90.0 + i) for i, x in enumerate(labels)]}, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
