@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(__file__))
 from common import git_rev, machine, table, write_section  # noqa: E402
 
@@ -113,17 +111,16 @@ def main() -> None:
                 os.makedirs(out)
                 times[name].append(timed(cmd))
                 print(f"round {r + 1} {name}: {times[name][-1][0]:.1f} s, {times[name][-1][1]:.0f} MiB", flush=True)
-        ref = statistics.median(w for w, _ in times[next(iter(runs))])
         inputs = sum(os.path.getsize(f) for f in files) / 2**20
-        rows = []
-        for name, ts in times.items():
-            wall, rss = statistics.median(w for w, _ in ts), statistics.median(m for _, m in ts)
-            rows.append([name, f"{wall:.1f} s", f"{wall / ref:.2f}×", f"{rss:,.0f} MiB", f"{100 * rss / inputs:.1f}%"])
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    text = table(["run", "wall (median)", "÷ mergekit", "peak RSS", "RSS ÷ inputs"], rows)
-    ratio = float(rows[1][2].rstrip("×"))
+    wall = {name: statistics.median(w for w, _ in ts) for name, ts in times.items()}
+    rss = {name: statistics.median(m for _, m in ts) for name, ts in times.items()}
+    mergekit, edgemerge = list(runs)[:2]  # the two one-merged-model runs the goal compares
+    ref, ratio = wall[mergekit], wall[edgemerge] / wall[mergekit]
+    text = table(["run", "wall (median)", "÷ mergekit", "peak RSS", "RSS ÷ inputs"],
+                 [[n, f"{wall[n]:.1f} s", f"{wall[n] / ref:.2f}×", f"{rss[n]:,.0f} MiB", f"{100 * rss[n] / inputs:.1f}%"] for n in runs])
     goal = f"edgemerge TIES ÷ mergekit TIES, one merged model each: {ratio:.2f}× (goal ≤ 0.5 — {'met' if ratio <= 0.5 else 'MISSED'})"
     print(f"\n{text}\n{goal}\nmachine: {machine()}")
     if args.no_write:
