@@ -238,7 +238,8 @@ def _codec_table(entries: list[dict], title: str) -> None:
         why = c.get("chosen_by")
         table.add_row(t["name"], f"{c['name']}:{stored}", f"{c['bits_per_param']:.3f}", f"{c['correction']:,}",
                       f"{c['relative_error']:.4f}" if "relative_error" in c else "-",
-                      "-" if not why else f"{why['score']:.2f}%" + ("" if why["met"] else " (not met: fallback)"))
+                      "-" if not why else ("not scored" if why["score"] is None else f"{why['score']:.2f}%")
+                      + ("" if why["met"] else " (not met: fallback)"))
     console.print(table)
 
 

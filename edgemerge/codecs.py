@@ -666,6 +666,8 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
     candidate (``score=None``: ``weight_fidelity``); ``choose`` picks from these for any target
     without scoring again."""
     specs = [parse_codec(c) for c in candidates]
+    if parse_codec(FALLBACK) not in specs:  # a target no candidate keeps falls back to it: its score is recorded too
+        specs.append(parse_codec(FALLBACK))
     with open_bundle(bundle) as b:
         missing = [t for t in b.tasks if t not in tasks]
         if missing:
@@ -718,6 +720,9 @@ def choose(task: str, tried: list[tuple[str, float, float]], target: float) -> C
 def choice_notes(choices: Mapping[str, Choice], target: float, criterion: str = "validation") -> dict[str, dict[str, Any]]:
     """What the manifest records about each choice (``encode_bundle(notes=...)``); ``criterion``:
     'validation' (a score callback) or 'weight fidelity' (the data-free proxy)."""
-    return {t: {"chosen_by": {"target": target, "criterion": criterion, "score": round(c.normalized, 3), "met": c.met,
-                              "tried": [{"codec": s, "bits": round(b, 4), "normalized": round(n, 3)} for s, b, n in c.tried]}}
+    def pct(x: float) -> float | None:  # a score never measured (a fallback not among the tried) is null, not NaN
+        return round(x, 3) if math.isfinite(x) else None
+
+    return {t: {"chosen_by": {"target": target, "criterion": criterion, "score": pct(c.normalized), "met": c.met,
+                              "tried": [{"codec": s, "bits": round(b, 4), "normalized": pct(n)} for s, b, n in c.tried]}}
             for t, c in choices.items()}

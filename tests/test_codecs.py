@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import edgemerge.runtime.kernel as kernel
-from edgemerge.codecs import encode_bundle, encode_planes, parse_codec, tswitch_planes
+from edgemerge.codecs import Choice, choice_notes, encode_bundle, encode_planes, parse_codec, tswitch_planes
 from edgemerge.errors import CheckpointError, ConfigError, FormatError
 from edgemerge.pipeline import MergeConfig, merge
 from edgemerge.runtime import open_bundle
@@ -921,6 +921,29 @@ def test_cli_merge_to_a_target_picks_the_cheapest_codec_that_keeps_it(tmp_path):
         r = subprocess.run([*cmd, "encode", v1, *task_args, *bad, "-o", x, "--quiet"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
         assert not os.path.exists(x)
+
+
+def test_a_target_no_candidate_keeps_falls_back_scored(tmp_path):
+    """A candidate list without the fallback, at a target none of them keeps: the task is written
+    with delta F16 and its manifest records the fallback's own measured score (it is scored with the
+    candidates), where the fallback used to go unscored and a NaN in the manifest crashed the write."""
+    base, tasks = make_suite(tmp_path, n_tasks=2, scale=0.01)
+    v1 = str(tmp_path / "v1.safetensors")
+    merge(MergeConfig(base=base, tasks=tasks, method="task_arithmetic", private=("head.*",)), v1)
+    out = str(tmp_path / "out.safetensors")
+    cmd = [sys.executable, "-m", "edgemerge", "encode", v1, *(f"--task={t}={p}" for t, p in tasks.items()),
+           "--target", "100", "--candidate", "tswitch:density=0.05", "-o", out, "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    with open_bundle(out) as b:
+        for t in b.manifest["tasks"]:
+            c, why = t["codec"], t["codec"]["chosen_by"]
+            assert (c["name"], c["dtype"], why["met"]) == ("delta", "F16", False)
+            assert [x["codec"] for x in why["tried"]] == ["tswitch:density=0.05,planes=xz", "delta:dtype=F16"]
+            assert why["score"] == why["tried"][1]["normalized"] == pytest.approx(_fidelity(out, t["name"], tasks[t["name"]], base), abs=1e-3)
+            assert why["tried"][0]["normalized"] < why["score"] <= 100  # F16 rounds τ: at most 100 to three places, met False
+    nan = choice_notes({"a": Choice("a", parse_codec("delta:dtype=F16"), 16.0, float("nan"), False, [("tswitch:density=0.1", 0.5, 91.0)])}, 99.0)
+    assert nan["a"]["chosen_by"]["score"] is None and json.dumps(nan, allow_nan=False)
 
 
 def test_tall_with_a_least_squares_scale(merged):
