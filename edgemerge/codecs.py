@@ -678,32 +678,45 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
             specs = [c for c in specs if not (c.name == "tall" and c.planes == "xz")]
     out: dict[str, list[tuple[str, float, float]]] = {}
     total = len(names) * len(specs)
-    for i, t in enumerate(names):
-        ref = None
-        if score is not None:
-            ckpt = open_checkpoint(tasks[t])
-            try:
-                ref = score(t, {k: ckpt.read(k) for k in ckpt.keys()})
-            finally:
-                ckpt.close()
-        out[t] = []
-        for j, spec in enumerate(specs):
-            if progress:
-                progress("choose codecs", i * len(specs) + j, total)
-            m = encode_bundle(bundle, tasks if spec.name == "emr" else {t: tasks[t]}, {t: spec}, scratch)  # emr elects from all
-            entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
-            bits = entry["bits_per_param"] + (tall_share if spec.name in ("tall", "emr") else 0.0)
-            if score is None:
-                got = weight_fidelity(entry["relative_error"])
-            else:
-                with open_bundle(scratch) as v2:
-                    got = 100 * score(t, v2.task_weights(t)) / ref if ref else 0.0
-            out[t].append((spec.label(), bits, got))
-    if os.path.exists(scratch):
-        os.unlink(scratch)
+    try:
+        for i, t in enumerate(names):
+            ref = None
+            if score is not None:
+                ckpt = open_checkpoint(tasks[t])
+                try:
+                    ref = _checked_score(score(t, {k: ckpt.read(k) for k in ckpt.keys()}), t, "its own checkpoint")
+                finally:
+                    ckpt.close()
+            out[t] = []
+            for j, spec in enumerate(specs):
+                if progress:
+                    progress("choose codecs", i * len(specs) + j, total)
+                m = encode_bundle(bundle, tasks if spec.name == "emr" else {t: tasks[t]}, {t: spec}, scratch)  # emr elects from all
+                entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
+                bits = entry["bits_per_param"] + (tall_share if spec.name in ("tall", "emr") else 0.0)
+                if score is None:
+                    got = weight_fidelity(entry["relative_error"])
+                else:
+                    with open_bundle(scratch) as v2:
+                        got = 100 * _checked_score(score(t, v2.task_weights(t)), t, spec.label()) / ref if ref else 0.0
+                out[t].append((spec.label(), bits, got))
+    finally:  # the scratch candidate goes, after an error too
+        if os.path.exists(scratch):
+            os.unlink(scratch)
     if progress:
         progress("choose codecs", total, total)
     return out
+
+
+def _checked_score(value, task: str, what: str) -> float:
+    """A score callback's value as a float; a ConfigError naming the task where it is not a finite number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not math.isfinite(v):
+        raise ConfigError(f"score for task {task!r} ({what}) is {value!r}; it must be a finite number")
+    return v
 
 
 def choose(task: str, tried: list[tuple[str, float, float]], target: float) -> Choice:

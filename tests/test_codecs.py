@@ -745,6 +745,11 @@ def test_selector_picks_the_cheapest_candidate_that_meets_the_target(merged):
     for bad in (0, 100.5, float("nan")):
         with pytest.raises(ConfigError, match="must be a percentage in \\(0, 100\\]"):
             select_codecs(path, tasks, score, bad, str(d / "s.safetensors"))
+    for bad, where in ((lambda task, w, seen=[]: seen.append(1) or (1.0 if len(seen) == 1 else float("nan")), "tswitch:density=0.1"),
+                       (lambda task, w: None, "its own checkpoint")):  # a score that is not a finite number, as the λ search refuses one
+        with pytest.raises(ConfigError, match=f"score for task 'task0' \\({re.escape(where)}.*must be a finite number"):
+            select_codecs(path, tasks, bad, 99.0, str(d / "s.safetensors"), candidates=cands)
+        assert not os.path.exists(d / "s.safetensors")  # the scratch candidate is gone after the error too
 
 
 def test_a_codec_that_would_rebuild_infinities_is_refused(tmp_path):
