@@ -663,8 +663,9 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
                    candidates: tuple[str, ...] = CANDIDATES,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, list[tuple[str, float, float]]]:
     """Per task, (candidate, bits it adds per merged param, score in % of θ_t's) for every
-    candidate (``score=None``: ``weight_fidelity``); ``choose`` picks from these for any target
-    without scoring again."""
+    candidate (``score=None``: ``weight_fidelity``), ``FALLBACK`` among them even when not listed;
+    ``choose`` picks from these for any target without scoring again. A score that is not a
+    finite number is a ConfigError."""
     specs = [parse_codec(c) for c in candidates]
     if parse_codec(FALLBACK) not in specs:  # a target no candidate keeps falls back to it: its score is recorded too
         specs.append(parse_codec(FALLBACK))
