@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__
 from .checkpoints import Checkpoint, file_sha256, open_checkpoint
-from .errors import CheckpointError, ConfigError, FormatError
+from .errors import CheckpointError, ConfigError, FormatError, finite_score
 from .inspect import PER_TASK
 from .io import write_safetensors
 from .runtime.bundle import (
@@ -685,7 +685,7 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
             if score is not None:
                 ckpt = open_checkpoint(tasks[t])
                 try:
-                    ref = _checked_score(score(t, {k: ckpt.read(k) for k in ckpt.keys()}), t, "its own checkpoint")
+                    ref = finite_score(score(t, {k: ckpt.read(k) for k in ckpt.keys()}), f"task {t!r} (its own checkpoint)")
                 finally:
                     ckpt.close()
             out[t] = []
@@ -699,7 +699,7 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
                     got = weight_fidelity(entry["relative_error"])
                 else:
                     with open_bundle(scratch) as v2:
-                        got = 100 * _checked_score(score(t, v2.task_weights(t)), t, spec.label()) / ref if ref else 0.0
+                        got = 100 * finite_score(score(t, v2.task_weights(t)), f"task {t!r} ({spec.label()})") / ref if ref else 0.0
                 out[t].append((spec.label(), bits, got))
     finally:  # the scratch candidate goes, after an error too
         if os.path.exists(scratch):
@@ -707,17 +707,6 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
     if progress:
         progress("choose codecs", total, total)
     return out
-
-
-def _checked_score(value, task: str, what: str) -> float:
-    """A score callback's value as a float; a ConfigError naming the task where it is not a finite number."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v):
-        raise ConfigError(f"score for task {task!r} ({what}) is {value!r}; it must be a finite number")
-    return v
 
 
 def choose(task: str, tried: list[tuple[str, float, float]], target: float) -> Choice:

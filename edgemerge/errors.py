@@ -6,6 +6,8 @@ the message of an ``EdgemergeError`` as one line and exits non-zero; anything el
 
 from __future__ import annotations
 
+import math
+
 
 class EdgemergeError(Exception):
     """Base class: a user-facing problem with input, configuration or environment."""
@@ -34,3 +36,15 @@ class BackendError(EdgemergeError):
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> str:
     """Message for an unknown name that lists the valid ones."""
     return f"unknown {kind} {name!r}; valid: {', '.join(sorted(valid)) or '(none)'}"
+
+
+def finite_score(value, where: str) -> float:
+    """A validation score callback's value as a float; a ConfigError naming ``where`` (the task and
+    what was scored) when it is not a finite number (NaN, inf, None, a string)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v):
+        raise ConfigError(f"score for {where} is {value!r}; it must be a finite number")
+    return v

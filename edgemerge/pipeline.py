@@ -34,7 +34,7 @@ from .checkpoints import (
     STAT_POLICIES, STATISTICS, VARIANCES, Checkpoint, Plan, matches, nonfinite_problem, open_checkpoint, plan_merge,
     pread_elements,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, finite_score
 from .io import Lazy, check_writable, refuse_inputs, remove_stale
 from .methods import Method, get_method
 from .methods.parts import Chunk
@@ -511,10 +511,7 @@ def _choose(config: MergeConfig, stats: TallStats, scratch, inputs: Inputs, plan
             continue
         vals = []
         for j, lam in enumerate(config.lambdas):
-            v = float(score(name, lam, _weights_at(inputs, plan, scratch, i, j, name)))
-            if not math.isfinite(v):
-                raise ConfigError(f"score for task {name!r} at λ={lam} is {v}; it must be a finite number")
-            vals.append(v)
+            vals.append(finite_score(score(name, lam, _weights_at(inputs, plan, scratch, i, j, name)), f"task {name!r} at λ={lam}"))
         scores[name] = vals
         choice.append(int(np.argmax(vals)))
     return choice, scores

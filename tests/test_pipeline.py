@@ -204,6 +204,17 @@ def test_validation_score_chooses_lambda(suite, tmp_path):
     assert b.manifest["mask"]["selection"] == "validation"
 
 
+def test_validation_score_that_is_not_a_number_is_refused(suite, tmp_path):
+    """The λ search refuses a score that is no finite number (as the codec selector does), naming
+    the task and λ, and writes nothing; None used to escape as a TypeError."""
+    base, tasks = suite
+    for bad in (float("nan"), None):
+        out = tmp_path / "b.safetensors"
+        with pytest.raises(ConfigError, match=rf"score for task 'task0' at λ=\S+ is {bad!r}; it must be a finite number"):
+            merge(MergeConfig(base, tasks, "ties", private=("head.*",)), out, score=lambda task, lam, w: bad)
+        assert not out.exists()
+
+
 def test_reconstruction_default_picks_largest_lambda_below_one(suite, tmp_path):
     base, tasks = suite
     r = merge(MergeConfig(base, tasks, "ties", private=("head.*",)), tmp_path / "b.safetensors")
