@@ -13,7 +13,7 @@ call hands ONNX Runtime only the activations:
 - ``input on the left``: (W @ xᵀ)ᵀ, W a graph input (the few-rows layout).
 
 Rows per call 1 / 4 / 16 / 64, on every core and on one; every variant's output is checked against
-the constant's first; median of interleaved rounds (tests and the other benches: bench/common.py).
+the constant's first; median of interleaved rounds (inference_bench's, each call repeated ~50 ms a round).
 
     python bench/gemm_bench.py [--rounds 11] [--no-write]
 """
@@ -68,8 +68,8 @@ def graph(variant: str, ws: list[np.ndarray], rows: int) -> tuple[bytes, dict[st
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), feeds
 
 
-def runners(ws: list[np.ndarray], rows: int, threads: int) -> tuple[dict, np.ndarray]:
-    """Per variant a call that runs it on fixed activations, weights bound once; and the activations."""
+def runners(ws: list[np.ndarray], rows: int, threads: int) -> dict:
+    """Per variant a call that runs it on fixed activations, weights bound once."""
     import onnxruntime as ort
 
     x = np.random.default_rng(1).standard_normal((rows, D), dtype=np.float32)
@@ -98,7 +98,7 @@ def runners(ws: list[np.ndarray], rows: int, threads: int) -> tuple[dict, np.nda
             ref = y
         np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3, err_msg=f"{v} computes another product")
         fns[v] = call
-    return fns, x
+    return fns
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def main() -> None:
     rows_out = []
     for threads in (0, 1):
         for rows in (int(r) for r in args.rows.split(",")):
-            fns, _ = runners(ws, rows, threads)
+            fns = runners(ws, rows, threads)
             med = _interleaved(fns, args.rounds)
             base = med["constant"]
             rows_out.append(["all" if threads == 0 else "1", str(rows), f"{1e3 * base:.3f} ms"]
