@@ -251,7 +251,7 @@ def _codec_table(entries: list[dict], title: str) -> None:
               help="Codec for every task (default tswitch): tall[:planes=raw|xz,scale=ls], tswitch[:density=0.1,planes=xz|raw], "
                    "emr[:planes=xz|raw] (needs every task's checkpoint), delta[:dtype=F16|BF16|F32|I8|I4] (I8 / I4 also qmax=N, "
                    "fit=mse|absmax|step with step=MULTIPLE of the tensor's RMS of τ, codes=raw|xz; I8 also codes=lowrank,bits=B: "
-                   "int8 SVD factors to B bits per param); any takes "
+                   "int8 SVD factors, B bits per param as stored); any takes "
                    "correction=SHARE (e.g. 0.001).")
 @click.option("--codec-for", "per_task", multiple=True, metavar="NAME=SPEC", help="Codec for one task (repeat).")
 @click.option("--target", type=float, default=None, metavar="PERCENT",

@@ -9,7 +9,7 @@ A codec spec is ``name[:key=value,...]``:
 |---|---|---|
 | ``tall`` | ``planes=raw|xz`` | its TALL mask over the shared τ_MTL (xz: compressed at rest) |
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
-| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz``; I8 also ``codes=lowrank`` with ``bits`` (bits per merged param for the task, 1) | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest; lowrank: the codes rebuilt from int8 factors of a truncated SVD of each matrix, the ranks allotted across the task's tensors to the budget) |
+| ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz``; I8 also ``codes=lowrank`` with ``bits`` (bits per merged param the task stores, 1) and ``step`` (its small params' step, 0.5) | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest; lowrank: the codes rebuilt from int8 factors of a truncated SVD of each matrix, the ranks allotted across the task's tensors to the budget) |
 
 and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
@@ -63,7 +63,7 @@ class CodecSpec:
     qmax: int = 0               # quantized delta: largest code (0: the dtype's, QMAX)
     fit: str = "mse"            # quantized delta: how each row's scale is chosen (FITS)
     codes: str = "raw"          # quantized delta: codes at rest, raw, xz or lowrank (I8)
-    step: float = 0.5           # quantized delta, fit=step: the step as a multiple of the tensor's RMS of τ
+    step: float = 0.5           # quantized delta, fit=step (and codes=lowrank's small params): the step as a multiple of the tensor's RMS of τ
     bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, scales)
 
     def label(self) -> str:
@@ -79,6 +79,8 @@ class CodecSpec:
             parts.append(f"codes={self.codes}")
         if self.codes == "lowrank":
             parts.append(f"bits={self.bits:g}")
+            if self.step != CodecSpec.step:
+                parts.append(f"step={self.step:g}")
         if self.scale != "none":
             parts.append(f"scale={self.scale}")
         if self.correction:
@@ -120,8 +122,11 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: qmax must be in [1, {QMAX[spec.dtype]}] for dtype {spec.dtype}")
     if spec.fit not in FITS:
         raise ConfigError(f"codec {text!r}: fit must be one of {', '.join(FITS)}")
-    if "step" in kw and spec.fit != "step":
-        raise ConfigError(f"codec {text!r}: step applies to fit=step (add fit=step, or drop step)")
+    if "fit" in kw and spec.codes == "lowrank":
+        raise ConfigError(f"codec {text!r}: codes=lowrank quantizes its small params with one step (step=MULTIPLE of the "
+                          "tensor's RMS of τ, 0.5): drop fit")
+    if "step" in kw and spec.fit != "step" and spec.codes != "lowrank":
+        raise ConfigError(f"codec {text!r}: step applies to fit=step or codes=lowrank (add fit=step, or drop step)")
     if not (math.isfinite(spec.step) and spec.step > 0):
         raise ConfigError(f"codec {text!r}: step must be a number > 0 (a multiple of the tensor's RMS of τ; 0.5 is the default)")
     if spec.codes not in CODE_ENCODINGS:
@@ -227,55 +232,66 @@ def quantize_rows(tau: np.ndarray, shape: tuple[int, ...], qmax: int, fit: str =
 
 
 LOWRANK_MIN_DIM = 16  # a param with fewer rows or columns keeps plain I8 codes (kind 0)
+LOWRANK_SEARCH = 10   # bisection steps on the factors' share of the budget (the stored bytes found within ~0.1%)
 
 
 def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
     """``codes: lowrank`` for one task, to the budget ``spec.bits``: per merged param (τ flat, shape)
-    its I8 codes, stored scales and record (docs/format.md §8). Each [m, n] matrix (rows: the first
-    dim) with m, n ≥ 16 gets a truncated SVD; the components of all of them compete for the budget
-    (``bits`` × the merged params, counting every record's bytes and the float32 scales) by σ² per
-    bit, so the ranks go where they remove the most squared error, which is what weight fidelity
-    measures. Smaller params keep plain I8 codes and row scales as ``quantize_rows`` fits them.
-    Their cost and each factored param's shift bytes and scale come first: a budget below that fixed
-    part keeps every rank 0 (and is exceeded). A kept factor pair is A = U√S and B = √S Vᵀ: B
+    its I8 codes, stored scale ([1], one for every row) and record (docs/format.md §8). The budget
+    is what the task stores: its records' xz stream plus one float32 scale per param, at most
+    ``bits`` × the merged params. Each [m, n] matrix (rows: the first dim) with m, n ≥ 16 gets a
+    truncated SVD; the components of all of them compete for the factors' share by σ² per bit, so
+    the ranks go where they remove the most squared error, which is what weight fidelity measures.
+    That share is found by bisection on the bytes the whole stream takes once compressed (factor
+    bytes compress to about 5 bits each on the vision suite, and by how much depends on the task).
+    Smaller params (biases, norms, a depthwise conv's [C, 9]) keep plain I8 codes with one step for
+    the tensor (``quantize_rows`` with ``fit=step`` at ``spec.step`` × its RMS of τ_t): they
+    compress to about 2.4 bits each where per-row least-squares codes took 5, and the budget they no
+    longer take goes to the ranks (on the vision suite, +3 to +4 points of agreement at 0.3 stored
+    bits). A budget below the fixed part (those codes, each factored param's shift bytes and
+    scale) keeps every rank 0 and is exceeded. A kept factor pair is A = U√S and B = √S Vᵀ: B
     quantized per component to int8, its scales folded into A, then A quantized with one scale for
     the whole matrix, so every component's code product weighs the same and one float32 scale (the
     least-squares fit of the codes to τ) serves the param: per-row scales cost 32 bits a row, which
-    on narrow matrices (a depthwise conv's [C, 25]) is most of a sub-bit budget, and keep less
-    weight fidelity at every budget measured on both suites. The codes are ``lowrank_codes`` of the
-    factors with one shift e for every row (the least that brings |A·B| within 127; its m equal
-    bytes compress). Holds every matrix's SVD at once (about twice τ_t)."""
+    on narrow matrices is most of a sub-bit budget. (Coarser factors, ±15 or ±31 at equal stored
+    bytes, buy more rank and more weight fidelity yet lose up to 9 points of agreement on the vision
+    suite; int8 factors score as float ones do.) The codes are ``lowrank_codes`` of the factors with
+    one shift e for every row (the least that brings |A·B| within 127). Holds every matrix's SVD at
+    once (about twice τ_t)."""
     total = sum(t.size for t, _ in taus)
-    budget = spec.bits * total
+    target = spec.bits * total
     grids = [(quant_rows(shape), t.size // quant_rows(shape) if quant_rows(shape) else 0) for t, shape in taus]
     svd: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for i, ((t, _), (m, n)) in enumerate(zip(taus, grids)):
+    small: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    fixed = 0
+    for i, ((t, shape), (m, n)) in enumerate(zip(taus, grids)):
         if min(m, n) >= LOWRANK_MIN_DIM:
             svd[i] = np.linalg.svd(t.reshape(m, n), full_matrices=False)
-            budget -= 8 * (1 + 4 + m) + 32
+            fixed += 8 * (1 + 4 + m) + 32
         else:
-            budget -= 8 * (1 + m * n) + 32 * m
+            q, scale = quantize_rows(t, shape, QMAX["I8"], "step", spec.step)
+            small[i] = (q, scale[:1] if scale.size else np.zeros(1, np.float32))
+            fixed += 8 * len(xz_stream(b"\x00" + q.tobytes())) + 32
     # every component by its σ² per bit; a param's components come in order of σ, so a rank is a prefix
     cands = [(float(sv) ** 2 / (8 * (grids[i][0] + grids[i][1])), i) for i, (_, S, _) in svd.items() for sv in S if sv > 0]
     cands.sort(key=lambda c: -c[0])
-    rank = dict.fromkeys(svd, 0)
-    for _, i in cands:
-        m, n = grids[i]
-        cost = 8 * (m + n)
-        if cost > budget or rank[i] >= LOWRANK_MAX_RANK or (rank[i] + 1) * (m + n) + m + 4 > m * n:
-            continue
-        rank[i] += 1
-        budget -= cost
-    out = []
-    for i, ((t, shape), (m, n)) in enumerate(zip(taus, grids)):
-        if i not in svd:
-            q, scale = quantize_rows(t, shape, spec.qmax or QMAX["I8"], spec.fit, spec.step)
-            out.append((q, scale, b"\x00" + q.tobytes()))
-            continue
-        r = rank[i]
+
+    def allot(budget: float) -> tuple[int, ...]:
+        """The ranks the greedy keeps when the factors may take ``budget`` bits at 8 per element."""
+        rank = dict.fromkeys(svd, 0)
+        for _, i in cands:
+            m, n = grids[i]
+            cost = 8 * (m + n)
+            if cost > budget or rank[i] >= LOWRANK_MAX_RANK or (rank[i] + 1) * (m + n) + m + 4 > m * n:
+                continue
+            rank[i] += 1
+            budget -= cost
+        return tuple(rank.get(i, 0) for i in range(len(taus)))
+
+    def factored(i: int, r: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+        t, (m, n) = taus[i][0], grids[i]
         if r == 0:
-            out.append((np.zeros(t.size, np.int8), np.zeros(1, np.float32), b"\x01" + (0).to_bytes(4, "little")))
-            continue
+            return np.zeros(t.size, np.int8), np.zeros(1, np.float32), b"\x01" + (0).to_bytes(4, "little")
         U, S, Vt = svd[i]
         root = np.sqrt(S[:r])
         a, b = U[:, :r] * root, root[:, None] * Vt[:r]
@@ -292,9 +308,37 @@ def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec
         qf, tf = q.astype(np.float64), t.reshape(m, n).astype(np.float64)
         den = float(np.einsum("ij,ij->", qf, qf))
         scale = np.full(1, float(np.einsum("ij,ij->", qf, tf)) / den if den > 0 else 0, np.float32)
-        rec = b"\x01" + r.to_bytes(4, "little") + bytes([e]) * m + qa.tobytes() + qb.tobytes()
-        out.append((q.reshape(-1), scale, rec))
-    return out
+        return q.reshape(-1), scale, b"\x01" + r.to_bytes(4, "little") + bytes([e]) * m + qa.tobytes() + qb.tobytes()
+
+    built: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, bytes]] = {}
+
+    def build(ranks: tuple[int, ...]) -> tuple[list[tuple[np.ndarray, np.ndarray, bytes]], int]:
+        out = []
+        for i in range(len(taus)):
+            if i in small:
+                q, scale = small[i]
+                out.append((q, scale, b"\x00" + q.tobytes()))
+            else:
+                if (i, ranks[i]) not in built:
+                    built[i, ranks[i]] = factored(i, ranks[i])
+                out.append(built[i, ranks[i]])
+        return out, 8 * len(xz_stream(b"".join(rec for _, _, rec in out))) + 32 * len(out)
+
+    lo, hi = 0.0, 4.0 * max(target - fixed, 0.0)  # a factor element stores in ≥ 2 bits: hi never fits unless no rank is left to add
+    best = build(allot(lo))[0]
+    top, top_bits = build(allot(hi))
+    if top_bits <= target:
+        return top
+    for _ in range(LOWRANK_SEARCH):
+        if hi - lo <= 8 * (LOWRANK_MIN_DIM * 2):  # less than the cheapest component: nothing more to find
+            break
+        mid = (lo + hi) / 2
+        out, got = build(allot(mid))
+        if got <= target:
+            lo, best = mid, out
+        else:
+            hi = mid
+    return best
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -613,7 +657,8 @@ def _belongs(name: str, task: str) -> bool:
 # -- choosing a codec per task --------------------------------------------------------------------
 
 CANDIDATES = ("tswitch:density=0.05", "tswitch:density=0.1", "tswitch:density=0.2", "tswitch:density=0.3",
-              "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=1.5",
+              "delta:dtype=I8,codes=lowrank,bits=0.35", "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=0.75",
+              "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=1.5",
               "delta:dtype=I8,codes=lowrank,bits=2", "delta:dtype=I8,codes=lowrank,bits=3",
               "tswitch:density=0.3,correction=0.01", "tall:planes=xz", "tall:planes=xz,scale=ls", "emr:planes=xz",
               "delta:dtype=I4,qmax=2,codes=xz", "delta:dtype=I4,codes=xz",

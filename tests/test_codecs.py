@@ -445,7 +445,7 @@ def test_step_fit_bundle(merged):
             assert set(stored[f"dscale/{t}/{name}"].tolist()) == {s}  # one step for every row
             if t == "task0":  # I8 holds every code here: each weight within half a step of θ_t
                 assert (np.abs(b.task_weights(t)[name] - src[t][name]) <= s / 2 * (1 + 1e-5) + 1e-7).all()
-    for bad, msg in (("delta:dtype=I8,step=0.5", "step applies to fit=step"), ("delta:dtype=I8,fit=step,step=0", "step must be a number > 0"),
+    for bad, msg in (("delta:dtype=I8,step=0.5", "step applies to fit=step or codes=lowrank"), ("delta:dtype=I8,fit=step,step=0", "step must be a number > 0"),
                      ("delta:dtype=I8,fit=step,step=nan", "step must be a number > 0"), ("delta:dtype=F16,step=1", "apply to a quantized delta"),
                      ("delta:dtype=I8,fit=step,step=x", "step and bits are numbers")):
         with pytest.raises(ConfigError, match=msg):
@@ -538,40 +538,58 @@ def test_lowrank_codes_golden_and_exact_at_the_rank_bound():
 
 def test_lowrank_codes_bundle_and_budget(merged):
     """codes=lowrank: a valid v2 file whose reader rebuilds the encoder's codes, smaller than the
-    same task's raw I8 codes, within its bits budget, and closer to θ_t with a larger budget."""
+    same task's raw I8 codes; the budget is what the task stores (its xz stream and scales), met
+    from below and nearly filled while ranks are left to add; closer to θ_t with a larger budget;
+    small params hold one-step codes (``fit=step`` at the spec's step) and one scale."""
+    from edgemerge.codecs import quantize_rows
     from edgemerge.runtime.codecs import decode_lowrank
 
     path, tasks, d = merged
-    fid = {}
-    for bits in (2.0, 6.0):  # above the fixed cost (the bias's codes and scale, each factored matrix's shift bytes and scale)
+    fid, ranks = {}, {}
+    src, base = load_file(tasks["task0"]), load_file(str(d / "base.safetensors"))
+    for bits, step in ((2.0, 0.5), (3.0, 0.5), (6.0, 2.0)):  # above the fixed cost (the bias's codes and scale, each matrix's shift bytes and scale)
         out = str(d / f"lr{bits}.safetensors")
-        m = encode_bundle(path, tasks, {"task0": parse_codec(f"delta:dtype=I8,codes=lowrank,bits={bits}")}, out)
+        label = f"delta:dtype=I8,codes=lowrank,bits={bits:g}" + (f",step={step:g}" if step != 0.5 else "")
+        assert parse_codec(label).label() == label
+        m = encode_bundle(path, tasks, {"task0": parse_codec(label)}, out)
         b = open_bundle(out, verify=True)
         assert b.codecs["task0"].codes == "lowrank" and b.codecs["task0"].describe() == "delta I8 (lowrank codes)"
         assert "dcodes/task0" in b.header.tensors and not any(n.startswith("delta/task0/") for n in b.header.tensors)
         entry = next(e for e in m["tasks"] if e["name"] == "task0")["codec"]
-        assert entry["codes"] == "lowrank" and entry["bits_per_param"] <= bits
+        stored = 8 * sum(t.end - t.start for n, t in b.header.tensors.items() if n.startswith(("dcodes/task0", "dscale/task0/")))
+        merged_n = sum(p.numel for p in b.merged)
+        assert entry["codes"] == "lowrank" and entry["bits_per_param"] <= bits and stored <= bits * merged_n
         fid[bits] = entry["relative_error"]
         records = lzma.decompress(b._view("dcodes/task0").tobytes())
         assert records[0] == 0 and records[1 + 48] == 1  # the bias as codes, the first matrix as factors
         codes = decode_lowrank("x", b._view("dcodes/task0"), [p.shape for p in b.merged])
-        pos = 0
-        for p in b.merged:  # a factored param: one scale and one shift for every row; a kind-0 one: row scales
+        pos, ranks[bits] = 0, []
+        for p, q in zip(b.merged, codes):  # every param: one scale for every row; a factored one also one shift
             rows = quant_rows(p.shape)
             kind, rank = records[pos], int.from_bytes(records[pos + 1 : pos + 5], "little")
-            assert b.header.tensors[f"dscale/task0/{p.name}"].shape == ((1,) if kind == 1 else (rows,))
+            assert b.header.tensors[f"dscale/task0/{p.name}"].shape == (1,)
             if kind == 1:
                 assert rank == 0 or len(set(records[pos + 5 : pos + 5 + rows])) == 1
+                ranks[bits].append(rank)
                 pos += 5 + (rows + rank * p.numel // rows + rank * rows if rank else 0)
-            else:
+            else:  # the spec's one step for the tensor, exactly as quantize_rows fits it
+                tau = src[p.name].astype(np.float32).reshape(-1) - base[p.name].astype(np.float32).reshape(-1)
+                want, scale = quantize_rows(tau, p.shape, 127, "step", step)
+                assert q.tobytes() == want.tobytes() and np.asarray(b._view(f"dscale/task0/{p.name}")).tobytes() == scale[:1].tobytes()
                 pos += 1 + p.numel
         assert pos == len(records)
+        if bits == 3.0:  # ranks left to add: the budget is nearly all used (one more component of the cheapest matrix would not fit)
+            cheapest = min(8 * (quant_rows(p.shape) + p.numel // quant_rows(p.shape)) for p in b.merged
+                           if min(quant_rows(p.shape), p.numel // quant_rows(p.shape)) >= 16)
+            assert stored > bits * merged_n - 2 * cheapest, (stored, bits * merged_n)
         for p, q in zip(b.merged, codes):  # the reader's weights are the I8 rule over the decoded codes
             r = b.recipe("task0", p.name)
             assert np.array_equal(r.codes(), q)
             assert b.task_weights("task0")[p.name].tobytes() == rebuild_reference(b.base(p.name), None, r).reshape(p.shape).tobytes()
         b.close()
-    assert fid[6.0] < fid[2.0]
+    assert fid[6.0] < fid[3.0] < fid[2.0] and sum(ranks[2.0]) < sum(ranks[3.0])
+    with pytest.raises(ConfigError, match="codes=lowrank quantizes its small params with one step"):
+        parse_codec("delta:dtype=I8,codes=lowrank,fit=mse")
     lowrank_kind = [p for p in open_bundle(str(d / "lr6.0.safetensors")).merged if min(p.shape[0], p.numel // p.shape[0]) >= 16]
     assert lowrank_kind, "the test model has no matrix the lowrank records factor"
     with pytest.raises(ConfigError, match="codes=lowrank rebuilds I8 codes: use dtype=I8"):
