@@ -36,7 +36,7 @@ from common import git_rev, machine, table, write_section  # noqa: E402
 
 from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec, weight_fidelity  # noqa: E402
 from edgemerge.demo import DemoOptions, run_demo  # noqa: E402
-from edgemerge.inspect import bits_per_param_per_task  # noqa: E402
+from edgemerge.inspect import PER_TASK, bits_per_param_per_task  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
 from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suite, get_kind  # noqa: E402
 
@@ -108,6 +108,20 @@ def bits_per_param_task(path: str) -> float:
         return bits_per_param_per_task(b)
 
 
+def bits_by_part(path: str) -> dict[str, float]:
+    """The bits per param per task beyond θ0, split: the tasks' codec data, their private tensors
+    (heads, per-task statistics), the shared vectors, and the header (tensor table, manifest, checksums)."""
+    with open_bundle(path) as b:
+        unit = 8 / sum(p.numel for p in b.merged) / len(b.tasks)
+        parts = dict.fromkeys(("codec", "private", "shared"), 0.0)
+        for name, e in b.header.tensors.items():
+            kind = name.split("/", 1)[0]
+            part = "codec" if kind in PER_TASK else "private" if kind == "task" else "shared" if kind in ("vector", "elected") else None
+            if part:
+                parts[part] += (e.end - e.start) * unit
+        return {**parts, "header": (os.path.getsize(path) - sum(e.end - e.start for e in b.header.tensors.values())) * unit}
+
+
 def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ...] = SETTINGS) -> dict:
     with tempfile.TemporaryDirectory() as out:  # the demo builds (or reuses) checkpoints + TALL bundle
         r = run_demo(DemoOptions(suite=suite_name, seed=seed, out=out, deploy=False))
@@ -138,7 +152,7 @@ def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ..
                 tried_fid[t].append((spec.label(), e["codec"]["bits_per_param"] + share, weight_fidelity(e["codec"]["relative_error"])))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res["fidelity"] = {t: tried_fid[t][-1][2] for t in tasks}
-        res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]))
+        res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), parts=bits_by_part(path), switch=switch_ratio(path, tasks[0]))
         rows[label] = res
         log(f"  {suite_name} seed {seed} {label}: {res['bits']:.3f} bits, {np.mean(list(res['norm'].values())):.2f}% "
             f"normalized, switch {res['switch']:.2f}x memcpy")
@@ -148,7 +162,7 @@ def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ..
         choices = {t: choose(t, tr, target) for t, tr in (tried if criterion == "validation" else tried_fid).items()}
         m = encode_bundle(v1, ckpts, {t: c.spec for t, c in choices.items()}, path, notes=choice_notes(choices, target, criterion))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
-        res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), switch=switch_ratio(path, tasks[0]),
+        res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), parts=bits_by_part(path), switch=switch_ratio(path, tasks[0]),
                    chosen={t: c.spec.label() for t, c in choices.items()}, met={t: c.met for t, c in choices.items()},
                    fidelity={e["name"]: weight_fidelity(e["codec"]["relative_error"]) for e in m["tasks"]})
         rows[f"select --target {target:g}" + ("" if criterion == "validation" else " (weight fidelity, no data)")] = res
@@ -188,6 +202,10 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
     goals.append(f"`--target 99.5`: worst task-seed {worst_n:.2f}% normalized, worst agreement {worst_a:.2f}%, "
                  f"{np.mean([r['bits'] for r in sel]):.3f} bits/param/task (mean over seeds; highest seed {bits:.3f}) "
                  f"(goal: ≥ 99%, ≥ 99%, ≤ 0.65 — {'met' if ok else 'MISSED'})")
+    split = [label for label in labels if "codes=lowrank" in label][:1] + ["select --target 99.5"]
+    goals.append("bits/param/task beyond θ0 by part (mean over seeds): " + "; ".join(
+        f"{label}: " + ", ".join(f"{part} {np.mean([s[label]['parts'][part] for s in per_seed]):.3f}"
+                                 for part in ("codec", "private", "header", "shared")) for label in split if "parts" in per_seed[0][label]))
     choice = {}
     for s in sel:
         for t, c in s["chosen"].items():

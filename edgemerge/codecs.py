@@ -36,7 +36,7 @@ from .runtime.bundle import (
 )
 from .runtime.codecs import (
     CODE_ENCODINGS, CODECS, LOWRANK_MAX_RANK, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name,
-    decode_codes, decode_planes, delta_name, dscale_name, fix_name, lowrank_codes, planes_name,
+    decode_codes, decode_planes, delta_name, dscales_name, fix_name, lowrank_codes, planes_name,
     quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
@@ -629,8 +629,12 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
         else:
             for p, d in o.deltas.items():
                 tensors[delta_name(t, p)] = d
-        for p, sc in o.dscales.items():
-            tensors[dscale_name(t, p)] = sc
+        if c.qscale_rows:  # v3: every param's scales in one tensor (a header entry each cost ~25x its 4 bytes)
+            for p in b.merged:
+                if o.dscales[p.name].shape != (c.qscale_count(p.shape),):
+                    raise FormatError(f"{output}: task {t!r}, tensor {p.name!r}: the encoder made {o.dscales[p.name].size} "
+                                      f"scales where the format holds {c.qscale_count(p.shape)}")
+            tensors[dscales_name(t)] = np.concatenate([o.dscales[p.name] for p in b.merged]).astype(np.float32)
         if c.correction:
             tensors[fix_name(t)] = np.concatenate(o.fixes)
         task_bytes = sum(v.nbytes for k, v in tensors.items() if _belongs(k, t))
@@ -643,7 +647,7 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
             entry["recon_error"] = math.sqrt(o.sq_err)
             entry["codec"]["relative_error"] = round(math.sqrt(o.sq_err / o.sq_ref), 6)
     manifest = dict(b.manifest)
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3 if any(o.codec.qscale_rows for o in outs.values()) else 2
     manifest["tool_version"] = __version__
     manifest["tasks"] = [entries[t] for t in b.tasks]
     meta = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}

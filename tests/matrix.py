@@ -266,6 +266,7 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
     pos, fixes = 0, raw.get(f"fix/{task}")
     dcodes = raw.get(f"dcodes/{task}")  # a quantized delta's codes as one xz stream, params in manifest order
     dcodes, cpos = (lzma.decompress(dcodes.tobytes()) if dcodes is not None else b""), 0
+    spos = 0  # v3: every param's scales in dscale/<task>, params in manifest order
 
     def bits(count):
         nonlocal pos
@@ -327,8 +328,12 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
                 if codec["dtype"] == "I4":  # nibbles, high first, two's complement
                     q = np.stack([q >> 4, q & 15], axis=1).reshape(-1)[: b.size].astype(np.int8)
                     q = np.where(q > 7, q - 16, q).astype(np.int8)
-                s = raw[f"dscale/{task}/{p['name']}"]  # a scale per row, or with lowrank codes one for every row
                 rows = b.shape[0] if b.ndim >= 2 else 1
+                if manifest["format_version"] >= 3:  # one scale with lowrank codes, else one per row
+                    k = 1 if codec.get("codes") == "lowrank" else rows
+                    s, spos = raw[f"dscale/{task}"][spos : spos + k], spos + k
+                else:  # v2: a tensor per param; a scale per row, or with lowrank codes one for every row
+                    s = raw[f"dscale/{task}/{p['name']}"]
                 assert s.shape == (rows,) or (s.shape == (1,) and codec.get("codes") == "lowrank"), "dscale shape"
                 res = b32 + (q.reshape(rows, -1).astype(np.float32) * np.broadcast_to(s, (rows,))[:, None]).reshape(-1)
             else:
@@ -341,6 +346,7 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
         j += 1
         out[p["name"]] = res.reshape(b.shape)
     assert pos == len(data) and used == k_fix and cpos == len(dcodes), "planes or codes tensor not consumed exactly"
+    assert manifest["format_version"] < 3 or spos == raw.get(f"dscale/{task}", np.zeros(0)).size, "dscale/<task> not consumed exactly"
     for k in manifest["private"].get(task, []):
         out[k] = raw[f"task/{task}/{k}"]
     return out

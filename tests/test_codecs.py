@@ -350,7 +350,7 @@ def test_cli_encode_and_inspect(merged):
     p = subprocess.run([sys.executable, "-m", "edgemerge", "inspect", out, "--json"], capture_output=True, text=True, timeout=60)
     s = json.loads(p.stdout)
     assert [t["codec"] for t in s["tasks"]] == ["tswitch", "delta I8 (xz codes)", "delta F16"]
-    assert s["tasks"][2]["bits_per_param"] == 16.0 and s["format_version"] == 2
+    assert s["tasks"][2]["bits_per_param"] == 16.0 and s["format_version"] == 3  # v3: task1's quantized delta
     bad = subprocess.run([*args[:-9], "--codec", "tswitch:q=1", "-o", str(d / "x.safetensors")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "codec 'tswitch' has no parameter 'q'" in bad.stderr
     assert not os.path.exists(d / "x.safetensors")
@@ -388,7 +388,8 @@ def test_quantized_delta_bundle(merged):
     encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I4,fit=absmax"), "task1": parse_codec("delta:dtype=I8,fit=absmax")}, out)
     b = open_bundle(out, verify=True)
     assert b.header.tensors["delta/task0/enc.0.weight"].dtype == "U8" and b.header.tensors["delta/task0/enc.0.weight"].shape == (480,)
-    assert b.header.tensors["dscale/task1/enc.1.weight"].shape == (33,)
+    assert b.version == 3 and b.header.tensors["dscale/task1"].shape == (sum(quant_rows(p.shape) for p in b.merged),)
+    assert b._qscales("task1", [p.name for p in b.merged].index("enc.1.weight")).shape == (33,)
     src = {t: load_file(tasks[t]) for t in tasks}
     base = load_file(str(d / "base.safetensors"))
     for t, qmax in (("task0", 7), ("task1", 127)):
@@ -442,7 +443,7 @@ def test_step_fit_bundle(merged):
         for name in ("enc.0.weight", "enc.1.weight"):
             tau = src[t][name] - base[name]
             s = np.float32(k * np.sqrt(np.mean(np.square(tau, dtype=np.float64))))
-            assert set(stored[f"dscale/{t}/{name}"].tolist()) == {s}  # one step for every row
+            assert set(b._qscales(t, [p.name for p in b.merged].index(name)).tolist()) == {s}  # one step for every row
             if t == "task0":  # I8 holds every code here: each weight within half a step of θ_t
                 assert (np.abs(b.task_weights(t)[name] - src[t][name]) <= s / 2 * (1 + 1e-5) + 1e-7).all()
     for bad, msg in (("delta:dtype=I8,step=0.5", "step applies to fit=step or codes=lowrank"), ("delta:dtype=I8,fit=step,step=0", "step must be a number > 0"),
@@ -555,8 +556,9 @@ def test_lowrank_codes_bundle_and_budget(merged):
         b = open_bundle(out, verify=True)
         assert b.codecs["task0"].codes == "lowrank" and b.codecs["task0"].describe() == "delta I8 (lowrank codes)"
         assert "dcodes/task0" in b.header.tensors and not any(n.startswith("delta/task0/") for n in b.header.tensors)
+        assert b.header.tensors["dscale/task0"].shape == (len(b.merged),)  # v3: one scale per param, in one tensor
         entry = next(e for e in m["tasks"] if e["name"] == "task0")["codec"]
-        stored = 8 * sum(t.end - t.start for n, t in b.header.tensors.items() if n.startswith(("dcodes/task0", "dscale/task0/")))
+        stored = 8 * sum(t.end - t.start for n, t in b.header.tensors.items() if n in ("dcodes/task0", "dscale/task0"))
         merged_n = sum(p.numel for p in b.merged)
         assert entry["codes"] == "lowrank" and entry["bits_per_param"] <= bits and stored <= bits * merged_n
         fid[bits] = entry["relative_error"]
@@ -564,10 +566,10 @@ def test_lowrank_codes_bundle_and_budget(merged):
         assert records[0] == 0 and records[1 + 48] == 1  # the bias as codes, the first matrix as factors
         codes = decode_lowrank("x", b._view("dcodes/task0"), [p.shape for p in b.merged])
         pos, ranks[bits] = 0, []
-        for p, q in zip(b.merged, codes):  # every param: one scale for every row; a factored one also one shift
+        for i, (p, q) in enumerate(zip(b.merged, codes)):  # every param: one scale for every row; a factored one also one shift
             rows = quant_rows(p.shape)
             kind, rank = records[pos], int.from_bytes(records[pos + 1 : pos + 5], "little")
-            assert b.header.tensors[f"dscale/task0/{p.name}"].shape == (1,)
+            assert b._qscales("task0", i).shape == (1,)
             if kind == 1:
                 assert rank == 0 or len(set(records[pos + 5 : pos + 5 + rows])) == 1
                 ranks[bits].append(rank)
@@ -575,7 +577,7 @@ def test_lowrank_codes_bundle_and_budget(merged):
             else:  # the spec's one step for the tensor, exactly as quantize_rows fits it
                 tau = src[p.name].astype(np.float32).reshape(-1) - base[p.name].astype(np.float32).reshape(-1)
                 want, scale = quantize_rows(tau, p.shape, 127, "step", step)
-                assert q.tobytes() == want.tobytes() and np.asarray(b._view(f"dscale/task0/{p.name}")).tobytes() == scale[:1].tobytes()
+                assert q.tobytes() == want.tobytes() and b._qscales("task0", i).tobytes() == scale[:1].tobytes()
                 pos += 1 + p.numel
         assert pos == len(records)
         if bits == 3.0:  # ranks left to add: the budget is nearly all used (one more component of the cheapest matrix would not fit)
@@ -603,44 +605,76 @@ def test_lowrank_codes_bundle_and_budget(merged):
     assert parse_codec("delta:dtype=I8,codes=lowrank,bits=0.65").label() == "delta:dtype=I8,codes=lowrank,bits=0.65"
 
 
-def test_lowrank_scales_read_as_one_or_per_row(merged):
-    """A lowrank param's scale is [1] (broadcast to every row) or [rows] (as an earlier encoder wrote
-    them): the same weights either way; any other shape, or [1] where codes are not lowrank, is refused."""
+def test_v2_per_param_scales_still_read_and_v3_scales_checked(merged):
+    """Format v3 holds a quantized delta's scales in one tensor per task; a v2 file (a tensor per
+    param) reads to the same weights. In v2 a lowrank param's scale is [1] (broadcast to every row)
+    or [rows] (as an earlier encoder wrote them); any other shape, or [1] where codes are not
+    lowrank, is refused, and so is a v3 scales tensor of the wrong length."""
     from safetensors import safe_open
 
-    from edgemerge.runtime.bundle import CHECKSUM_KEY, _sha256
+    from edgemerge.runtime.bundle import CHECKSUM_KEY, MANIFEST_KEY, _sha256
 
     path, tasks, d = merged
     out = str(d / "lr.safetensors")
-    encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I8,codes=lowrank,bits=6"),
-                                "task1": parse_codec("delta:dtype=I8")}, out)
+    m = encode_bundle(path, tasks, {"task0": parse_codec("delta:dtype=I8,codes=lowrank,bits=6"),
+                                    "task1": parse_codec("delta:dtype=I8")}, out)
+    assert m["format_version"] == 3
     b = open_bundle(out)
-    want = {k: v.copy() for k, v in b.task_weights("task0").items()}
-    one = [p for p in b.merged if b.header.tensors[f"dscale/task0/{p.name}"].shape == (1,) and quant_rows(p.shape) > 1]
+    want = {t: {k: v.copy() for k, v in b.task_weights(t).items()} for t in ("task0", "task1")}
+    one = [p for i, p in enumerate(b.merged) if b._qscales("task0", i).shape == (1,) and quant_rows(p.shape) > 1]
     assert one, "no factored param with several rows"
+    counts = {t: [b.codecs[t].qscale_count(p.shape) for p in b.merged] for t in ("task0", "task1")}
+    names = [p.name for p in b.merged]
     b.close()
 
-    def rewrite(name, fn, to):
-        with safe_open(out, "np") as f:
+    def rewrite(src, edit, to, version=None):
+        with safe_open(src, "np") as f:
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-        tensors[name] = fn(tensors[name])
-        sums = json.loads(meta[CHECKSUM_KEY])
-        sums[name] = _sha256(tensors[name])
-        save_file(tensors, to, metadata={**meta, CHECKSUM_KEY: json.dumps(sums)})
+        edit(tensors)
+        if version is not None:
+            man = json.loads(meta[MANIFEST_KEY])
+            man["format_version"] = version
+            meta[MANIFEST_KEY] = json.dumps(man)
+        meta[CHECKSUM_KEY] = json.dumps({k: _sha256(v) for k, v in tensors.items()})
+        save_file(tensors, to, metadata=meta)
         return to
 
+    def split(tensors):  # v3 -> v2: dscale/<task> into dscale/<task>/<param>
+        for t, c in counts.items():
+            whole, at = tensors.pop(f"dscale/{t}"), np.cumsum([0] + c)
+            for i, n in enumerate(names):
+                tensors[f"dscale/{t}/{n}"] = whole[at[i] : at[i + 1]].copy()
+
+    v2 = rewrite(out, split, str(d / "v2.safetensors"), version=2)
+    with open_bundle(v2, verify=True) as b2:
+        assert b2.version == 2
+        for t in want:
+            got = b2.task_weights(t)
+            assert all(got[k].tobytes() == v.tobytes() for k, v in want[t].items())
     p = one[0]
-    rows_file = rewrite(f"dscale/task0/{p.name}", lambda s: np.full(p.shape[0], s[0], np.float32), str(d / "rows.safetensors"))
+
+    def setter(name, fn):
+        def edit(tensors):
+            tensors[name] = fn(tensors[name])
+        return edit
+
+    rows_file = rewrite(v2, setter(f"dscale/task0/{p.name}", lambda s: np.full(p.shape[0], s[0], np.float32)), str(d / "rows.safetensors"))
     with open_bundle(rows_file, verify=True) as b2:
         got = b2.task_weights("task0")
-        assert all(got[k].tobytes() == v.tobytes() for k, v in want.items())
-    bad = rewrite(f"dscale/task0/{p.name}", lambda s: np.full(2, s[0], np.float32), str(d / "bad.safetensors"))
+        assert all(got[k].tobytes() == v.tobytes() for k, v in want["task0"].items())
+    bad = rewrite(v2, setter(f"dscale/task0/{p.name}", lambda s: np.full(2, s[0], np.float32)), str(d / "bad.safetensors"))
     with pytest.raises(FormatError, match=rf"dscale/task0/{re.escape(p.name)}' is F32 \[2\], the manifest says F32 \[{p.shape[0]}\]"):
         open_bundle(bad)
     q = next(q for q in b.merged if quant_rows(q.shape) > 1)
-    raw = rewrite(f"dscale/task1/{q.name}", lambda s: s[:1].copy(), str(d / "raw1.safetensors"))
+    raw = rewrite(v2, setter(f"dscale/task1/{q.name}", lambda s: s[:1].copy()), str(d / "raw1.safetensors"))
     with pytest.raises(FormatError, match=rf"dscale/task1/{re.escape(q.name)}' is F32 \[1\], the manifest says F32 \[{q.shape[0]}\]"):
         open_bundle(raw)
+    short = rewrite(out, setter("dscale/task1", lambda s: s[:-1].copy()), str(d / "short.safetensors"))
+    n1 = sum(counts["task1"])
+    with pytest.raises(FormatError, match=rf"'dscale/task1' is F32 \[{n1 - 1}\], the manifest says F32 \[{n1}\]"):
+        open_bundle(short)
+    with pytest.raises(FormatError, match="tensor 'dscale/task0' named by the manifest is missing"):  # v2 tensors in a v3 file
+        open_bundle(rewrite(v2, lambda t: None, str(d / "mixed.safetensors"), version=3))
 
 
 def test_damaged_lowrank_stream_is_refused():

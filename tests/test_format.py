@@ -175,11 +175,11 @@ def test_bundle_reader_rejects_newer_version(tmp_path):
 
     def bump(h):
         m = json.loads(h["__metadata__"]["edgemerge.manifest"])
-        m["format_version"] = 3
+        m["format_version"] = 4
         h["__metadata__"]["edgemerge.manifest"] = json.dumps(m)
 
     _rewrite_header(p, bump)
-    with pytest.raises(FormatError, match="v3 is newer than this edgemerge reads"):
+    with pytest.raises(FormatError, match=r"v4 is newer than this edgemerge reads \(v3\); upgrade"):
         open_bundle(p)
 
 

@@ -19,14 +19,14 @@ import numpy as np
 from ..errors import ConfigError, FormatError, TaskError, unknown_name
 from .bits import BIT_ORDER, packed_nbytes, unpack_bits
 from .codecs import (
-    Codec, Recipe, SwitchPlan, dcodes_name, decode_codes, decode_planes, delta_name, dscale_name, fix_name, planes_name, quant_rows, rebuild,
+    Codec, Recipe, SwitchPlan, dcodes_name, decode_codes, decode_planes, delta_name, dscale_name, dscales_name, fix_name, planes_name, quant_rows, rebuild,
     scales_name,
 )
 from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .safetensors import Header, map_file, parse_json, read_header, tensor_view
 
 FORMAT_NAME = "edgemerge.bundle"
-FORMAT_VERSION = 2  # the newest this reader knows; writers emit 1 unless a task needs a v2 codec
+FORMAT_VERSION = 3  # the newest this reader knows; writers emit 1 unless a task needs a v2 codec, 3 with quantized deltas
 MANIFEST_KEY = "edgemerge.manifest"
 CHECKSUM_KEY = "edgemerge.sha256"
 MASK_POLICIES = ("tall", "none")
@@ -137,6 +137,7 @@ class Bundle:
         self._decode_lock = threading.Lock()
         self.aliases: dict[str, str] = dict(manifest.get("aliases", {}))  # tied name -> stored param
         self.checksums: dict[str, str] = self._parse_checksums()
+        self._dscale_at: dict[str, list[int]] = {}  # v3: task -> where each merged param's scales start in dscale/<task>
         self._validate_tensors()
         self.verify_policy = verify
         self._verified: set[str] = set()
@@ -174,6 +175,10 @@ class Bundle:
                 _check_tensor(h, scales_name(t), "F32", (len(self.merged),), seen)
             if c.correction:
                 _check_tensor(h, fix_name(t), "F16", (c.correction,), seen)
+            if c.qscale_rows and self.version >= 3:
+                counts = [c.qscale_count(p.shape) for p in self.merged]
+                self._dscale_at[t] = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
+                _check_tensor(h, dscales_name(t), "F32", (self._dscale_at[t][-1],), seen)
         for p in self.params:
             _check_tensor(h, base_name(p.name), p.dtype, p.shape, seen)
             if p.role == "carried":
@@ -192,7 +197,7 @@ class Bundle:
                     _check_tensor(h, delta_name(t, p.name), "U8", ((p.numel + 1) // 2,), seen)
                 elif c.name == "delta":
                     _check_tensor(h, delta_name(t, p.name), c.dtype, p.shape, seen)
-                if c.qscale_rows:  # lowrank codes may hold one scale for every row
+                if c.qscale_rows and self.version < 3:  # v2: a tensor per param; lowrank codes may hold one scale for every row
                     e = h.tensors.get(dscale_name(t, p.name))
                     one = c.codes == "lowrank" and e is not None and e.shape == (1,)
                     _check_tensor(h, dscale_name(t, p.name), "F32", (1,) if one else (quant_rows(p.shape),), seen)
@@ -346,9 +351,16 @@ class Bundle:
             if c.dtype == "I4" and p.numel % 2 and codes[-1] & 15:  # as decode_codes checks the xz codes
                 raise FormatError(f"{self.path}: {delta_name(task, param)} has its padding nibble set; the file is damaged")
             return Recipe("delta", delta=codes, packed4=c.dtype == "I4",
-                          qscale=np.ascontiguousarray(np.broadcast_to(np.asarray(self._view(dscale_name(task, param)), np.float32), (rows,))),
+                          qscale=np.ascontiguousarray(np.broadcast_to(self._qscales(task, i), (rows,))),
                           qgrid=(rows, p.numel // rows if rows else 0, 0), **fix)
         return Recipe("delta", delta=self._view(delta_name(task, param)).reshape(-1), **fix)
+
+    def _qscales(self, task: str, i: int) -> np.ndarray:
+        """The stored scales of a quantized delta's ``i``-th merged param: [rows] or [1]."""
+        at = self._dscale_at.get(task)
+        if at is None:  # v2
+            return np.asarray(self._view(dscale_name(task, self.merged[i].name)), np.float32)
+        return np.asarray(self._view(dscales_name(task))[at[i] : at[i + 1]], np.float32)
 
     def mask(self, task: str, param: str) -> np.ndarray:
         p = self.param(param)

@@ -62,6 +62,11 @@ def dscale_name(task: str, param: str) -> str:
     return f"dscale/{task}/{param}"
 
 
+def dscales_name(task: str) -> str:
+    """Format v3: every merged param's quantization scales of ``task`` in one tensor."""
+    return f"dscale/{task}"
+
+
 QUANT_DTYPES = ("I8", "I4")  # delta quantized per row: signed 8-bit, or 4-bit two's complement nibbles
 
 
@@ -122,6 +127,11 @@ class Codec:
     def qscale_rows(self) -> bool:
         """A quantized delta (codes + one float32 scale per row)."""
         return self.name == "delta" and self.dtype in QUANT_DTYPES
+
+    def qscale_count(self, shape: tuple[int, ...]) -> int:
+        """Scales a quantized delta holds for a param of ``shape`` in format v3's ``dscale/<task>``:
+        one with lowrank codes (broadcast to every row), else one per row."""
+        return 1 if self.codes == "lowrank" else quant_rows(shape)
 
     @property
     def uses_codes_tensor(self) -> bool:
