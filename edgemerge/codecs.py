@@ -35,15 +35,15 @@ from .runtime.bundle import (
     MANIFEST_KEY, Bundle, base_name, elected_name, mask_name, open_bundle, private_name, vector_name,
 )
 from .runtime.codecs import (
-    CODE_ENCODINGS, CODECS, LOWRANK_MAX_RANK, PLANE_ENCODINGS, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name,
+    CODE_ENCODINGS, CODECS, LOWRANK_MAX_RANK, PLANE_ENCODINGS, PRIVATE_DTYPES, QUANT_DTYPES, TALL_SCALES, Codec, Recipe, dcodes_name,
     decode_codes, decode_planes, delta_name, dscales_name, fix_name, lowrank_codes, planes_name,
     quant_rows, rebuild, scales_name,
 )
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
-KEYS = {"tall": {"planes", "scale", "correction"}, "tswitch": {"density", "planes", "correction"}, "emr": {"planes", "correction"},
-        "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits"}}
+KEYS = {"tall": {"planes", "scale", "correction", "private"}, "tswitch": {"density", "planes", "correction", "private"},
+        "emr": {"planes", "correction", "private"}, "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits", "private"}}
 QMAX = {"I8": 127, "I4": 7}          # the largest code each quantized dtype holds
 FITS = ("mse", "absmax", "step")     # a quantized row's scale: least squared error over clip levels, max|τ| / qmax,
 #                                      or one step for the whole tensor (step × its RMS of τ; for codes=xz)
@@ -65,6 +65,7 @@ class CodecSpec:
     codes: str = "raw"          # quantized delta: codes at rest, raw, xz or lowrank (I8)
     step: float = 0.5           # quantized delta, fit=step (and codes=lowrank's small params): the step as a multiple of the tensor's RMS of τ
     bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, scales)
+    private: str = "raw"        # any codec: the task's float32 private tensors (heads, statistics) as they are, or in F16 / BF16
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
@@ -85,6 +86,8 @@ class CodecSpec:
             parts.append(f"scale={self.scale}")
         if self.correction:
             parts.append(f"correction={self.correction:g}")
+        if self.private != "raw":
+            parts.append(f"private={self.private}")
         return f"{self.name}:{','.join(parts)}"
 
 
@@ -102,7 +105,8 @@ def parse_codec(text: str) -> CodecSpec:
     try:
         spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
                          float(kw.get("correction", 0.0)), kw.get("scale", "none"), int(kw.get("qmax", 0)),
-                         kw.get("fit", "mse"), kw.get("codes", "raw"), float(kw.get("step", 0.5)), float(kw.get("bits", 1.0)))
+                         kw.get("fit", "mse"), kw.get("codes", "raw"), float(kw.get("step", 0.5)), float(kw.get("bits", 1.0)),
+                         kw.get("private", "raw"))
     except ValueError:
         raise ConfigError(f"codec {text!r}: density, correction, step and bits are numbers, qmax an integer") from None
     if not 0 < spec.density <= 1:
@@ -113,6 +117,9 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: planes must be one of {', '.join(PLANE_ENCODINGS)}")
     if spec.dtype not in VECTOR_DTYPES + QUANT_DTYPES:
         raise ConfigError(f"codec {text!r}: dtype must be one of {', '.join(VECTOR_DTYPES + QUANT_DTYPES)}")
+    if spec.private not in ("raw", *PRIVATE_DTYPES):
+        raise ConfigError(f"codec {text!r}: private must be one of raw, {', '.join(PRIVATE_DTYPES)} (the dtype the task's "
+                          "float32 private tensors, its head and statistics, are stored in)")
     if spec.scale not in TALL_SCALES:
         raise ConfigError(f"codec {text!r}: scale must be one of {', '.join(TALL_SCALES)}")
     quant = spec.dtype in QUANT_DTYPES
@@ -371,6 +378,7 @@ class _TaskOut:
     sq_err: float = 0.0
     sq_ref: float = 0.0
     density: float | None = None    # share of params the codec changes (tswitch, delta)
+    private: str = "raw"            # the dtype the task's float32 private tensors are stored in (raw: as they are)
 
 
 def _read_task(ckpt: Checkpoint, key: str, bundle: Bundle, task: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -391,7 +399,7 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
     k_fix = int(round(spec.correction * total))
     codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix,
                   spec.scale if spec.name == "tall" else "none", spec.codes if spec.name == "delta" else "raw")
-    out = _TaskOut(codec)
+    out = _TaskOut(codec, private=spec.private)
     errors: list[np.ndarray] = []
     rebuilt: list[np.ndarray] = []
     kept = 0
@@ -536,7 +544,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
         elif specs[t].planes == "xz":
             outs[t] = _encode_task(b, t, None, specs[t])
         else:
-            outs[t] = _TaskOut(Codec("tall", "raw"))
+            outs[t] = _TaskOut(Codec("tall", "raw"), private=specs[t].private)
     if progress:
         progress("encode", len(b.tasks), len(b.tasks))
     return _write_v2(b, outs, output, notes or {}, election)
@@ -609,9 +617,18 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
                 codes = encode_codes(o.codec.dtype, [o.deltas[p.name] for p in b.merged])
             if len(codes) >= sum(d.nbytes for d in o.deltas.values()):  # the stream loses (tiny or dense codes): keep them raw
                 o.codec, codes = replace(o.codec, codes="raw"), None
+        half = []
+        for k, v in b.private(t).items():  # with private=F16 / BF16, the float32 ones in that dtype
+            if o.private != "raw" and v.dtype == np.float32:
+                with np.errstate(over="ignore"):
+                    v = v.astype(DTYPES[o.private])
+                if not np.isfinite(v.astype(np.float32)).all():
+                    raise CheckpointError(f"task {t!r}, private tensor {k!r}: beyond {o.private}'s range; "
+                                          "encode it with private=BF16 or raw")
+                half.append(k)
+            tensors[private_name(t, k)] = v
+        o.codec = replace(o.codec, private=o.private if half else "raw", private_keys=tuple(half))
         c = o.codec
-        for k in b.private_keys[t]:
-            tensors[private_name(t, k)] = b.private(t)[k]
         if c.name == "tall" and c.planes == "raw" and b.mask_policy == "tall":
             for p in b.merged:
                 tensors[mask_name(t, p.name)] = b.tall_presence(t, p.name)
@@ -647,7 +664,8 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
             entry["recon_error"] = math.sqrt(o.sq_err)
             entry["codec"]["relative_error"] = round(math.sqrt(o.sq_err / o.sq_ref), 6)
     manifest = dict(b.manifest)
-    manifest["format_version"] = 3 if any(o.codec.qscale_rows for o in outs.values()) else 2
+    # v3 where a v2 reader would misread: scales in one tensor, or half private tensors (a key it would ignore)
+    manifest["format_version"] = 3 if any(o.codec.qscale_rows or o.codec.private_keys for o in outs.values()) else 2
     manifest["tool_version"] = __version__
     manifest["tasks"] = [entries[t] for t in b.tasks]
     meta = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}

@@ -43,6 +43,7 @@ N_TASKS = 3
 # after a few layers that is a few ulps of the largest logit: 8 ulps.
 TOLERANCE = {"fp32": 1e-5, "fp16": 8 * 2.0 ** -10}
 ROOT = Path(__file__).resolve().parent.parent
+DTYPE_OF = {"F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}  # a safetensors dtype as numpy reads it
 
 
 def _logits_of(cls):
@@ -347,18 +348,23 @@ def rule_weights_v2(bundle_path: str, task: str) -> dict[str, np.ndarray]:
         out[p["name"]] = res.reshape(b.shape)
     assert pos == len(data) and used == k_fix and cpos == len(dcodes), "planes or codes tensor not consumed exactly"
     assert manifest["format_version"] < 3 or spos == raw.get(f"dscale/{task}", np.zeros(0)).size, "dscale/<task> not consumed exactly"
+    half = codec.get("private", {"keys": []})  # float32 private tensors stored in F16 / BF16: read as float32
     for k in manifest["private"].get(task, []):
         out[k] = raw[f"task/{task}/{k}"]
+        if k in half["keys"]:
+            assert out[k].dtype == DTYPE_OF[half["dtype"]], f"private {k} is {out[k].dtype}, the codec says {half['dtype']}"
+            out[k] = out[k].astype(np.float32)
     return out
 
 
 # a mix of three codecs per architecture (bert and vit share one); lowrank codes go to gpt2, whose
 # matrices are wide enough to be factored (resnet's test model has none: its codes would stay raw)
 _TALL_LS = "tall:planes=xz,scale=ls,correction=0.01"
+# private=F16 / BF16 go to the archs with private tensors (heads; resnet's per-task BatchNorm statistics)
 CODEC_MIXES = {"gpt2": ("tswitch:density=0.3,correction=0.01", "delta:dtype=I8,codes=lowrank,bits=2,correction=0.001", _TALL_LS),
-               "resnet": ("tswitch:density=0.3,correction=0.01", "delta:dtype=F16,correction=0.001", _TALL_LS),
-               "bert": ("emr:planes=xz,correction=0.01", "emr:planes=raw", "tall:planes=raw,scale=ls"),
-               "vit": ("emr:planes=xz,correction=0.01", "emr:planes=raw", "tall:planes=raw,scale=ls"),
+               "resnet": ("tswitch:density=0.3,correction=0.01,private=F16", "delta:dtype=F16,correction=0.001,private=BF16", _TALL_LS),
+               "bert": ("emr:planes=xz,correction=0.01,private=F16", "emr:planes=raw", "tall:planes=raw,scale=ls,private=BF16"),
+               "vit": ("emr:planes=xz,correction=0.01", "emr:planes=raw,private=F16", "tall:planes=raw,scale=ls"),
                "llama": ("tswitch:density=0.3,planes=raw", "delta:dtype=I4,qmax=3,codes=xz,correction=0.001", "delta:dtype=I8,qmax=2,codes=xz")}
 
 

@@ -281,7 +281,7 @@ def test_bad_codec_specs_and_inputs(merged):
     path, tasks, d = merged
     with pytest.raises(ConfigError, match="unknown codec 'tswich'.*valid: tall, tswitch, delta"):
         parse_codec("tswich")
-    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: bits, codes, correction, dtype, fit, qmax"):
+    with pytest.raises(ConfigError, match="codec 'delta' has no parameter 'density'.*valid: bits, codes, correction, dtype, fit, private, qmax"):
         parse_codec("delta:density=0.1")
     for bad, msg in (("tswitch:density=0", "density must be in"), ("tswitch:density=x", "are numbers"),
                      ("tall:correction=1", "correction must be in"), ("tall:planes=zip", "planes must be one of"),
@@ -603,6 +603,66 @@ def test_lowrank_codes_bundle_and_budget(merged):
     with pytest.raises(ConfigError, match="codes must be one of raw, xz, lowrank"):
         parse_codec("delta:dtype=I8,codes=svd")
     assert parse_codec("delta:dtype=I8,codes=lowrank,bits=0.65").label() == "delta:dtype=I8,codes=lowrank,bits=0.65"
+
+
+def test_private_tensors_in_half_dtypes(merged):
+    """``private=F16`` / ``BF16`` stores a task's float32 private tensors (its head) in that dtype and
+    every reader serves float32(stored): the file says which keys (a v3 file, since a v2 reader would
+    ignore the key and serve half floats); raw keeps them as they are; a value beyond F16's range is
+    refused, naming the tensor; a damaged record is refused."""
+    from edgemerge.runtime.dtypes import DTYPES as RT
+
+    path, tasks, d = merged
+    out = str(d / "half.safetensors")
+    m = encode_bundle(path, tasks, {"task0": parse_codec("tswitch:density=0.3,private=F16"),
+                                    "task1": parse_codec("delta:dtype=F16,private=BF16"), "task2": parse_codec("tall:planes=xz")}, out)
+    assert m["format_version"] == 3 and parse_codec("tswitch:density=0.3,private=F16").label() == "tswitch:density=0.3,planes=xz,private=F16"
+    codec = {e["name"]: e["codec"] for e in m["tasks"]}
+    assert codec["task0"]["private"] == {"dtype": "F16", "keys": ["head.weight"]} and "private" not in codec["task2"]
+    b = open_bundle(out, verify=True)
+    for t, dt in (("task0", "F16"), ("task1", "BF16"), ("task2", None)):
+        src, got = load_file(tasks[t]), b.private(t)
+        for k in b.private_keys[t]:
+            stored = b.header.tensors[f"task/{t}/{k}"].dtype
+            assert stored == (dt or "F32") and b.private_dtype(t, k) == "F32" and got[k].dtype == np.float32
+            want = src[k] if dt is None else src[k].astype(RT[dt]).astype(np.float32)
+            assert got[k].tobytes() == want.tobytes() and b.task_weights(t)[k].tobytes() == want.tobytes()
+            if dt:
+                assert not np.array_equal(got[k], src[k])  # rounded: the test sees the cast
+    b.close()
+    big = d / "big.safetensors"
+    sd = load_file(tasks["task0"])
+    sd["head.weight"][1, 2] = 7e4  # beyond float16's 65504
+    save_file(sd, str(big))
+    v1 = str(d / "big-b.safetensors")
+    merge(MergeConfig(str(d / "base.safetensors"), {**tasks, "task0": str(big)}, private=("head.*",)), v1)
+    with pytest.raises(CheckpointError, match="task 'task0', private tensor 'head.weight': beyond F16's range; encode it with private=BF16 or raw"):
+        encode_bundle(v1, {**tasks, "task0": str(big)}, {"task0": parse_codec("delta:dtype=F16,private=F16")}, str(d / "never.safetensors"))
+    assert not os.path.exists(d / "never.safetensors")
+    with pytest.raises(ConfigError, match="private must be one of raw, F16, BF16"):
+        parse_codec("delta:dtype=F16,private=I8")
+    from safetensors import safe_open
+
+    from edgemerge.runtime.bundle import CHECKSUM_KEY, MANIFEST_KEY, _sha256
+
+    def damaged(edit_codec, edit_tensors=lambda t: None):
+        with safe_open(out, "np") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        man = json.loads(meta[MANIFEST_KEY])
+        edit_codec(man["tasks"][0]["codec"])
+        edit_tensors(tensors)
+        meta[MANIFEST_KEY] = json.dumps(man)
+        meta[CHECKSUM_KEY] = json.dumps({k: _sha256(v) for k, v in tensors.items()})
+        to = str(d / "damaged.safetensors")
+        save_file(tensors, to, metadata=meta)
+        return to
+
+    with pytest.raises(FormatError, match="codec 'private' names keys the task has no private tensor for"):
+        open_bundle(damaged(lambda c: c["private"]["keys"].append("head.nothing")))
+    with pytest.raises(FormatError, match="codec 'private' must be"):
+        open_bundle(damaged(lambda c: c["private"].update(dtype="I8")))
+    with pytest.raises(FormatError, match="private tensor 'task/task0/head.weight' is F32, the codec says F16"):
+        open_bundle(damaged(lambda c: None, lambda t: t.update({"task/task0/head.weight": t["task/task0/head.weight"].astype(np.float32)})))
 
 
 def test_v2_per_param_scales_still_read_and_v3_scales_checked(merged):

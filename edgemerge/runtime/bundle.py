@@ -202,9 +202,13 @@ class Bundle:
                     one = c.codes == "lowrank" and e is not None and e.shape == (1,)
                     _check_tensor(h, dscale_name(t, p.name), "F32", (1,) if one else (quant_rows(p.shape),), seen)
         for t, keys in self.private_keys.items():
+            half = self.codecs[t].private_keys
+            _expect(set(half) <= set(keys), self.path, f"task {t!r}: codec 'private' names keys the task has no private tensor for")
             for k in keys:
                 e = h.tensors.get(private_name(t, k))
                 _expect(e is not None, self.path, f"private tensor {private_name(t, k)!r} is missing")
+                _expect(k not in half or e.dtype == self.codecs[t].private, self.path,
+                        f"private tensor {e.name!r} is {e.dtype}, the codec says {self.codecs[t].private}")
                 seen.add(e.name)
         names = {p.name for p in self.params}
         for a, c in self.aliases.items():
@@ -377,7 +381,13 @@ class Bundle:
 
     def private(self, task: str) -> dict[str, np.ndarray]:
         self.check_task(task)
-        return {k: self._view(private_name(task, k)) for k in self.private_keys[task]}
+        half = self.codecs[task].private_keys  # stored in F16 / BF16, served as the float32 they were
+        return {k: self._view(private_name(task, k)).astype(np.float32) if k in half else self._view(private_name(task, k))
+                for k in self.private_keys[task]}
+
+    def private_dtype(self, task: str, key: str) -> str:
+        """The dtype ``private(task)[key]`` is served in (F32 where the codec stores it in a half dtype)."""
+        return "F32" if key in self.codecs[task].private_keys else self.header.tensors[private_name(task, key)].dtype
 
     def task_weight(self, task: str, param: Param) -> np.ndarray:
         """θ_t for one parameter (a fresh array for merged params, a view for carried ones)."""

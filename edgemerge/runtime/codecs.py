@@ -37,6 +37,7 @@ from .dtypes import DTYPES, VECTOR_DTYPES
 from .kernel import OP_Q8, OP_SCALED, OP_SIGN, _apply_c, _cmask, apply_mask, c_job, check_out, run_jobs, select_job, select_operands
 
 CODECS = ("tall", "tswitch", "delta", "emr")
+PRIVATE_DTYPES = ("F16", "BF16")  # what a task's float32 private tensors may be stored in (codec key ``private``)
 PLANE_ENCODINGS = ("raw", "xz")
 CODE_ENCODINGS = ("raw", "xz", "lowrank")  # a quantized delta's codes at rest (lowrank: I8 only)
 LOWRANK_MAX_RANK = 1023  # r·128² < 2²⁴: every partial sum of a factor product is an exact float32 integer
@@ -107,6 +108,8 @@ class Codec:
     scale: str = "none"             # tall: "none", or "ls" (a float32 scale per tensor in scale/<task>)
     codes: str = "raw"              # quantized delta: "raw" (a tensor per param), or one stream dcodes/<task>:
     #                                 "xz" (the codes compressed), "lowrank" (I8 codes rebuilt from int8 factors)
+    private: str = "raw"            # any codec: "F16" / "BF16", the dtype ``private_keys`` are stored in ...
+    private_keys: tuple[str, ...] = ()  # ... the task's float32 private tensors (heads, statistics), read as float32
 
     @property
     def plain_tall(self) -> bool:
@@ -158,6 +161,8 @@ class Codec:
         if self.codes != "raw":
             d["codes"] = self.codes
         d["correction"] = self.correction
+        if self.private_keys:
+            d["private"] = {"dtype": self.private, "keys": list(self.private_keys)}
         return d
 
     @classmethod
@@ -181,6 +186,14 @@ class Codec:
                               "(I8), other codecs raw")
         if type(c.correction) is not int or c.correction < 0:
             raise FormatError(f"{where}: codec 'correction' must be a non-negative integer")
+        if "private" in raw:  # float32 private tensors stored in a half dtype
+            pv = raw["private"]
+            keys = pv.get("keys") if isinstance(pv, dict) else None
+            if (not isinstance(pv, dict) or pv.get("dtype") not in PRIVATE_DTYPES or not isinstance(keys, list) or not keys
+                    or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys)):
+                raise FormatError(f"{where}: codec 'private' must be {{\"dtype\": {' or '.join(PRIVATE_DTYPES)}, "
+                                  "\"keys\": [distinct private keys]}")
+            c = replace(c, private=pv["dtype"], private_keys=tuple(keys))
         return c
 
 

@@ -345,8 +345,7 @@ class TaskSession(Switchable):
                 if n in params:
                     want = (params[n].dtype, params[n].shape)
                 elif n in self.bundle.private_keys[task]:
-                    e = self.bundle.header.tensors[f"task/{task}/{n}"]
-                    want = (e.dtype, e.shape)
+                    want = (self.bundle.private_dtype(task, n), self.bundle.header.tensors[f"task/{task}/{n}"].shape)
                 else:
                     problems.append(f"weight {n!r} (graph) is not in the bundle for task {task!r}")
                     continue

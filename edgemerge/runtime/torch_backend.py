@@ -316,7 +316,7 @@ class TorchTaskModel(Switchable):
                 _set_tensor(model, n, self._flat.view(n))
         self._outs = {n: numpy_view(state[n]) for n in merged} if self._flat is None else {}
         self._plans: dict[str, Any] = {}  # 'numpy' kernel: per task, built at its first switch
-        self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, self.device)
+        self._private = {t: {k: to_torch(v, self.bundle.private_dtype(t, k), self.device)
                              for k, v in self.bundle.private(t).items()} for t in self.bundle.tasks}
         self._init_switching()
 

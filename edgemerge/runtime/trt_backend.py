@@ -123,7 +123,7 @@ class TrtTaskSession(Switchable):
         else:  # TensorRT 8.5 / 8.6: host weights, rebuilt by the numpy kernel into buffers kept here
             self._host = {n: np.empty(self.bundle.param(n).shape, DTYPES[self.bundle.param(n).dtype]) for n in merged}
             self._plans: dict[str, Any] = {}  # per task, built at its first switch
-        self._private = {t: {k: to_torch(v, self.bundle.header.tensors[f"task/{t}/{k}"].dtype, device)
+        self._private = {t: {k: to_torch(v, self.bundle.private_dtype(t, k), device)
                                  if self._device_mode else np.array(v)
                              for k, v in self.bundle.private(t).items() if k in private} for t in self.bundle.tasks}
         carried = {p.name for p in self.bundle.params if p.role == "carried"}
