@@ -252,13 +252,13 @@ def _codec_table(entries: list[dict], title: str) -> None:
                    "emr[:planes=xz|raw] (needs every task's checkpoint), delta[:dtype=F16|BF16|F32|I8|I4] (I8 / I4 also qmax=N, "
                    "fit=mse|absmax|step with step=MULTIPLE of the tensor's RMS of τ, codes=raw|xz; I8 also codes=lowrank,bits=B: "
                    "int8 SVD factors, B bits per param as stored); any takes "
-                   "correction=SHARE (e.g. 0.001).")
+                   "correction=SHARE (e.g. 0.001) and private=F16|BF16 (the task's float32 heads and statistics in that dtype).")
 @click.option("--codec-for", "per_task", multiple=True, metavar="NAME=SPEC", help="Codec for one task (repeat).")
 @click.option("--target", type=float, default=None, metavar="PERCENT",
               help="Instead of --codec: per task the cheapest candidate whose rebuilt weights keep PERCENT of τ_t's "
                    "energy (a data-free proxy); none does: delta:dtype=F16, and the manifest says so.")
 @click.option("--candidate", "candidates", multiple=True, metavar="SPEC", help="A codec --target may choose (repeat).")
-@click.option("-o", "--output", required=True, type=click.Path(), help="v2 bundle to write.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="v2 (or v3) bundle to write.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def encode(bundle, tasks, default, per_task, target, candidates, output, quiet) -> None:
     """Re-encode BUNDLE's tasks with per-task codecs (bundle format v2)."""

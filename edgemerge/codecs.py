@@ -616,6 +616,8 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
             else:
                 codes = encode_codes(o.codec.dtype, [o.deltas[p.name] for p in b.merged])
             if len(codes) >= sum(d.nbytes for d in o.deltas.values()):  # the stream loses (tiny or dense codes): keep them raw
+                if o.codec.codes == "lowrank":  # raw codes hold a scale per row: lowrank's one, broadcast (the same weights)
+                    o.dscales = {p.name: np.repeat(o.dscales[p.name], quant_rows(p.shape) // o.dscales[p.name].size) for p in b.merged}
                 o.codec, codes = replace(o.codec, codes="raw"), None
         half = []
         for k, v in b.private(t).items():  # with private=F16 / BF16, the float32 ones in that dtype

@@ -391,6 +391,8 @@ def run_codec_cell(suite: Suite, exported: dict, emflat: str | None = None) -> R
         for enc in ("xz", "lowrank"):
             if f"codes={enc}" in c and bundle.codecs[t].codes != enc:
                 r.failures.append(f"task {t}: codes={enc} was stored raw; the cell no longer tests the {enc} codes")
+        if "private=" in c and dtype == "fp32" and not bundle.codecs[t].private_keys:  # fp16/bf16 heads stay as they are
+            r.failures.append(f"task {t}: {c} stored no private tensor in a half dtype; the cell no longer tests it")
     rules = {t: rule_weights_v2(path, t) for t in bundle.tasks}
     refs = {t: reference(arch, dtype, rules[t]) for t in bundle.tasks}
     ok = all(same_bytes(np.asarray(bundle.task_weights(t)[k]), rules[t][k]) for t in bundle.tasks for k in rules[t])

@@ -605,6 +605,32 @@ def test_lowrank_codes_bundle_and_budget(merged):
     assert parse_codec("delta:dtype=I8,codes=lowrank,bits=0.65").label() == "delta:dtype=I8,codes=lowrank,bits=0.65"
 
 
+def test_lowrank_codes_that_would_not_shrink_are_stored_raw(tmp_path):
+    """Where the lowrank stream is no smaller than the raw I8 codes (here uniform τ at a step that
+    fills every code), the task keeps raw codes: its one scale per param goes out as a scale per
+    row (raw codes hold one per row), the same weights, within half a step of θ_t."""
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((8, 600)).astype(np.float32), "b": rng.standard_normal(700).astype(np.float32)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    tasks = {}
+    for t in ("t0", "t1"):
+        save_file({k: v + rng.uniform(-1, 1, v.shape).astype(np.float32) for k, v in base.items()}, str(tmp_path / f"{t}.safetensors"))
+        tasks[t] = str(tmp_path / f"{t}.safetensors")
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks), str(tmp_path / "b.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    encode_bundle(str(tmp_path / "b.safetensors"), tasks, {"t0": parse_codec("delta:dtype=I8,codes=lowrank,bits=9,step=0.0137")}, out)
+    b, src = open_bundle(out, verify=True), load_file(tasks["t0"])
+    assert b.codecs["t0"].codes == "raw" and b.header.tensors["dscale/t0"].shape == (1 + 8,)  # b: one row; w: 8
+    for i, p in enumerate(b.merged):
+        s = b._qscales("t0", i)
+        assert len(set(s.tolist())) == 1  # one step for the tensor, repeated per row
+        tau = src[p.name].astype(np.float64) - base[p.name]
+        inside = np.abs(tau) <= 126.5 * s[0]  # beyond 127 steps the codes clip
+        assert inside.mean() > 0.95 and (np.abs(b.task_weights("t0")[p.name] - src[p.name])[inside] <= s[0] / 2 * (1 + 1e-5) + 1e-6).all()
+        assert b.task_weights("t0")[p.name].tobytes() == rebuild_reference(b.base(p.name), None, b.recipe("t0", p.name)).reshape(p.shape).tobytes()
+        assert np.abs(tau).max() / s[0] > 120  # the step fills the code range: the test is of the fallback, not of easy codes
+
+
 def test_private_tensors_in_half_dtypes(merged):
     """``private=F16`` / ``BF16`` stores a task's float32 private tensors (its head) in that dtype and
     every reader serves float32(stored): the file says which keys (a v3 file, since a v2 reader would
@@ -620,6 +646,7 @@ def test_private_tensors_in_half_dtypes(merged):
     codec = {e["name"]: e["codec"] for e in m["tasks"]}
     assert codec["task0"]["private"] == {"dtype": "F16", "keys": ["head.weight"]} and "private" not in codec["task2"]
     b = open_bundle(out, verify=True)
+    assert [b.codecs[t].describe() for t in b.tasks] == ["tswitch + F16 private", "delta F16 + BF16 private", "tall"]
     for t, dt in (("task0", "F16"), ("task1", "BF16"), ("task2", None)):
         src, got = load_file(tasks[t]), b.private(t)
         for k in b.private_keys[t]:

@@ -26,7 +26,7 @@ from .dtypes import FLOAT_DTYPES, VECTOR_DTYPES
 from .safetensors import Header, map_file, parse_json, read_header, tensor_view
 
 FORMAT_NAME = "edgemerge.bundle"
-FORMAT_VERSION = 3  # the newest this reader knows; writers emit 1 unless a task needs a v2 codec, 3 with quantized deltas
+FORMAT_VERSION = 3  # the newest this reader knows; writers emit 1 unless a task needs a codec (2; 3: quantized deltas, half private tensors)
 MANIFEST_KEY = "edgemerge.manifest"
 CHECKSUM_KEY = "edgemerge.sha256"
 MASK_POLICIES = ("tall", "none")

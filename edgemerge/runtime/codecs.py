@@ -148,7 +148,8 @@ class Codec:
     def describe(self) -> str:
         """What ``inspect`` prints: the rule and how its data is stored, e.g. ``delta I4 (xz codes) + correction``."""
         text = self.name + (f" {self.dtype}" if self.name == "delta" else "") + (f" ({self.codes} codes)" if self.codes != "raw" else "")
-        return text + (" + scale" if self.scale != "none" else "") + (" + correction" if self.correction else "")
+        return (text + (" + scale" if self.scale != "none" else "") + (" + correction" if self.correction else "")
+                + (f" + {self.private} private" if self.private_keys else ""))
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
