@@ -51,6 +51,7 @@ SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitc
             "delta:dtype=I8,codes=lowrank,bits=0.35", "delta:dtype=I8,codes=lowrank,bits=0.5", "delta:dtype=I8,codes=lowrank,bits=0.75",
             "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=1.5",
             "delta:dtype=I8,codes=lowrank,bits=2", "delta:dtype=I8,codes=lowrank,bits=3",
+            "delta:dtype=I8,codes=lowrank,bits=0.35,step=2", "delta:dtype=I8,codes=lowrank,bits=0.5,step=2",
             # the heads in F16: frontier points only, not the selector's (its cost counts codec data, not heads)
             "delta:dtype=I8,codes=lowrank,bits=0.5,private=F16", "delta:dtype=I8,codes=lowrank,bits=0.75,private=F16",
             "delta:dtype=I8,codes=lowrank,bits=1,private=F16")
