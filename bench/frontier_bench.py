@@ -155,7 +155,7 @@ def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ..
                 tried[t].append((spec.label(), e["codec"]["bits_per_param"] + share, val_criterion(ev, suite, t, b, ref_val[t])))
                 tried_fid[t].append((spec.label(), e["codec"]["bits_per_param"] + share, weight_fidelity(e["codec"]["relative_error"])))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
-        res["fidelity"] = {t: tried_fid[t][-1][2] for t in tasks}
+        res["fidelity"] = {e["name"]: weight_fidelity(e["codec"]["relative_error"]) for e in m["tasks"]}  # this setting's own
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), parts=bits_by_part(path), switch=switch_ratio(path, tasks[0]))
         rows[label] = res
         log(f"  {suite_name} seed {seed} {label}: {res['bits']:.3f} bits, {np.mean(list(res['norm'].values())):.2f}% "
