@@ -3,7 +3,8 @@
 For each suite and seed (the demo's cached checkpoints and TALL bundle, `bench/accuracy_bench.py`
 builds them): every codec setting below re-encodes every task (`edgemerge.codecs.encode_bundle`,
 a real v2/v3 file, read back through the runtime), and the selector picks per task at targets 99 / 99.5 / 100
-among these settings (those with private tensors as stored, as `merge --target`'s candidates are) (`edgemerge.codecs.choose`: the cheapest whose validation score keeps the
+among these settings but those with ``private=F16`` (as `merge --target`'s candidates keep private tensors
+as stored; `edgemerge.codecs.choose`: the cheapest whose validation score keeps the
 target, as `select_codecs` does -- the score here is the lower of normalized accuracy and prediction
 agreement with the fine-tuned checkpoint; each task's candidates are scored on the settings' own bundles,
 since a task's rebuilt weights depend on its codec only). Per setting: bundle bytes, bits per parameter per
@@ -36,7 +37,7 @@ from common import git_rev, machine, table, write_section  # noqa: E402
 
 from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec, weight_fidelity  # noqa: E402
 from edgemerge.demo import DemoOptions, run_demo  # noqa: E402
-from edgemerge.inspect import PER_TASK, bits_per_param_per_task  # noqa: E402
+from edgemerge.inspect import PER_TASK, bits_per_param_per_task, summarize  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
 from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suite, get_kind  # noqa: E402
 
@@ -116,14 +117,9 @@ def bits_by_part(path: str) -> dict[str, float]:
     """The bits per param per task beyond θ0, split: the tasks' codec data, their private tensors
     (heads, per-task statistics), the shared vectors, and the header (tensor table, manifest, checksums)."""
     with open_bundle(path) as b:
-        unit = 8 / sum(p.numel for p in b.merged) / len(b.tasks)
-        parts = dict.fromkeys(("codec", "private", "shared"), 0.0)
-        for name, e in b.header.tensors.items():
-            kind = name.split("/", 1)[0]
-            part = "codec" if kind in PER_TASK else "private" if kind == "task" else "shared" if kind in ("vector", "elected") else None
-            if part:
-                parts[part] += (e.end - e.start) * unit
-        return {**parts, "header": (os.path.getsize(path) - sum(e.end - e.start for e in b.header.tensors.values())) * unit}
+        unit, sections = 8 / sum(p.numel for p in b.merged) / len(b.tasks), summarize(b)["sections"]
+    return {"codec": sum(sections[k] for k in PER_TASK) * unit, "private": sections["task"] * unit,
+            "shared": (sections["vector"] + sections["elected"]) * unit, "header": sections["header"] * unit}
 
 
 def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ...] = SETTINGS) -> dict:

@@ -656,6 +656,7 @@ def test_private_tensors_in_half_dtypes(merged):
             assert got[k].tobytes() == want.tobytes() and b.task_weights(t)[k].tobytes() == want.tobytes()
             if dt:
                 assert not np.array_equal(got[k], src[k])  # rounded: the test sees the cast
+                assert b.private(t)[k] is got[k] and not got[k].flags.writeable  # cast once, read-only as the file's views
     b.close()
     big = d / "big.safetensors"
     sd = load_file(tasks["task0"])

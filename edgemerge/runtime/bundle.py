@@ -381,9 +381,10 @@ class Bundle:
 
     def private(self, task: str) -> dict[str, np.ndarray]:
         self.check_task(task)
-        half = self.codecs[task].private_keys  # stored in F16 / BF16, served as the float32 they were
-        return {k: self._view(private_name(task, k)).astype(np.float32) if k in half else self._view(private_name(task, k))
-                for k in self.private_keys[task]}
+        half = self._once(("private", task), lambda: {  # stored F16 / BF16: float32, cast once, read-only as the file's views
+            k: np.lib.stride_tricks.as_strided(self._view(private_name(task, k)).astype(np.float32), writeable=False)
+            for k in self.codecs[task].private_keys})
+        return {k: half[k] if k in half else self._view(private_name(task, k)) for k in self.private_keys[task]}
 
     def private_dtype(self, task: str, key: str) -> str:
         """The dtype ``private(task)[key]`` is served in (F32 where the codec stores it in a half dtype)."""
