@@ -9,7 +9,8 @@ target, as `select_codecs` does -- the score here is the lower of normalized acc
 agreement with the fine-tuned checkpoint; each task's candidates are scored on the settings' own bundles,
 since a task's rebuilt weights depend on its codec only). Per setting: bundle bytes, bits per parameter per
 task (bundle bytes − θ0's bytes, ÷ merged parameters ÷ tasks, as issue 15 defines it: heads and
-header included), normalized test accuracy (mean over task-seeds, its spread over seeds, worst
+header included), the encode's wall time (``repair=norm`` settings re-fit each task's norm layers
+on 256 of its training inputs, `edgemerge.suites.suite.suite_repair`), normalized test accuracy (mean over task-seeds, its spread over seeds, worst
 task-seed), prediction agreement with each task's fine-tuned checkpoint (mean, worst), and the
 switch time of one task (every merged param rebuilt into preallocated buffers by the task's
 ``SwitchPlan``, one C call per thread as every runtime runs it) ÷ a memcpy of the same weights
@@ -39,7 +40,7 @@ from edgemerge.codecs import choice_notes, choose, encode_bundle, parse_codec, w
 from edgemerge.demo import DemoOptions, run_demo  # noqa: E402
 from edgemerge.inspect import PER_TASK, bits_per_param_per_task, summarize  # noqa: E402
 from edgemerge.runtime import open_bundle  # noqa: E402
-from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suite, get_kind  # noqa: E402
+from edgemerge.suites.suite import Evaluator, SuiteConfig, agreement, build_suite, get_kind, suite_repair  # noqa: E402
 
 SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitch:density=0.1",
             "tswitch:density=0.2", "tswitch:density=0.3", "tswitch:density=0.3,correction=0.01",
@@ -53,9 +54,12 @@ SETTINGS = ("tall:planes=raw", "tall:planes=xz", "tswitch:density=0.05", "tswitc
             "delta:dtype=I8,codes=lowrank,bits=1", "delta:dtype=I8,codes=lowrank,bits=1.5",
             "delta:dtype=I8,codes=lowrank,bits=2", "delta:dtype=I8,codes=lowrank,bits=3",
             "delta:dtype=I8,codes=lowrank,bits=0.35,step=2", "delta:dtype=I8,codes=lowrank,bits=0.5,step=2",
+            # the norm layers re-fit on 256 training inputs per task (edgemerge.repair; the suites' suite_repair)
+            "delta:dtype=I8,codes=lowrank,bits=0.5,repair=norm", "delta:dtype=I8,codes=lowrank,bits=0.35,step=2,repair=norm",
+            "delta:dtype=I8,codes=lowrank,bits=0.5,step=2,repair=norm", "delta:dtype=I8,codes=lowrank,bits=0.75,step=2,repair=norm",
             # the heads in F16: frontier points only, not the selector's (its cost counts codec data, not heads)
             "delta:dtype=I8,codes=lowrank,bits=0.5,private=F16", "delta:dtype=I8,codes=lowrank,bits=0.75,private=F16",
-            "delta:dtype=I8,codes=lowrank,bits=1,private=F16")
+            "delta:dtype=I8,codes=lowrank,bits=1,private=F16", "delta:dtype=I8,codes=lowrank,bits=0.5,step=2,repair=norm,private=F16")
 SUITES = ("text", "vision")  # the plot shows them all: a run of fewer leaves it as it is
 FIDELITY_TARGET = 99.5  # the data-free selector's target (merge --target without a score)
 TARGETS = (99.0, 99.5, 100.0)
@@ -136,23 +140,28 @@ def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ..
         weights = _load(ckpts[t])
         ref_pred[t], ref_val[t] = ev.predictions(t, "test", weights), ev.predictions(t, "val", weights)
     ft_acc = r.accuracy["finetuned"]
+    repair = suite_repair(suite)  # what the repair=norm settings re-fit with: the suite's model, training inputs
     rows = {}
     tried: dict[str, list] = {t: [] for t in tasks}  # the selector's candidates = these settings
     tried_fid: dict[str, list] = {t: [] for t in tasks}  # the same, scored by the data-free proxy
     for label in settings:
         spec = parse_codec(label)
         path = os.path.join(work, f"{suite_name}-{seed}.safetensors")
-        m = encode_bundle(v1, ckpts, {t: spec for t in tasks}, path)
+        t0 = time.perf_counter()
+        m = encode_bundle(v1, ckpts, {t: spec for t in tasks}, path, repair=repair)
+        encode_s = time.perf_counter() - t0
         # a task's rebuilt weights depend on its own codec only: score the selector's candidates here
         share = (32 if m["vector_dtype"] == "F32" else 16) / len(tasks) if spec.name in ("tall", "emr") else 0.0
         with open_bundle(path) as b:
             for e in (m["tasks"] if spec.private == "raw" else []):
                 t = e["name"]
                 tried[t].append((spec.label(), e["codec"]["bits_per_param"] + share, val_criterion(ev, suite, t, b, ref_val[t])))
-                tried_fid[t].append((spec.label(), e["codec"]["bits_per_param"] + share, weight_fidelity(e["codec"]["relative_error"])))
+                if spec.repair == "none":  # as select_codecs: no repaired candidate without data
+                    tried_fid[t].append((spec.label(), e["codec"]["bits_per_param"] + share, weight_fidelity(e["codec"]["relative_error"])))
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res["fidelity"] = {e["name"]: weight_fidelity(e["codec"]["relative_error"]) for e in m["tasks"]}  # this setting's own
-        res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), parts=bits_by_part(path), switch=switch_ratio(path, tasks[0]))
+        res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), parts=bits_by_part(path), switch=switch_ratio(path, tasks[0]),
+                   encode_s=encode_s)
         rows[label] = res
         log(f"  {suite_name} seed {seed} {label}: {res['bits']:.3f} bits, {np.mean(list(res['norm'].values())):.2f}% "
             f"normalized, switch {res['switch']:.2f}x memcpy")
@@ -160,7 +169,8 @@ def run_seed(suite_name: str, seed: int, work: str, log, settings: tuple[str, ..
     for target, criterion in [(t, "validation") for t in TARGETS] + [(FIDELITY_TARGET, "weight fidelity")]:
         path = os.path.join(work, f"{suite_name}-{seed}-select.safetensors")
         choices = {t: choose(t, tr, target) for t, tr in (tried if criterion == "validation" else tried_fid).items()}
-        m = encode_bundle(v1, ckpts, {t: c.spec for t, c in choices.items()}, path, notes=choice_notes(choices, target, criterion))
+        m = encode_bundle(v1, ckpts, {t: c.spec for t, c in choices.items()}, path, notes=choice_notes(choices, target, criterion),
+                          repair=repair)
         res = evaluate(ev, suite, path, tasks, ref_pred, ft_acc)
         res.update(bytes=os.path.getsize(path), bits=bits_per_param_task(path), parts=bits_by_part(path), switch=switch_ratio(path, tasks[0]),
                    chosen={t: c.spec.label() for t, c in choices.items()}, met={t: c.met for t, c in choices.items()},
@@ -189,11 +199,12 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
         fid = np.array([list(r["fidelity"].values()) for r in runs])
         rows.append([label, f"{np.mean([r['bytes'] for r in runs]) / 2**20:.2f}", f"{bits:.3f}",
                      f"{norm.mean():.2f} ± {norm.mean(axis=1).std():.2f}", f"{norm.min():.2f}",
-                     f"{agree.mean():.2f}", f"{agree.min():.2f}", f"{fid.mean():.2f}", f"{np.median([r['switch'] for r in runs]):.2f}×"])
+                     f"{agree.mean():.2f}", f"{agree.min():.2f}", "re-fit" if "repair=norm" in label else f"{fid.mean():.2f}", f"{np.median([r['switch'] for r in runs]):.2f}×",
+                     f"{np.mean([r['encode_s'] for r in runs]):.0f}" if "encode_s" in runs[0] else "-"])
         points.append((label, bits, float(norm.mean())))
     text = table(["setting", "bundle MiB", "bits / param / task", "normalized % (mean ± sd over seeds)",
-                  "worst task-seed %", "agreement %", "worst agreement %", "weight fidelity % (proxy)", "switch ÷ memcpy"], rows)
-    goals = [proxy_relation(per_seed)]
+                  "worst task-seed %", "agreement %", "worst agreement %", "weight fidelity % (proxy)", "switch ÷ memcpy", "encode s (all tasks)"], rows)
+    goals = [proxy_relation(per_seed), repair_gain(per_seed)]
     sel = [s["select --target 99.5"] for s in per_seed]
     worst_n = min(min(r["norm"].values()) for r in sel)
     worst_a = min(min(r["agree"].values()) for r in sel)
@@ -231,10 +242,29 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
     return text, goals, points
 
 
+def repair_gain(per_seed: list[dict]) -> str:
+    """Each repair=norm setting against the same setting without it, over the same task-seeds."""
+    parts = []
+    for label in per_seed[0]:
+        plain = label.replace(",repair=norm", "")
+        if plain == label or plain not in per_seed[0]:
+            continue
+        d = {k: [r[label][k][t] - r[plain][k][t] for r in per_seed for t in r[label][k]] for k in ("norm", "agree")}
+        worst = {k: min(min(r[label][k].values()) for r in per_seed) - min(min(r[plain][k].values()) for r in per_seed) for k in d}
+        bits = np.mean([r[label]["bits"] - r[plain]["bits"] for r in per_seed])
+        parts.append(f"{plain.replace('delta:dtype=I8,codes=lowrank,', 'lowrank ')}: normalized {np.mean(d['norm']):+.2f} "
+                     f"(worst task-seed {worst['norm']:+.2f}), agreement {np.mean(d['agree']):+.2f} (worst {worst['agree']:+.2f}), "
+                     f"{bits:+.3f} bits; better in {sum(x > 0 for x in d['agree'])} / worse in {sum(x < 0 for x in d['agree'])} "
+                     f"of {len(d['agree'])} task-seeds' agreement")
+    return "repair=norm against the same codec without it (mean over task-seeds): " + ("; ".join(parts) or "no pair run")
+
+
 def proxy_relation(per_seed: list[dict]) -> str:
-    """How the data-free proxy relates to accuracy over every (setting, task-seed) of the codec settings."""
+    """How the data-free proxy relates to accuracy over every (setting, task-seed) of the codec settings
+    (but repair=norm's: the re-fit moves the norm params away from θ_t on purpose, so their distance
+    to θ_t says nothing of the activations)."""
     pairs = np.array([(r["fidelity"][t], r["norm"][t], r["agree"][t]) for s in per_seed for label, r in s.items()
-                      if not label.startswith("select") for t in r["norm"]])
+                      if not label.startswith("select") and "repair=norm" not in label for t in r["norm"]])
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731 (no ties in practice)
     rho = float(np.corrcoef(rank(pairs[:, 0]), rank(pairs[:, 1]))[0, 1])
     parts = []

@@ -234,7 +234,7 @@ def _codec_table(entries: list[dict], title: str) -> None:
         table.add_column(col, justify="left" if col in ("task", "codec", "chosen by") else "right", overflow="fold")
     for t in entries:
         c = t["codec"]
-        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype", "codes", "scale") if k in c)
+        stored = ",".join(f"{k}={c[k]}" for k in ("planes", "dtype", "codes", "scale", "repaired") if k in c)
         why = c.get("chosen_by")
         table.add_row(t["name"], f"{c['name']}:{stored}", f"{c['bits_per_param']:.3f}", f"{c['correction']:,}",
                       f"{c['relative_error']:.4f}" if "relative_error" in c else "-",

@@ -11,7 +11,9 @@ A codec spec is ``name[:key=value,...]``:
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
 | ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz``; I8 also ``codes=lowrank`` with ``bits`` (bits per merged param the task stores, 1) and ``step`` (its small params' step, 0.5) | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest; lowrank: the codes rebuilt from int8 factors of a truncated SVD of each matrix, the ranks allotted across the task's tensors to the budget) |
 
-and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
+a delta also takes ``repair=norm``: its norm layers' weights and biases stored as re-fit on
+calibration inputs so that each layer's output statistics are θ_t's (``edgemerge.repair``; needs
+``encode_bundle(repair=...)``, a model and inputs, so the Python API only); and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
 """
 
@@ -43,10 +45,12 @@ from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
 KEYS = {"tall": {"planes", "scale", "correction", "private"}, "tswitch": {"density", "planes", "correction", "private"},
-        "emr": {"planes", "correction", "private"}, "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits", "private"}}
+        "emr": {"planes", "correction", "private"}, "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits", "private", "repair"}}
 QMAX = {"I8": 127, "I4": 7}          # the largest code each quantized dtype holds
 FITS = ("mse", "absmax", "step")     # a quantized row's scale: least squared error over clip levels, max|τ| / qmax,
 #                                      or one step for the whole tensor (step × its RMS of τ; for codes=xz)
+REPAIRS = ("none", "norm")            # delta: "norm", the norm layers' affine params re-fit (edgemerge.repair)
+REPAIR_STEP = 0.5                    # a re-fit param's step (fit=step, lowrank's small params) at most this × its RMS of τ
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)  # fit=mse tries s = max|τ_r| · f / qmax
 
 
@@ -66,6 +70,7 @@ class CodecSpec:
     step: float = 0.5           # quantized delta, fit=step (and codes=lowrank's small params): the step as a multiple of the tensor's RMS of τ
     bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, scales)
     private: str = "raw"        # any codec: the task's float32 private tensors (heads, statistics) as they are, or in F16 / BF16
+    repair: str = "none"        # delta: "norm", the norm layers' affine params re-fit on calibration inputs (encode_bundle's repair=)
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
@@ -88,6 +93,8 @@ class CodecSpec:
             parts.append(f"correction={self.correction:g}")
         if self.private != "raw":
             parts.append(f"private={self.private}")
+        if self.repair != "none":
+            parts.append(f"repair={self.repair}")
         return f"{self.name}:{','.join(parts)}"
 
 
@@ -106,7 +113,7 @@ def parse_codec(text: str) -> CodecSpec:
         spec = CodecSpec(name, float(kw.get("density", 0.1)), kw["planes"], kw.get("dtype", "F16"),
                          float(kw.get("correction", 0.0)), kw.get("scale", "none"), int(kw.get("qmax", 0)),
                          kw.get("fit", "mse"), kw.get("codes", "raw"), float(kw.get("step", 0.5)), float(kw.get("bits", 1.0)),
-                         kw.get("private", "raw"))
+                         kw.get("private", "raw"), kw.get("repair", "none"))
     except ValueError:
         raise ConfigError(f"codec {text!r}: density, correction, step and bits are numbers, qmax an integer") from None
     if not 0 < spec.density <= 1:
@@ -120,6 +127,11 @@ def parse_codec(text: str) -> CodecSpec:
     if spec.private not in ("raw", *PRIVATE_DTYPES):
         raise ConfigError(f"codec {text!r}: private must be one of raw, {', '.join(PRIVATE_DTYPES)} (the dtype the task's "
                           "float32 private tensors, its head and statistics, are stored in)")
+    if spec.repair not in REPAIRS:
+        raise ConfigError(f"codec {text!r}: repair must be one of {', '.join(REPAIRS)}")
+    if spec.repair != "none" and spec.correction:
+        raise ConfigError(f"codec {text!r}: repair and correction do not combine (a correction moves the re-fit params back "
+                          "towards θ_t): drop one")
     if spec.scale not in TALL_SCALES:
         raise ConfigError(f"codec {text!r}: scale must be one of {', '.join(TALL_SCALES)}")
     quant = spec.dtype in QUANT_DTYPES
@@ -242,6 +254,13 @@ LOWRANK_MIN_DIM = 16  # a param with fewer rows or columns keeps plain I8 codes 
 LOWRANK_SEARCH = 10   # bisection steps on the factors' share of the budget (the stored bytes found within ~0.1%)
 
 
+def lowrank_small(tau: np.ndarray, shape: tuple[int, ...], step: float) -> tuple[np.ndarray, np.ndarray]:
+    """A small param's I8 codes under ``codes: lowrank`` (kind 0): one step for the tensor,
+    ``step`` × its RMS of τ, and its one stored scale ([1])."""
+    q, scale = quantize_rows(tau, shape, QMAX["I8"], "step", step)
+    return q, scale[:1] if scale.size else np.zeros(1, np.float32)
+
+
 def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec) -> list[tuple[np.ndarray, np.ndarray, bytes]]:
     """``codes: lowrank`` for one task, to the budget ``spec.bits``: per merged param (τ flat, shape)
     its I8 codes, stored scale ([1], one for every row) and record (docs/format.md §8). The budget
@@ -277,9 +296,8 @@ def lowrank_task(taus: list[tuple[np.ndarray, tuple[int, ...]]], spec: CodecSpec
             svd[i] = np.linalg.svd(t.reshape(m, n), full_matrices=False)
             fixed += 8 * (1 + 4 + m) + 32
         else:
-            q, scale = quantize_rows(t, shape, QMAX["I8"], "step", spec.step)
-            small[i] = (q, scale[:1] if scale.size else np.zeros(1, np.float32))
-            fixed += 8 * len(xz_stream(b"\x00" + q.tobytes())) + 32
+            small[i] = lowrank_small(t, shape, spec.step)
+            fixed += 8 * len(xz_stream(b"\x00" + small[i][0].tobytes())) + 32
     # every component by its σ² per bit; a param's components come in order of σ, so a rank is a prefix
     cands = [(float(sv) ** 2 / (8 * (grids[i][0] + grids[i][1])), i) for i, (_, S, _) in svd.items() for sv in S if sv > 0]
     cands.sort(key=lambda c: -c[0])
@@ -379,6 +397,7 @@ class _TaskOut:
     sq_ref: float = 0.0
     density: float | None = None    # share of params the codec changes (tswitch, delta)
     private: str = "raw"            # the dtype the task's float32 private tensors are stored in (raw: as they are)
+    repaired: int = 0               # params the repair re-fit
 
 
 def _read_task(ckpt: Checkpoint, key: str, bundle: Bundle, task: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -391,10 +410,100 @@ def _read_task(ckpt: Checkpoint, key: str, bundle: Bundle, task: str, shape: tup
     return arr
 
 
-def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec, election: _Election | None = None) -> _TaskOut:
+def _delta_codes(spec: CodecSpec, shape: tuple[int, ...], tau: np.ndarray,
+                 lowrank: tuple[np.ndarray, np.ndarray, bytes] | None = None) -> tuple[np.ndarray, np.ndarray | None, Recipe]:
+    """A delta codec's stored form of one param's τ (``lowrank``: what ``lowrank_task`` made of
+    it): the δ or I8 / I4 codes (unpacked), the stored scales (None for a float δ), and the Recipe
+    that rebuilds it."""
+    if spec.dtype in QUANT_DTYPES:
+        if lowrank is not None:
+            q, scale = lowrank[0], lowrank[1]
+        else:
+            q, scale = quantize_rows(tau, shape, spec.qmax or QMAX[spec.dtype], spec.fit, spec.step)
+        rows = quant_rows(shape)
+        return q, scale, Recipe("delta", delta=q, qscale=np.ascontiguousarray(np.broadcast_to(scale, (rows,))),
+                                qgrid=(rows, tau.size // rows if rows else 0, 0))
+    with np.errstate(over="ignore"):  # an overflow is refused by the caller, naming the tensor
+        delta = tau.astype(DTYPES[spec.dtype])
+    return delta, None, Recipe("delta", delta=delta)
+
+
+def _refit_spec(spec: CodecSpec) -> CodecSpec:
+    """How a param the repair re-fit is stored: the task's codec with its step at most REPAIR_STEP.
+    A re-fit moves every entry a little (a shift, a gain per channel); the coarse step=2 that serves
+    plain τ well rounds most of it away (bench/frontier_bench.py's repair rows)."""
+    return replace(spec, step=min(spec.step, REPAIR_STEP))
+
+
+class Refit:
+    """What a repair (``encode_bundle(repair=...)``) may change for one task and how the task's codec
+    stores it: ``names``, the merged params stored element by element (a lowrank-factored matrix is
+    not); ``refit(name, values)`` → the values as a device will rebuild them (the codec's rounding,
+    bit for bit), recorded as the task's target for that param."""
+
+    def __init__(self, bundle: Bundle, task: str, spec: CodecSpec, lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]):
+        self.bundle, self.task, self.spec, self.lowrank = bundle, task, _refit_spec(spec), lowrank
+        self.names = frozenset(p.name for p in bundle.merged if p.name not in lowrank or lowrank[p.name][2][:1] == b"\x00")
+        self.targets: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, values: np.ndarray) -> np.ndarray:
+        key = self.bundle.resolve(name)
+        if key not in self.names:
+            why = "a lowrank-factored matrix" if key in self.lowrank else "not a merged param of the bundle"
+            raise ConfigError(f"task {self.task!r}: the repair re-fits {name!r}, {why}; it may change only "
+                              f"{', '.join(sorted(self.names)[:4])}, ... (params the codec stores element by element)")
+        p = self.bundle.param(key)
+        base = self.bundle.base(key)
+        values = np.asarray(values)
+        if values.shape != tuple(p.shape):
+            raise ConfigError(f"task {self.task!r}: the repair gave {name!r} shape {list(values.shape)}, the param is {list(p.shape)}")
+        tau = values.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
+        lr = None
+        if key in self.lowrank:
+            q, scale = lowrank_small(tau, p.shape, self.spec.step)
+            lr = self.lowrank[key] = (q, scale, b"\x00" + q.tobytes())
+        _, _, r = _delta_codes(self.spec, p.shape, tau, lr)
+        with np.errstate(over="ignore", invalid="ignore"):
+            hat = rebuild(base, None, r, np.empty(p.shape, base.dtype))
+        if not np.isfinite(hat.astype(np.float32)).all():
+            raise CheckpointError(f"task {self.task!r}, tensor {key!r}: the repair's values rebuild non-finite under "
+                                  f"{self.spec.label()}")
+        self.targets[key] = hat
+        return hat
+
+
+Repair = Callable[[str, Mapping[str, np.ndarray], Mapping[str, np.ndarray], Refit], Mapping[str, np.ndarray]]
+
+
+def _repair_task(bundle: Bundle, task: str, ckpt: Checkpoint, spec: CodecSpec, repair: Repair,
+                 lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]) -> dict[str, np.ndarray]:
+    """The targets the repair sets for ``task``: it gets θ_t (the checkpoint's merged params, with the
+    bundle's carried and private tensors: a full state dict) and θ̂_t as the codec rebuilds it."""
+    teacher = {p.name: bundle.task_weight(task, p) for p in bundle.params if p.role != "merged"}  # carried
+    teacher.update(bundle.private(task))
+    student = dict(teacher)
+    for p in bundle.merged:
+        base = bundle.base(p.name)
+        theta = _read_task(ckpt, p.name, bundle, task, p.shape)
+        tau = theta.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
+        _, _, r = _delta_codes(spec, p.shape, tau, lowrank.get(p.name))
+        with np.errstate(over="ignore", invalid="ignore"):
+            student[p.name] = rebuild(base, None, r, np.empty(p.shape, base.dtype))
+        teacher[p.name] = np.asarray(theta)
+    refit = Refit(bundle, task, spec, lowrank)
+    given = repair(task, teacher, student, refit)
+    for name, values in given.items():  # what the callback returns is stored as the codec stores it
+        if bundle.resolve(name) not in refit.targets or not np.array_equal(refit.targets[bundle.resolve(name)], values):
+            refit(name, values)
+    return refit.targets
+
+
+def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec, election: _Election | None = None,
+                 repair: Repair | None = None) -> _TaskOut:
     """One task's planes, scales, δ and correction (``ckpt`` None: a plain TALL task, re-stored).
     Tensor by tensor; a correction needs the whole task's error and rebuilt values in memory
-    (8 bytes per merged parameter) to pick its largest entries."""
+    (8 bytes per merged parameter) to pick its largest entries; a repair (``spec.repair``) the
+    task's θ_t and θ̂_t whole (twice the task's weights)."""
     total = sum(p.numel for p in bundle.merged)
     k_fix = int(round(spec.correction * total))
     codec = Codec(spec.name, spec.planes if spec.name != "delta" else "raw", spec.dtype if spec.name == "delta" else None, k_fix,
@@ -409,6 +518,13 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
                  - bundle.base(p.name).astype(np.float32).reshape(-1), p.shape) for p in bundle.merged]
         lowrank = dict(zip((p.name for p in bundle.merged), lowrank_task(taus, spec)))
         del taus
+    targets: dict[str, np.ndarray] = {}
+    if ckpt is not None and spec.repair != "none":
+        if repair is None:
+            raise ConfigError(f"task {task!r}: codec {spec.label()} re-fits its norm layers on calibration inputs: pass "
+                              "repair= (edgemerge.repair.norm_repair(build, inputs)); the CLI has no model to run")
+        targets = _repair_task(bundle, task, ckpt, spec, repair, lowrank)  # lowrank: the re-fit small params' codes updated
+    out.repaired = len(targets)
     for p in bundle.merged:
         base = bundle.base(p.name)
         d: dict[str, np.ndarray] = {}
@@ -442,21 +558,18 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             out.scales.append(float(scale))
             kept += int(keep.sum())
             r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
-        elif spec.dtype in QUANT_DTYPES:
-            if lowrank:
-                q, scale, out.records[p.name] = lowrank[p.name]
-            else:
-                q, scale = quantize_rows(tau, p.shape, spec.qmax or QMAX[spec.dtype], spec.fit, spec.step)
-            out.deltas[p.name] = q.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(q)
-            out.dscales[p.name] = scale
-            rows = quant_rows(p.shape)
-            r = Recipe("delta", delta=q, qscale=np.ascontiguousarray(np.broadcast_to(scale, (rows,))),
-                       qgrid=(rows, p.numel // rows if rows else 0, 0))
         else:
-            with np.errstate(over="ignore"):  # an overflow is refused below, naming the tensor
-                delta = tau.astype(DTYPES[spec.dtype])
-            out.deltas[p.name] = delta.reshape(p.shape)
-            r = Recipe("delta", delta=delta)
+            if p.name in targets:  # stored as the repair re-fit it, not as the checkpoint has it (its error still θ_t's)
+                tau = targets[p.name].astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
+            stored, scale, r = _delta_codes(_refit_spec(spec) if p.name in targets else spec, p.shape, tau, lowrank.get(p.name))
+            if scale is None:
+                out.deltas[p.name] = stored.reshape(p.shape)
+            else:
+                out.deltas[p.name] = stored.reshape(p.shape) if spec.dtype == "I8" else pack_nibbles(stored)
+                out.dscales[p.name] = scale
+            if lowrank:
+                out.records[p.name] = lowrank[p.name][2]
+            tau = theta.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):
             vector = bundle.vector(p.name) if codec.shared else election.vector[p.name] if spec.name == "emr" else None
             hat = rebuild(base, vector, r, np.empty(p.shape, base.dtype))
@@ -494,13 +607,16 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
 
 def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mapping[str, CodecSpec], output: str,
                   progress: Callable[[str, int, int], None] | None = None,
-                  notes: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                  notes: Mapping[str, Mapping[str, Any]] | None = None, repair: Repair | None = None) -> dict[str, Any]:
     """Write ``output``: the bundle's θ0, heads and statistics, each task re-encoded with its codec
     (``codecs``: task -> CodecSpec; tasks not named keep ``tall``). ``tasks``: task -> the
     checkpoint it was merged from (tswitch, delta and corrections need θ_t itself; each file given
     is checked against the sha256 the bundle recorded, and the task's ``relative_error`` measured
     against it). ``notes``: task -> extra keys for its codec
-    entry (what chose it). Returns the new manifest."""
+    entry (what chose it). ``repair``: what a codec with ``repair=norm`` calls,
+    ``repair(task, θ_t, θ̂_t, refit) -> {param: values}`` (``edgemerge.repair.norm_repair``); the
+    params it returns are stored as ``refit`` rounds them and counted in the entry's ``repaired``.
+    Returns the new manifest."""
     b = open_bundle(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
     unknown = sorted(set(codecs) - set(b.tasks))
     if unknown:
@@ -538,7 +654,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
         if t in use:
             ckpt = open_checkpoint(tasks[t])
             try:
-                outs[t] = _encode_task(b, t, ckpt, specs[t], election)
+                outs[t] = _encode_task(b, t, ckpt, specs[t], election, repair)
             finally:
                 ckpt.close()
         elif specs[t].planes == "xz":
@@ -662,6 +778,8 @@ def _write_v2(b: Bundle, outs: dict[str, _TaskOut], output: str, notes: Mapping[
                           **dict(notes.get(t, {}))}
         if c.name != "tall":  # λ_t and the mask density were the TALL mask's
             entry["lambda"], entry["density"] = None, o.density
+        if o.repaired:
+            entry["codec"]["repaired"] = o.repaired
         if o.sq_ref:
             entry["recon_error"] = math.sqrt(o.sq_err)
             entry["codec"]["relative_error"] = round(math.sqrt(o.sq_err / o.sq_ref), 6)
@@ -724,13 +842,15 @@ def weight_fidelity(relative_error: float) -> float:
 
 def select_codecs(bundle: str, tasks: Mapping[str, str], score: Score | None, target: float, scratch: str,
                   candidates: tuple[str, ...] = CANDIDATES,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Choice]:
+                  progress: Callable[[str, int, int], None] | None = None, repair: Repair | None = None) -> dict[str, Choice]:
     """For each task, the cheapest candidate whose rebuilt model scores ≥ ``target`` percent of the
     task's own checkpoint on validation data (``score(task, state_dict)``, e.g. accuracy; ``None``:
     the data-free ``weight_fidelity``), else ``FALLBACK``. Each candidate is encoded into ``scratch``
-    (a file path) and read back through the runtime, so what is scored is what a device rebuilds."""
+    (a file path) and read back through the runtime, so what is scored is what a device rebuilds;
+    ``repair`` serves the candidates with ``repair=norm`` (``encode_bundle``)."""
     check_target(target)
-    return {t: choose(t, tried, target) for t, tried in try_candidates(bundle, tasks, score, scratch, candidates, progress).items()}
+    return {t: choose(t, tried, target)
+            for t, tried in try_candidates(bundle, tasks, score, scratch, candidates, progress, repair).items()}
 
 
 def check_target(target: float) -> None:
@@ -740,12 +860,19 @@ def check_target(target: float) -> None:
 
 def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, scratch: str,
                    candidates: tuple[str, ...] = CANDIDATES,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, list[tuple[str, float, float]]]:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   repair: Repair | None = None) -> dict[str, list[tuple[str, float, float]]]:
     """Per task, (candidate, bits it adds per merged param, score in % of θ_t's) for every
     candidate (``score=None``: ``weight_fidelity``), ``FALLBACK`` among them even when not listed;
     ``choose`` picks from these for any target without scoring again. A score that is not a
     finite number is a ConfigError."""
     specs = [parse_codec(c) for c in candidates]
+    fit = next((c.label() for c in specs if c.repair != "none"), None)
+    if fit and repair is None:  # before any work
+        raise ConfigError(f"candidate {fit} re-fits norm layers: pass repair= (edgemerge.repair.norm_repair) or drop it")
+    if fit and score is None:
+        raise ConfigError(f"candidate {fit} needs a validation score: weight fidelity measures the distance to θ_t, "
+                          "which the repair leaves on purpose to bring the activations back")
     if parse_codec(FALLBACK) not in specs:  # a target no candidate keeps falls back to it: its score is recorded too
         specs.append(parse_codec(FALLBACK))
     with open_bundle(bundle) as b:
@@ -771,7 +898,8 @@ def try_candidates(bundle: str, tasks: Mapping[str, str], score: Score | None, s
             for j, spec in enumerate(specs):
                 if progress:
                     progress("choose codecs", i * len(specs) + j, total)
-                m = encode_bundle(bundle, tasks if spec.name == "emr" else {t: tasks[t]}, {t: spec}, scratch)  # emr elects from all
+                m = encode_bundle(bundle, tasks if spec.name == "emr" else {t: tasks[t]}, {t: spec}, scratch,  # emr elects from all
+                                  repair=repair)
                 entry = next(e for e in m["tasks"] if e["name"] == t)["codec"]
                 bits = entry["bits_per_param"] + (tall_share if spec.name in ("tall", "emr") else 0.0)
                 if score is None:

@@ -29,6 +29,7 @@ from ..io import atomic_output, write_safetensors
 
 SUITES = ("text", "vision")
 PROBE_ITEMS = 400
+CALIB_ITEMS = 256  # training items whose inputs (no labels) calibrate repair=norm: neither val nor test
 
 
 def get_kind(name: str) -> Any:
@@ -167,6 +168,7 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
         parts = kind.split(task, cfg.seed, cfg.test, cfg.val)
         suite.classes[name] = task.classes
         suite.data[name] = {k: kind.prepare(parts[k]) for k in ("val", "test")}
+        suite.data[name]["calib"] = kind.prepare(kind.head_of(parts["train"], CALIB_ITEMS))  # inputs only (repair=norm)
         steps = task_steps(kind, name, cfg.steps)
         # a task trained longer than the suite's steps names its steps: no checkpoint of another recipe is reused
         stem = name if steps == cfg.steps else f"{name}.steps{steps}"
@@ -184,6 +186,21 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
         write_safetensors(ckpt, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
         suite.build_seconds[name] = time.perf_counter() - t0
     return suite
+
+
+def suite_repair(suite: Suite):
+    """``repair=norm`` for the suite's tasks (``encode_bundle(repair=...)``): the suite's model,
+    calibrated on the first CALIB_ITEMS training inputs of each task."""
+    from ..repair import norm_repair
+
+    kind = suite.kind
+
+    def build(task: str, weights):
+        model = kind.build_classifier(len(suite.classes[task]))
+        kind.load_weights(model, weights)
+        return model
+
+    return norm_repair(build, lambda task: [inputs for inputs, _ in suite.data[task]["calib"].batches])
 
 
 class Evaluator:

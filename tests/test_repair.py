@@ -1,0 +1,253 @@
+"""repair=norm: the norm layers' affine params re-fit on calibration inputs (edgemerge/repair.py),
+stored by the task's delta codec as every runtime rebuilds it."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from edgemerge.checkpoints import open_checkpoint
+from edgemerge.codecs import encode_bundle, parse_codec, quantize_rows, select_codecs
+from edgemerge.errors import ConfigError
+from edgemerge.io import write_safetensors
+from edgemerge.pipeline import MergeConfig, merge
+from edgemerge.repair import norm_repair
+from edgemerge.runtime import open_bundle
+from edgemerge.runtime.dtypes import DTYPES
+
+
+class ConvNet(torch.nn.Module):
+    """BatchNorm after each conv, a LayerNorm before the head, a transposed (Conv1D-style) weight
+    [in, out] used as ``x @ W``, and a head whose size comes from the weights."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = torch.nn.Conv2d(16, 24, 3, padding=1, bias=False), torch.nn.BatchNorm2d(24)
+        self.proj = torch.nn.Parameter(torch.randn(24, 32) / 5)  # [in, out]
+        self.ln = torch.nn.LayerNorm(32)
+        self.head = torch.nn.Linear(32, n_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x))).mean((2, 3))
+        return self.head(self.ln(x @ self.proj))
+
+
+NORMS = ("bn1", "bn2", "ln")
+
+
+def build(task, weights):
+    m = ConvNet(weights["head.weight"].shape[0])
+    m.load_state_dict({k: torch.from_numpy(np.asarray(v).astype(np.float32) if np.asarray(v).dtype.kind == "V"
+                                           or str(np.asarray(v).dtype) == "bfloat16" else np.array(v))
+                       for k, v in weights.items()})
+    return m.eval()
+
+
+def calib(n=64, seed=1):
+    x = np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
+    return [(x[:n // 2],), (x[n // 2:],)]
+
+
+@pytest.fixture(params=["F32", "BF16"])
+def convnet(tmp_path, request):
+    """θ0 (BatchNorm running statistics that are not 0 / 1) and 3 tasks moved in every learned
+    param; the heads private. BF16: every float tensor stored in bfloat16."""
+    torch.manual_seed(0)
+    base = ConvNet(2)
+    with torch.no_grad():
+        for bn in (base.bn1, base.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    dt = DTYPES[request.param]
+    cast = lambda v: v.numpy().astype(dt) if v.dtype.is_floating_point else v.numpy()  # noqa: E731
+    sd = {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}
+    write_safetensors(tmp_path / "base.safetensors", {k: cast(v) for k, v in sd.items()}, checksums=False)
+    tasks = {}
+    for t in range(3):
+        m = ConvNet(t + 2)
+        m.load_state_dict(sd, strict=False)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if not name.startswith("head."):
+                    p.add_(0.3 * max(p.std().item(), 0.3) * torch.randn_like(p))  # the norms: ones and zeros in θ0
+        path = tmp_path / f"t{t}.safetensors"
+        write_safetensors(path, {k: cast(v) for k, v in m.state_dict().items()}, checksums=False)
+        tasks[f"t{t}"] = str(path)
+    out = str(tmp_path / "bundle.safetensors")
+    merge(MergeConfig(str(tmp_path / "base.safetensors"), tasks, "task_arithmetic", private=("head.*",)), out)
+    return out, tasks, tmp_path
+
+
+def theta(bundle, checkpoint, task):
+    """θ_t as a full state dict: the checkpoint's merged params, the bundle's carried and private tensors."""
+    w = dict(bundle.task_weights(task))
+    ck = open_checkpoint(checkpoint)
+    try:
+        w.update({p.name: ck.read(p.name) for p in bundle.merged})
+    finally:
+        ck.close()
+    return w
+
+
+def stats(model, batches):
+    """Per norm layer, the mean and variance of each channel of its output (float64)."""
+    acc = {}
+    hooks = [getattr(model, n).register_forward_hook(
+        lambda m, a, o, n=n: acc.setdefault(n, []).append(o.detach().double().movedim(1, -1).reshape(-1, o.shape[1])
+                                                         if o.dim() == 4 else o.detach().double())) for n in NORMS]
+    with torch.no_grad():
+        for (x,) in batches:
+            model(torch.from_numpy(x))
+    for h in hooks:
+        h.remove()
+    return {n: (torch.cat(v).mean(0).numpy(), torch.cat(v).var(0, unbiased=False).numpy()) for n, v in acc.items()}
+
+
+SPEC = "delta:dtype=I8,codes=lowrank,bits=1.5,step=2"
+
+
+def encode_pair(path, tasks, d, spec, repair=None):
+    """The same codec without and with repair=norm: (plain file, repaired file, repaired manifest)."""
+    plain, fixed = str(d / "plain.safetensors"), str(d / "fixed.safetensors")
+    encode_bundle(path, tasks, {t: parse_codec(spec) for t in tasks}, plain)
+    m = encode_bundle(path, tasks, {t: parse_codec(spec + ",repair=norm") for t in tasks}, fixed,
+                      repair=repair or norm_repair(build, lambda task: calib()))
+    return plain, fixed, m
+
+
+def test_repair_matches_each_norm_layer_to_theta_t(convnet):
+    """Through the file, with the norm params stored finely (step 0.05): every norm layer's output
+    statistics on the calibration inputs are θ_t's to within that rounding, a twentieth of the plain
+    codec's drift over all of them; only the norm layers' params move."""
+    path, tasks, d = convnet
+    plain, fixed, m = encode_pair(path, tasks, d, "delta:dtype=I8,codes=lowrank,bits=1.5,step=0.05")
+    with open_bundle(plain) as a, open_bundle(fixed) as b:
+        for e in m["tasks"]:
+            t = e["name"]
+            assert e["codec"]["repaired"] == 6  # γ and β of bn1, bn2, ln
+            want = stats(build(t, theta(b, tasks[t], t)), calib())
+            before, after = stats(build(t, a.task_weights(t)), calib()), stats(build(t, b.task_weights(t)), calib())
+            drift = np.array([[np.abs(x[n][k] - want[n][k]).mean() for x in (before, after)] for n in NORMS for k in (0, 1)])
+            # each layer's mean and variance: a tenth of the plain drift, or within the step-0.05 rounding where that was small
+            assert (drift[:, 1] < np.maximum(0.1 * drift[:, 0], 0.01)).all() and drift[:, 1].sum() < 0.05 * drift[:, 0].sum(), (t, drift)
+            for name in ("conv1.weight", "conv2.weight", "proj"):
+                assert a.task_weights(t)[name].tobytes() == b.task_weights(t)[name].tobytes()
+
+
+def test_repair_stores_the_formula_rounded_by_the_codec(convnet):
+    """The first norm layer's stored γ and β are the REPAIR formula over the plain file's θ̂_t
+    (γ·r, (β − μ̂)·r + μ with r = σ/σ̂ of its output against θ_t's), rounded by the codec's rule
+    at step 0.5 × the RMS of τ where the codec's own small-param step is 2."""
+    path, tasks, d = convnet
+    plain, fixed, m = encode_pair(path, tasks, d, SPEC)
+    with open_bundle(plain) as a, open_bundle(fixed) as b, open_bundle(path) as v1:
+        for t in tasks:
+            s_mean, s_var = stats(build(t, a.task_weights(t)), calib())["bn1"]
+            t_mean, t_var = stats(build(t, theta(b, tasks[t], t)), calib())["bn1"]
+            r = np.sqrt(t_var / s_var)
+            w0 = a.task_weights(t)
+            for key, value in (("weight", w0["bn1.weight"].astype(np.float64) * r),
+                               ("bias", (w0["bn1.bias"].astype(np.float64) - s_mean) * r + t_mean)):
+                base = v1.base(f"bn1.{key}")
+                tau = value.astype(np.float32) - base.astype(np.float32)
+                q, scale = quantize_rows(tau, base.shape, 127, "step", 0.5)
+                expect = (base.astype(np.float32) + q.astype(np.float32) * scale[0]).astype(base.dtype).astype(np.float32)
+                got = b.task_weights(t)[f"bn1.{key}"].astype(np.float32)
+                # the statistics were summed in another order there: equal up to that, one code off at most at a tie
+                tol = 1e-5 if base.dtype == np.float32 else 1e-2
+                off = ~np.isclose(got, expect, rtol=tol, atol=1e-6)
+                assert off.sum() <= 1 and np.abs(got - expect).max() <= 1.01 * scale[0] + tol, (t, key, got, expect)
+                assert not np.array_equal(got, w0[f"bn1.{key}"].astype(np.float32))
+
+
+def test_repair_improves_the_rebuilt_model_on_other_inputs(convnet):
+    """What the repair is for: on inputs it was not fit on, the repaired θ̂_t's logits are closer
+    to θ_t's than the plain codec's, for every task."""
+    path, tasks, d = convnet
+    plain, fixed, _ = encode_pair(path, tasks, d, SPEC)
+    x = torch.from_numpy(calib(200, seed=7)[0][0])
+    with open_bundle(plain) as a, open_bundle(fixed) as b:
+        for t, p in tasks.items():
+            with torch.no_grad():
+                ref = build(t, theta(a, p, t))(x)
+                err_a = (build(t, a.task_weights(t))(x) - ref).pow(2).mean().item()
+                err_b = (build(t, b.task_weights(t))(x) - ref).pow(2).mean().item()
+            assert err_b < 0.5 * err_a, (t, err_a, err_b)
+
+
+def test_repair_bad_input_is_refused_before_any_file(convnet):
+    path, tasks, d = convnet
+    out = str(d / "out.safetensors")
+    lowrank = {t: parse_codec(SPEC + ",repair=norm") for t in tasks}
+    with pytest.raises(ConfigError, match="pass repair="):
+        encode_bundle(path, tasks, lowrank, out)
+    with pytest.raises(ConfigError, match="has no parameter 'repair'"):
+        parse_codec("tswitch:density=0.1,repair=norm")
+    with pytest.raises(ConfigError, match="repair and correction do not combine"):
+        parse_codec("delta:dtype=I8,repair=norm,correction=0.01")
+    with pytest.raises(ConfigError, match="repair must be one of none, norm"):
+        parse_codec("delta:dtype=I8,repair=bn")
+    with pytest.raises(ConfigError, match="no calibration inputs"):
+        encode_bundle(path, tasks, lowrank, out, repair=norm_repair(build, lambda t: []))
+
+    def factored(task, teacher, student, refit):  # a lowrank-factored matrix is not the repair's to change
+        return {"conv2.weight": refit("conv2.weight", np.asarray(student["conv2.weight"]))}
+
+    with pytest.raises(ConfigError, match="'conv2.weight', a lowrank-factored matrix"):
+        encode_bundle(path, tasks, lowrank, out, repair=factored)
+    with pytest.raises(ConfigError, match="'nope.weight', not a merged param"):
+        encode_bundle(path, tasks, lowrank, out, repair=lambda t, a, b, refit: {"nope.weight": np.zeros(3, np.float32)})
+    with pytest.raises(ConfigError, match="shape \\[3\\], the param is \\[16\\]"):
+        encode_bundle(path, tasks, lowrank, out, repair=lambda t, a, b, refit: {"bn1.bias": np.zeros(3, np.float32)})
+
+    class NoNorm(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    def build_plain(task, weights):  # the same weights, the norm layers' names not the params'
+        m = NoNorm(build(task, weights))
+        for n in NORMS:
+            setattr(m.inner, n, torch.nn.Identity())
+        return m
+
+    with pytest.raises(ConfigError, match="repair=norm has nothing to re-fit"):
+        encode_bundle(path, tasks, lowrank, out, repair=norm_repair(build_plain, lambda t: calib()))
+    with pytest.raises(ConfigError, match="pass repair="):  # the selector refuses before encoding anything
+        select_codecs(path, tasks, None, 99, str(d / "scratch.safetensors"), candidates=(SPEC + ",repair=norm",))
+    with pytest.raises(ConfigError, match="needs a validation score"):
+        select_codecs(path, tasks, None, 99, str(d / "scratch.safetensors"), candidates=(SPEC + ",repair=norm",),
+                      repair=norm_repair(build, lambda t: calib()))
+    assert not os.path.exists(out) and not os.path.exists(d / "scratch.safetensors")
+
+
+def test_selector_tries_repaired_candidates(convnet):
+    """select_codecs with a repair: a repaired candidate is encoded with it and scored like any
+    other; its label names the repair, and the manifest counts the re-fit params."""
+    path, tasks, d = convnet
+    from edgemerge.codecs import choice_notes
+
+    cands = (SPEC, SPEC + ",repair=norm")
+    fixed = norm_repair(build, lambda t: calib())
+    x = torch.from_numpy(calib(200, seed=7)[0][0])
+    with open_bundle(path) as v1:
+        refs = {t: build(t, theta(v1, p, t))(x).detach() for t, p in tasks.items()}
+
+    def score(task, weights):  # higher is better: closeness of the logits to θ_t's
+        with torch.no_grad():
+            return 1.0 / (1e-9 + (build(task, weights)(x) - refs[task]).pow(2).mean().item())
+
+    choices = select_codecs(path, tasks, score, 1.0, str(d / "scratch.safetensors"), candidates=cands, repair=fixed)
+    for t, c in choices.items():
+        by = {label: norm for label, _, norm in c.tried}
+        assert by[SPEC + ",repair=norm"] > by[SPEC], (t, by)
+    out = str(d / "chosen.safetensors")
+    m = encode_bundle(path, tasks, {t: c.spec for t, c in choices.items()}, out, notes=choice_notes(choices, 1.0), repair=fixed)
+    for e in m["tasks"]:
+        assert (e["codec"].get("repaired", 0) == 6) == (choices[e["name"]].spec.repair == "norm")
