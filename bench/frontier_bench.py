@@ -199,7 +199,8 @@ def report(suite_name: str, per_seed: list[dict]) -> tuple[str, list[str], list[
         fid = np.array([list(r["fidelity"].values()) for r in runs])
         rows.append([label, f"{np.mean([r['bytes'] for r in runs]) / 2**20:.2f}", f"{bits:.3f}",
                      f"{norm.mean():.2f} ± {norm.mean(axis=1).std():.2f}", f"{norm.min():.2f}",
-                     f"{agree.mean():.2f}", f"{agree.min():.2f}", "re-fit" if "repair=norm" in label else f"{fid.mean():.2f}", f"{np.median([r['switch'] for r in runs]):.2f}×",
+                     f"{agree.mean():.2f}", f"{agree.min():.2f}", "re-fit" if "repair=norm" in label or any("repair=norm" in c for r in runs for c in r.get("chosen", {}).values())
+                     else f"{fid.mean():.2f}", f"{np.median([r['switch'] for r in runs]):.2f}×",
                      f"{np.mean([r['encode_s'] for r in runs]):.0f}" if "encode_s" in runs[0] else "-"])
         points.append((label, bits, float(norm.mean())))
     text = table(["setting", "bundle MiB", "bits / param / task", "normalized % (mean ± sd over seeds)",

@@ -444,7 +444,8 @@ class Refit:
     def __init__(self, bundle: Bundle, task: str, spec: CodecSpec, lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]):
         self.bundle, self.task, self.spec, self.lowrank = bundle, task, _refit_spec(spec), lowrank
         self.names = frozenset(p.name for p in bundle.merged if p.name not in lowrank or lowrank[p.name][2][:1] == b"\x00")
-        self.targets: dict[str, np.ndarray] = {}
+        self.targets: dict[str, np.ndarray] = {}  # param -> the rebuilt values, as refit returned them
+        self.stored: dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]] = {}  # param -> what the file stores for them
 
     def __call__(self, name: str, values: np.ndarray) -> np.ndarray:
         key = self.bundle.resolve(name)
@@ -462,9 +463,9 @@ class Refit:
         if key in self.lowrank:
             q, scale = lowrank_small(tau, p.shape, self.spec.step)
             lr = self.lowrank[key] = (q, scale, b"\x00" + q.tobytes())
-        _, _, r = _delta_codes(self.spec, p.shape, tau, lr)
+        self.stored[key] = _delta_codes(self.spec, p.shape, tau, lr)
         with np.errstate(over="ignore", invalid="ignore"):
-            hat = rebuild(base, None, r, np.empty(p.shape, base.dtype))
+            hat = rebuild(base, None, self.stored[key][2], np.empty(p.shape, base.dtype))
         if not np.isfinite(hat.astype(np.float32)).all():
             raise CheckpointError(f"task {self.task!r}, tensor {key!r}: the repair's values rebuild non-finite under "
                                   f"{self.spec.label()}")
@@ -476,8 +477,8 @@ Repair = Callable[[str, Mapping[str, np.ndarray], Mapping[str, np.ndarray], Refi
 
 
 def _repair_task(bundle: Bundle, task: str, ckpt: Checkpoint, spec: CodecSpec, repair: Repair,
-                 lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]) -> dict[str, np.ndarray]:
-    """The targets the repair sets for ``task``: it gets θ_t (the checkpoint's merged params, with the
+                 lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]) -> dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]]:
+    """What the file stores for the params the repair re-fit for ``task`` (``Refit.stored``): it gets θ_t (the checkpoint's merged params, with the
     bundle's carried and private tensors: a full state dict) and θ̂_t as the codec rebuilds it."""
     teacher = {p.name: bundle.task_weight(task, p) for p in bundle.params if p.role != "merged"}  # carried
     teacher.update(bundle.private(task))
@@ -495,7 +496,7 @@ def _repair_task(bundle: Bundle, task: str, ckpt: Checkpoint, spec: CodecSpec, r
     for name, values in given.items():  # what the callback returns is stored as the codec stores it
         if bundle.resolve(name) not in refit.targets or not np.array_equal(refit.targets[bundle.resolve(name)], values):
             refit(name, values)
-    return refit.targets
+    return refit.stored
 
 
 def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec, election: _Election | None = None,
@@ -518,13 +519,13 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
                  - bundle.base(p.name).astype(np.float32).reshape(-1), p.shape) for p in bundle.merged]
         lowrank = dict(zip((p.name for p in bundle.merged), lowrank_task(taus, spec)))
         del taus
-    targets: dict[str, np.ndarray] = {}
+    refits: dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]] = {}
     if ckpt is not None and spec.repair != "none":
         if repair is None:
             raise ConfigError(f"task {task!r}: codec {spec.label()} re-fits its norm layers on calibration inputs: pass "
                               "repair= (edgemerge.repair.norm_repair(build, inputs)); the CLI has no model to run")
-        targets = _repair_task(bundle, task, ckpt, spec, repair, lowrank)  # lowrank: the re-fit small params' codes updated
-    out.repaired = len(targets)
+        refits = _repair_task(bundle, task, ckpt, spec, repair, lowrank)  # lowrank: the re-fit small params' records updated
+    out.repaired = len(refits)
     for p in bundle.merged:
         base = bundle.base(p.name)
         d: dict[str, np.ndarray] = {}
@@ -559,9 +560,8 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             kept += int(keep.sum())
             r = Recipe("tswitch", presence=pack_bits(keep), sign=pack_bits(neg & keep), scale=float(scale))
         else:
-            if p.name in targets:  # stored as the repair re-fit it, not as the checkpoint has it (its error still θ_t's)
-                tau = targets[p.name].astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
-            stored, scale, r = _delta_codes(_refit_spec(spec) if p.name in targets else spec, p.shape, tau, lowrank.get(p.name))
+            # a re-fit param is stored as the repair's refit stored it (its error is still measured against θ_t)
+            stored, scale, r = refits[p.name] if p.name in refits else _delta_codes(spec, p.shape, tau, lowrank.get(p.name))
             if scale is None:
                 out.deltas[p.name] = stored.reshape(p.shape)
             else:
@@ -569,7 +569,6 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
                 out.dscales[p.name] = scale
             if lowrank:
                 out.records[p.name] = lowrank[p.name][2]
-            tau = theta.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):
             vector = bundle.vector(p.name) if codec.shared else election.vector[p.name] if spec.name == "emr" else None
             hat = rebuild(base, vector, r, np.empty(p.shape, base.dtype))

@@ -178,6 +178,36 @@ def test_repair_improves_the_rebuilt_model_on_other_inputs(convnet):
             assert err_b < 0.5 * err_a, (t, err_a, err_b)
 
 
+@pytest.mark.parametrize("spec", [SPEC, "delta:dtype=I8", "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I4,qmax=2",
+                                  "delta:dtype=F16", "delta:dtype=BF16"])
+def test_what_the_repair_measured_is_what_every_reader_rebuilds(convnet, spec):
+    """Each delta codec: the values refit returned to the repair (what its later layers were fit
+    on) are the file's values bit for bit, through the Bundle reader and the numpy reference rule;
+    the params it did not re-fit are the plain codec's."""
+    from edgemerge.runtime.codecs import rebuild_reference
+
+    path, tasks, d = convnet
+    seen = {}
+    inner = norm_repair(build, lambda t: calib())
+
+    def spy(task, teacher, student, refit):
+        seen[task] = {k: np.array(v) for k, v in inner(task, teacher, student, refit).items()}
+        return seen[task]
+
+    plain, fixed, m = encode_pair(path, tasks, d, spec, repair=spy)
+    with open_bundle(plain) as a, open_bundle(fixed, verify=True) as b:
+        for t in tasks:
+            assert sorted(seen[t]) == sorted(f"{n}.{k}" for n in NORMS for k in ("weight", "bias"))
+            w, w0 = b.task_weights(t), a.task_weights(t)
+            for p in b.merged:
+                ref = rebuild_reference(b.base(p.name), None, b.recipe(t, p.name)).reshape(p.shape)
+                assert w[p.name].tobytes() == ref.tobytes(), (t, p.name)
+                if p.name in seen[t]:
+                    assert w[p.name].tobytes() == seen[t][p.name].tobytes(), (t, p.name)
+                else:
+                    assert w[p.name].tobytes() == w0[p.name].tobytes(), (t, p.name)
+
+
 def test_repair_bad_input_is_refused_before_any_file(convnet):
     path, tasks, d = convnet
     out = str(d / "out.safetensors")
@@ -251,3 +281,16 @@ def test_selector_tries_repaired_candidates(convnet):
     m = encode_bundle(path, tasks, {t: c.spec for t, c in choices.items()}, out, notes=choice_notes(choices, 1.0), repair=fixed)
     for e in m["tasks"]:
         assert (e["codec"].get("repaired", 0) == 6) == (choices[e["name"]].spec.repair == "norm")
+
+
+def test_cli_refuses_repair_naming_the_python_api(convnet):
+    """The CLI has no model to run: `encode --codec ...,repair=norm` exits 2 before writing, naming the API."""
+    import subprocess
+    import sys
+
+    path, tasks, d = convnet
+    out = str(d / "cli.safetensors")
+    p = subprocess.run([sys.executable, "-m", "edgemerge", "encode", path, *(f"--task={t}={c}" for t, c in tasks.items()),
+                        "--codec", SPEC + ",repair=norm", "-o", out, "--quiet"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "edgemerge.repair.norm_repair" in p.stderr and "the CLI has no model to run" in p.stderr, p.stderr
+    assert not os.path.exists(out)
