@@ -58,9 +58,11 @@ def _norm_modules(torch: Any, model: Any, refit_names: frozenset, resolve: Calla
 
 
 def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batches: list[tuple],
-           stop: str | None = None, order: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+           stop: str | None = None, order: list[str] | None = None,
+           calls: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per layer, the mean and variance (float64) of each channel of its output over the batches;
-    ``stop``: the forward pass ends at that layer; ``order``: filled with the layers as first reached."""
+    ``stop``: the forward pass ends at that layer (its first call); ``order``: filled with the layers
+    as first reached; ``calls``: with how many times each ran."""
     acc: dict[str, list] = {}
     hooks = []
 
@@ -75,6 +77,8 @@ def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batch
             s = acc.setdefault(name, [0, 0.0, 0.0])
             if order is not None and name not in order:
                 order.append(name)
+            if calls is not None:
+                calls[name] = calls.get(name, 0) + 1
             s[0] += x.numel() // int(np.prod([x.shape[d] for d in range(x.dim()) if d not in dims]))
             s[1] = s[1] + x.sum(dims)
             s[2] = s[2] + (x * x).sum(dims)
@@ -106,7 +110,7 @@ def norm_repair(build: Callable[[str, Mapping[str, np.ndarray]], Any], inputs: C
     model with that state dict loaded, in eval mode; ``inputs(task)`` its calibration batches, each
     a tuple of numpy arrays (the model's positional inputs). Re-fits every BatchNorm, GroupNorm and
     LayerNorm layer whose affine weight and bias the codec stores element by element; layers the
-    calibration inputs never reach keep their values. One forward pass for θ_t's statistics, then
+    calibration inputs never reach, and layers a forward pass runs more than once, keep their values. One forward pass for θ_t's statistics, then
     one (up to the layer) per layer fit."""
     try:
         import torch
@@ -124,7 +128,11 @@ def norm_repair(build: Callable[[str, Mapping[str, np.ndarray]], Any], inputs: C
             raise ConfigError(f"task {task!r}: the model has no BatchNorm, GroupNorm or LayerNorm layer whose weight and bias "
                               "the codec stores element by element: repair=norm has nothing to re-fit")
         order: list[str] = []  # the layers as θ_t's forward pass first reaches them
-        want = _stats(torch, ref, _norm_modules(torch, ref, refit.names, resolve), batches, order=order)
+        calls: dict[str, int] = {}
+        want = _stats(torch, ref, _norm_modules(torch, ref, refit.names, resolve), batches, order=order, calls=calls)
+        # a layer run more than once a pass (one module shared by several places) has one γ, β for outputs of several
+        # statistics, and the pass that fits it stops at its first call: it keeps its values
+        order = [n for n in order if calls[n] == len(batches)]
         fitted: dict[str, np.ndarray] = {}
         mods = {n: (m, t) for n, m, t in layers}
         for name in order:

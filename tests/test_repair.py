@@ -294,3 +294,29 @@ def test_cli_refuses_repair_naming_the_python_api(convnet):
                         "--codec", SPEC + ",repair=norm", "-o", out, "--quiet"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "edgemerge.repair.norm_repair" in p.stderr and "the CLI has no model to run" in p.stderr, p.stderr
     assert not os.path.exists(out)
+
+
+def test_a_norm_layer_run_twice_a_pass_keeps_its_values(convnet):
+    """A LayerNorm shared by two places in the forward pass is not re-fit (one γ, β for two sets of
+    statistics, and the fitting pass would see its first call only); the others still are."""
+    path, tasks, d = convnet
+
+    class Shared(ConvNet):
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = torch.relu(self.bn2(self.conv2(x))).mean((2, 3))
+            return self.head(self.ln(self.ln(x @ self.proj) * 2))
+
+    def build_shared(task, weights):
+        m = Shared(weights["head.weight"].shape[0])
+        m.load_state_dict(build(task, weights).state_dict())
+        return m.eval()
+
+    plain, fixed, m = encode_pair(path, tasks, d, SPEC, repair=norm_repair(build_shared, lambda t: calib()))
+    with open_bundle(plain) as a, open_bundle(fixed) as b:
+        for e in m["tasks"]:
+            t = e["name"]
+            assert e["codec"]["repaired"] == 4  # bn1 and bn2
+            for k in ("ln.weight", "ln.bias"):
+                assert b.task_weights(t)[k].tobytes() == a.task_weights(t)[k].tobytes()
+            assert b.task_weights(t)["bn2.bias"].tobytes() != a.task_weights(t)["bn2.bias"].tobytes()
