@@ -8,7 +8,9 @@
  * On x86-64 CPUs with AVX2 the loop takes 8 elements at a time and writes them with non-temporal
  * stores: a switch writes θ_t once and does not read it back, so bypassing the cache saves the
  * read-for-ownership of every output line (~1/3 of the traffic) -- what a plain memcpy of large
- * arrays does too. Elsewhere (Jetson's ARM cores) a scalar loop the compiler may vectorize.
+ * arrays does too; the quantized delta (I8 / I4 codes times a row or column scale, every delta
+ * codec but F16/BF16) the same way on float32 bases. Elsewhere (Jetson's ARM cores) a scalar loop
+ * the compiler may vectorize.
  *
  * apply_f32(base, vec, mask, out, start, stop): buffers of float32 / uint8; releases the GIL, so
  * Python threads can split one array into ranges (kernel.py does). Every entry point is one job;
@@ -338,6 +340,57 @@ static void q8_span(const void *b, const int8_t *q, const float *sc, void *o, Py
     }
 }
 
+#ifdef EM_AVX2
+/* float32 bases, 8 elements at a time, streamed as the other loops: per chunk the codes (I4 decoded
+   first) and a scale per element (a run of its row's scale, axis 0, or the columns' scales, axis 1)
+   laid out, then the same float32 product and add as q8_span (no FMA in this target), so the two
+   loops are bit-identical. The head up to a 32-byte aligned output and the tail run q8_span. */
+__attribute__((target("avx2")))
+static void q8_avx2(const float *b, const int8_t *q, const float *sc, float *o, Py_ssize_t s, Py_ssize_t e,
+                    Py_ssize_t cols, int nib, int axis) {
+    Py_ssize_t a = s;
+    while (a < e && ((uintptr_t)(o + a) & 31))
+        a++;
+    if (e - a < 16) {
+        q8_span(b, q, sc, o, s, e, cols, axis, K_F32, nib);
+        return;
+    }
+    q8_span(b, q, sc, o, s, a, cols, axis, K_F32, nib);
+    int8_t buf[Q8_CHUNK];
+    float ks[Q8_CHUNK];
+    Py_ssize_t row = a / cols, j = a % cols, stop = a + ((e - a) & ~(Py_ssize_t)7);
+    for (Py_ssize_t c0 = a; c0 < stop; c0 += Q8_CHUNK) {
+        Py_ssize_t c1 = c0 + Q8_CHUNK < stop ? c0 + Q8_CHUNK : stop;  /* c1 - c0: a multiple of 8 */
+        const int8_t *codes = q + c0;
+        if (nib) {
+            decode_nibbles((const uint8_t *)q, c0, c1, buf);
+            codes = buf;
+        }
+        for (Py_ssize_t i = c0; i < c1;) {
+            Py_ssize_t n = cols - j < c1 - i ? cols - j : c1 - i;
+            float *dst = ks + (i - c0);
+            if (axis == 0) {
+                float k = sc[row];
+                for (Py_ssize_t t = 0; t < n; t++)
+                    dst[t] = k;
+            } else {
+                memcpy(dst, sc + j, (size_t)n * sizeof(float));
+            }
+            i += n;
+            if ((j += n) == cols)
+                j = 0, row++;
+        }
+        for (Py_ssize_t i = c0; i < c1; i += 8) {
+            __m128i c8 = _mm_loadl_epi64((const __m128i *)(codes + (i - c0)));
+            __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8)), _mm256_loadu_ps(ks + (i - c0)));
+            _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(b + i), d));
+        }
+    }
+    _mm_sfence();
+    q8_span(b, q, sc, o, stop, e, cols, axis, K_F32, nib);
+}
+#endif
+
 #ifdef EM_AVX2  /* __builtin_cpu_supports takes a string literal: a macro, not a function */
 #define CPU_HAS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature))
 #else
@@ -447,6 +500,9 @@ static void job_span(const job_t *j, Py_ssize_t s, Py_ssize_t e) {
         sign_scalar(b, x, y, o, s, e, j->c, j->bk);
         break;
     case OP_Q8:
+#ifdef EM_AVX2
+        if (avx2 && j->bk == K_F32) { q8_avx2(b, x, y, o, s, e, j->cols, j->nib, j->axis); break; }
+#endif
         q8_span(b, x, y, o, s, e, j->cols, j->axis, j->bk, j->nib);
         break;
     case OP_SCALED:
