@@ -19,7 +19,7 @@ Needs torch, a model and inputs: the encoder's side, never the device's::
 
 Calibration inputs need no labels; a few hundred items of the task's training inputs are enough
 (the per-channel statistics of each layer's output average over every position of every item).
-The statistics count every position the model computes, padding tokens included.
+Padded batches pass ``positions=`` (the attention mask), so that pad tokens do not count.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from .errors import ConfigError
 
 TINY = 1e-12  # a channel whose rebuilt variance is at most this, or DEAD × θ_t's (dead in θ̂_t), keeps its γ:
 DEAD = 1e-8   # r would only amplify rounding noise
+
+
+Positions = Callable[[tuple], np.ndarray]  # a batch -> 1 where a position counts, 0 where not (padding)
 
 
 class _Reached(Exception):
@@ -58,30 +61,44 @@ def _norm_modules(torch: Any, model: Any, refit_names: frozenset, resolve: Calla
 
 
 def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batches: list[tuple],
-           stop: str | None = None, order: list[str] | None = None,
-           calls: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per layer, the mean and variance (float64) of each channel of its output over the batches;
-    ``stop``: the forward pass ends at that layer (its first call); ``order``: filled with the layers
-    as first reached; ``calls``: with how many times each ran."""
+           stop: str | None = None, order: list[str] | None = None, calls: dict[str, int] | None = None,
+           positions: Positions | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the mean and variance (float64) of each channel of its output over the batches
+    (over the positions ``positions(batch)`` marks, where given); ``stop``: the forward pass ends at
+    that layer (its first call); ``order``: filled with the layers as first reached; ``calls``: with
+    how many times each ran."""
     acc: dict[str, list] = {}
     hooks = []
+    marked: list = [None]  # the batch being run's position weights, flat
 
     def hook_for(name: str, tail: int):
         def hook(module, args, output):
             x = output.detach().double()
-            if tail:  # LayerNorm: the trailing normalized dims are the channels
-                x = x.reshape(-1, *x.shape[x.dim() - tail:])
-                dims = [0]
-            else:      # BatchNorm / GroupNorm: dim 1
-                dims = [0, *range(2, x.dim())]
-            s = acc.setdefault(name, [0, 0.0, 0.0])
+            if not tail:  # BatchNorm / GroupNorm: channels on dim 1, moved last
+                x, tail_ = x.movedim(1, -1), 1
+            else:         # LayerNorm: the trailing normalized dims are the channels
+                tail_ = tail
+            where = tuple(x.shape[:x.dim() - tail_])
+            x = x.reshape(-1, *x.shape[x.dim() - tail_:])
+            s = acc.setdefault(name, [0.0, 0.0, 0.0])
             if order is not None and name not in order:
                 order.append(name)
             if calls is not None:
                 calls[name] = calls.get(name, 0) + 1
-            s[0] += x.numel() // int(np.prod([x.shape[d] for d in range(x.dim()) if d not in dims]))
-            s[1] = s[1] + x.sum(dims)
-            s[2] = s[2] + (x * x).sum(dims)
+            if marked[0] is None:
+                s[0] += x.shape[0]
+                s[1] = s[1] + x.sum(0)
+                s[2] = s[2] + (x * x).sum(0)
+            else:
+                w = marked[0]
+                if tuple(w.shape) != where:
+                    raise ConfigError(f"repair=norm: layer {name!r} outputs {tuple(output.shape)}, whose positions are "
+                                      f"{list(where)}, but positions(batch) marked {list(w.shape)}: give a mask of the "
+                                      "positions of the norm layers' outputs (a text model's attention mask, [batch, tokens])")
+                w = w.reshape(-1, *([1] * tail_))
+                s[0] += float(w.sum())
+                s[1] = s[1] + (w * x).sum(0)
+                s[2] = s[2] + (w * x * x).sum(0)
             if name == stop:
                 raise _Reached
         return hook
@@ -91,6 +108,8 @@ def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batch
     try:
         with torch.inference_mode():
             for inputs in batches:
+                if positions is not None:
+                    marked[0] = torch.from_numpy(np.asarray(positions(inputs), np.float64))
                 try:
                     model(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
                 except _Reached:
@@ -100,18 +119,25 @@ def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batch
             h.remove()
     out = {}
     for name, (n, s1, s2) in acc.items():
+        if n <= 0:
+            raise ConfigError(f"repair=norm: positions(batch) marked no position of layer {name!r} in any calibration batch")
         mean = (s1 / n).numpy()
         out[name] = (mean, np.maximum((s2 / n).numpy() - mean * mean, 0.0))
     return out
 
 
-def norm_repair(build: Callable[[str, Mapping[str, np.ndarray]], Any], inputs: Callable[[str], Iterable[tuple]]):
+def norm_repair(build: Callable[[str, Mapping[str, np.ndarray]], Any], inputs: Callable[[str], Iterable[tuple]],
+                positions: Positions | None = None):
     """A repair for ``encode_bundle(repair=...)``: ``build(task, weights)`` returns the task's torch
     model with that state dict loaded, in eval mode; ``inputs(task)`` its calibration batches, each
     a tuple of numpy arrays (the model's positional inputs). Re-fits every BatchNorm, GroupNorm and
     LayerNorm layer whose affine weight and bias the codec stores element by element; layers the
-    calibration inputs never reach, and layers a forward pass runs more than once, keep their values. One forward pass for θ_t's statistics, then
-    one (up to the layer) per layer fit."""
+    calibration inputs never reach, and layers a forward pass runs more than once, keep their
+    values. ``positions(batch)``, where given, marks the positions that count (1) and those that do
+    not (0, padding) as an array of the norm layers' position dims: a text model's attention mask
+    [batch, tokens] for its LayerNorms' [batch, tokens, hidden] outputs. Without it every position
+    counts: padded batches would fit each layer to statistics of pad tokens that no pooled output
+    reads. One forward pass for θ_t's statistics, then one (up to the layer) per layer fit."""
     try:
         import torch
     except ImportError:
@@ -129,7 +155,8 @@ def norm_repair(build: Callable[[str, Mapping[str, np.ndarray]], Any], inputs: C
                               "the codec stores element by element: repair=norm has nothing to re-fit")
         order: list[str] = []  # the layers as θ_t's forward pass first reaches them
         calls: dict[str, int] = {}
-        want = _stats(torch, ref, _norm_modules(torch, ref, refit.names, resolve), batches, order=order, calls=calls)
+        want = _stats(torch, ref, _norm_modules(torch, ref, refit.names, resolve), batches, order=order, calls=calls,
+                      positions=positions)
         # a layer run more than once a pass (one module shared by several places) has one γ, β for outputs of several
         # statistics, and the pass that fits it stops at its first call: it keeps its values
         order = [n for n in order if calls[n] == len(batches)]
@@ -137,7 +164,7 @@ def norm_repair(build: Callable[[str, Mapping[str, np.ndarray]], Any], inputs: C
         mods = {n: (m, t) for n, m, t in layers}
         for name in order:
             m, tail = mods[name]
-            mean_s, var_s = _stats(torch, model, [(name, m, tail)], batches, stop=name)[name]
+            mean_s, var_s = _stats(torch, model, [(name, m, tail)], batches, stop=name, positions=positions)[name]
             mean_t, var_t = want[name]
             live = var_s > np.maximum(TINY, DEAD * var_t)
             r = np.where(live, np.sqrt(var_t / np.where(live, var_s, 1.0)), 1.0)

@@ -190,7 +190,8 @@ def build_suite(cfg: SuiteConfig, progress: Callable[[str, int, int], None] | No
 
 def suite_repair(suite: Suite):
     """``repair=norm`` for the suite's tasks (``encode_bundle(repair=...)``): the suite's model,
-    calibrated on the first CALIB_ITEMS training inputs of each task."""
+    calibrated on the first CALIB_ITEMS training inputs of each task (their positions that count:
+    the kind's ``positions``, None where every one does)."""
     from ..repair import norm_repair
 
     kind = suite.kind
@@ -200,7 +201,7 @@ def suite_repair(suite: Suite):
         kind.load_weights(model, weights)
         return model
 
-    return norm_repair(build, lambda task: [inputs for inputs, _ in suite.data[task]["calib"].batches])
+    return norm_repair(build, lambda task: [inputs for inputs, _ in suite.data[task]["calib"].batches], positions=kind.positions)
 
 
 class Evaluator:

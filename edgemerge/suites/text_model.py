@@ -191,6 +191,8 @@ class TextKind:
     step_scale = {"sentiment": 3, "speaker": 3}
     input_names = ["input_ids", "attention_mask"]
     dynamic_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    # repair=norm's positions: a batch's attention mask, so pad tokens (which no pooled output reads) do not count
+    positions = staticmethod(lambda inputs: inputs[1])
     onnx_factory = staticmethod(onnx_factory)
     build_classifier = staticmethod(build_classifier)
     linear_probe = staticmethod(linear_probe)
