@@ -154,6 +154,7 @@ def codec_kernels(base: np.ndarray, vec: np.ndarray, rounds: int) -> str:
     def copy_threads():  # the kernels run a thread per core: the same split for the copy
         list(pool.map(lambda k: np.copyto(out[cuts[k]:cuts[k + 1]], base[cuts[k]:cuts[k + 1]]), range(len(cuts) - 1)))
 
+    q8 = Recipe("delta", delta=codes, qscale=qs, qgrid=(rows, n // rows, 0))  # also run by the portable loop
     runs = [
         ("memcpy (np.copyto)", None),
         ("memcpy, a thread per core", "threads"),
@@ -162,14 +163,13 @@ def codec_kernels(base: np.ndarray, vec: np.ndarray, rounds: int) -> str:
         ("tswitch + correction (0.1%)", Recipe("tswitch", presence=presence, sign=sign, scale=1e-3, fix_index=fix_at,
                                                fix_value=rng.standard_normal(fix_at.size).astype(np.float16).astype(np.float32))),
         ("delta F16", Recipe("delta", delta=vec.astype(np.float16))),
-        ("delta I8 (per row)", Recipe("delta", delta=codes, qscale=qs, qgrid=(rows, n // rows, 0))),
+        ("delta I8 (per row)", q8),
         ("delta I4 (per row)", Recipe("delta", delta=pack_nibbles(np.clip(codes, -7, 7)), qscale=qs, qgrid=(rows, n // rows, 0),
                                       packed4=True)),
         ("delta I8 (per column: a param stored transposed)", Recipe("delta", delta=codes, qscale=np.resize(qs, n // rows),
                                                                     qgrid=(rows, n // rows, 1))),
         ("delta I8 (per row), portable loop (SIMD off: every I8/I4 switch before 2026-12-07)", "portable"),
     ]
-    q8 = runs[6][1]
     c = kernel._cmask()
 
     def portable():

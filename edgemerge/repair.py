@@ -69,7 +69,7 @@ def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batch
     how many times each ran."""
     acc: dict[str, list] = {}
     hooks = []
-    marked: list = [None]  # the batch being run's position weights, flat
+    marked = None  # the position weights of the batch being run (the hooks read it)
 
     def hook_for(name: str, tail: int):
         def hook(module, args, output):
@@ -85,12 +85,12 @@ def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batch
                 order.append(name)
             if calls is not None:
                 calls[name] = calls.get(name, 0) + 1
-            if marked[0] is None:
+            if marked is None:
                 s[0] += x.shape[0]
                 s[1] = s[1] + x.sum(0)
                 s[2] = s[2] + (x * x).sum(0)
             else:
-                w = marked[0]
+                w = marked
                 if tuple(w.shape) != where:
                     raise ConfigError(f"repair=norm: layer {name!r} outputs {tuple(output.shape)}, whose positions are "
                                       f"{list(where)}, but positions(batch) marked {list(w.shape)}: give a mask of the "
@@ -109,7 +109,7 @@ def _stats(torch: Any, model: Any, layers: Sequence[tuple[str, Any, int]], batch
         with torch.inference_mode():
             for inputs in batches:
                 if positions is not None:
-                    marked[0] = torch.from_numpy(np.asarray(positions(inputs), np.float64))
+                    marked = torch.from_numpy(np.asarray(positions(inputs), np.float64))
                 try:
                     model(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
                 except _Reached:
