@@ -11,9 +11,11 @@ A codec spec is ``name[:key=value,...]``:
 | ``tswitch`` | ``density`` (0-1, share of positive and of negative τ_t entries kept; 0.1), ``planes=xz|raw`` | presence + sign bits and one scale per tensor, no shared vector |
 | ``delta`` | ``dtype=F16|BF16|F32|I8|I4``; I8 / I4 also ``qmax`` (largest code, 127 / 7), ``fit=mse|absmax|step`` (``step``: the step as a multiple of the tensor's RMS of τ_t, 0.5), ``codes=raw|xz``; I8 also ``codes=lowrank`` with ``bits`` (bits per merged param the task stores, 1) and ``step`` (its small params' step, 0.5) | τ_t itself (I8 / I4: quantized per row, one float32 scale each; xz: the codes compressed at rest; lowrank: the codes rebuilt from int8 factors of a truncated SVD of each matrix, the ranks allotted across the task's tensors to the budget) |
 
-a delta also takes ``repair=norm``: its norm layers' weights and biases stored as re-fit on
+any codec takes ``repair=norm``: its norm layers' weights and biases stored as re-fit on
 calibration inputs so that each layer's output statistics are θ_t's (``edgemerge.repair``; needs
-``encode_bundle(repair=...)``, a model and inputs, so the Python API only); and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
+``encode_bundle(repair=...)``, a model and inputs, so the Python API only; a delta stores the re-fit
+values in its own codes, tall / tswitch / emr as correction entries: F16 values at the positions the
+re-fit moves); and any codec takes ``correction`` (share of the merged parameters, 0-1): the largest entries of
 θ_t − θ̂_t stored as a fix plane + F16 values.
 """
 
@@ -44,12 +46,12 @@ from .runtime.codecs import (
 from .runtime.bits import pack_bits, unpack_bits
 from .runtime.dtypes import DTYPES, VECTOR_DTYPES
 
-KEYS = {"tall": {"planes", "scale", "correction", "private"}, "tswitch": {"density", "planes", "correction", "private"},
-        "emr": {"planes", "correction", "private"}, "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits", "private", "repair"}}
+KEYS = {"tall": {"planes", "scale", "correction", "private", "repair"}, "tswitch": {"density", "planes", "correction", "private", "repair"},
+        "emr": {"planes", "correction", "private", "repair"}, "delta": {"dtype", "correction", "qmax", "fit", "step", "codes", "bits", "private", "repair"}}
 QMAX = {"I8": 127, "I4": 7}          # the largest code each quantized dtype holds
 FITS = ("mse", "absmax", "step")     # a quantized row's scale: least squared error over clip levels, max|τ| / qmax,
 #                                      or one step for the whole tensor (step × its RMS of τ; for codes=xz)
-REPAIRS = ("none", "norm")            # delta: "norm", the norm layers' affine params re-fit (edgemerge.repair)
+REPAIRS = ("none", "norm")            # "norm": the norm layers' affine params re-fit (edgemerge.repair)
 REPAIR_STEP = 0.5                    # a re-fit param's step (fit=step, lowrank's small params) at most this × its RMS of τ
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)  # fit=mse tries s = max|τ_r| · f / qmax
 
@@ -70,7 +72,7 @@ class CodecSpec:
     step: float = 0.5           # quantized delta, fit=step (and codes=lowrank's small params): the step as a multiple of the tensor's RMS of τ
     bits: float = 1.0           # codes=lowrank: the task's budget, bits per merged param (factors, shifts, scales)
     private: str = "raw"        # any codec: the task's float32 private tensors (heads, statistics) as they are, or in F16 / BF16
-    repair: str = "none"        # delta: "norm", the norm layers' affine params re-fit on calibration inputs (encode_bundle's repair=)
+    repair: str = "none"        # "norm": the norm layers' affine params re-fit on calibration inputs (encode_bundle's repair=)
 
     def label(self) -> str:
         parts = {"tall": [f"planes={self.planes}"], "tswitch": [f"density={self.density:g}", f"planes={self.planes}"],
@@ -437,15 +439,20 @@ def _refit_spec(spec: CodecSpec) -> CodecSpec:
 
 class Refit:
     """What a repair (``encode_bundle(repair=...)``) may change for one task and how the task's codec
-    stores it: ``names``, the merged params stored element by element (a lowrank-factored matrix is
-    not); ``refit(name, values)`` → the values as a device will rebuild them (the codec's rounding,
-    bit for bit), recorded as the task's target for that param."""
+    stores it: ``names``, the merged params it can store element by element (a lowrank-factored
+    matrix cannot); ``refit(name, values)`` → the values as a device will rebuild them (the codec's
+    rounding, bit for bit), recorded as the task's target for that param. A delta stores them in its
+    own codes (``stored``); tall / tswitch / emr (``hats``: the codec's θ̂_t) keep the codec's rebuild
+    and add correction entries at the positions the re-fit moves (``fixes``: F16 values, as a
+    correction stores them)."""
 
-    def __init__(self, bundle: Bundle, task: str, spec: CodecSpec, lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]):
-        self.bundle, self.task, self.spec, self.lowrank = bundle, task, _refit_spec(spec), lowrank
+    def __init__(self, bundle: Bundle, task: str, spec: CodecSpec, lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]],
+                 hats: dict[str, np.ndarray] | None = None):
+        self.bundle, self.task, self.spec, self.lowrank, self.hats = bundle, task, _refit_spec(spec), lowrank, hats
         self.names = frozenset(p.name for p in bundle.merged if p.name not in lowrank or lowrank[p.name][2][:1] == b"\x00")
         self.targets: dict[str, np.ndarray] = {}  # param -> the rebuilt values, as refit returned them
-        self.stored: dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]] = {}  # param -> what the file stores for them
+        self.stored: dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]] = {}  # delta: param -> what the file stores for them
+        self.fixes: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # hats: param -> correction positions and F16 values
 
     def __call__(self, name: str, values: np.ndarray) -> np.ndarray:
         key = self.bundle.resolve(name)
@@ -458,14 +465,21 @@ class Refit:
         values = np.asarray(values)
         if values.shape != tuple(p.shape):
             raise ConfigError(f"task {self.task!r}: the repair gave {name!r} shape {list(values.shape)}, the param is {list(p.shape)}")
-        tau = values.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
-        lr = None
-        if key in self.lowrank:
-            q, scale = lowrank_small(tau, p.shape, self.spec.step)
-            lr = self.lowrank[key] = (q, scale, b"\x00" + q.tobytes())
-        self.stored[key] = _delta_codes(self.spec, p.shape, tau, lr)
         with np.errstate(over="ignore", invalid="ignore"):
-            hat = rebuild(base, None, self.stored[key][2], np.empty(p.shape, base.dtype))
+            if self.hats is not None:
+                hat = self.hats[key].reshape(-1)
+                v = (values.astype(np.float32).reshape(-1) - hat.astype(np.float32)).astype(np.float16)
+                idx = np.flatnonzero(v)
+                self.fixes[key] = (idx, v[idx])
+                hat = _corrected(hat, idx, v[idx]).reshape(p.shape)
+            else:
+                tau = values.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
+                lr = None
+                if key in self.lowrank:
+                    q, scale = lowrank_small(tau, p.shape, self.spec.step)
+                    lr = self.lowrank[key] = (q, scale, b"\x00" + q.tobytes())
+                self.stored[key] = _delta_codes(self.spec, p.shape, tau, lr)
+                hat = rebuild(base, None, self.stored[key][2], np.empty(p.shape, base.dtype))
         if not np.isfinite(hat.astype(np.float32)).all():
             raise CheckpointError(f"task {self.task!r}, tensor {key!r}: the repair's values rebuild non-finite under "
                                   f"{self.spec.label()}")
@@ -473,30 +487,31 @@ class Refit:
         return hat
 
 
+def _corrected(hat: np.ndarray, idx: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """A flat θ̂ with correction entries applied as every reader applies them: R(W(θ̂[i]) + v)."""
+    out = hat.copy()
+    out[idx] = (hat[idx].astype(np.float32) + value.astype(np.float32)).astype(hat.dtype)
+    return out
+
+
 Repair = Callable[[str, Mapping[str, np.ndarray], Mapping[str, np.ndarray], Refit], Mapping[str, np.ndarray]]
 
 
-def _repair_task(bundle: Bundle, task: str, ckpt: Checkpoint, spec: CodecSpec, repair: Repair,
-                 lowrank: dict[str, tuple[np.ndarray, np.ndarray, bytes]]) -> dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]]:
-    """What the file stores for the params the repair re-fit for ``task`` (``Refit.stored``): it gets θ_t (the checkpoint's merged params, with the
-    bundle's carried and private tensors: a full state dict) and θ̂_t as the codec rebuilds it."""
+def _repair_task(bundle: Bundle, task: str, ckpt: Checkpoint, repair: Repair, refit: Refit,
+                 hats: Mapping[str, np.ndarray]) -> None:
+    """Run the repair for ``task``: it gets θ_t (the checkpoint's merged params, with the bundle's
+    carried and private tensors: a full state dict) and θ̂_t (``hats``, the codec's rebuild); what
+    it returns is stored as ``refit`` stores it."""
     teacher = {p.name: bundle.task_weight(task, p) for p in bundle.params if p.role != "merged"}  # carried
     teacher.update(bundle.private(task))
     student = dict(teacher)
     for p in bundle.merged:
-        base = bundle.base(p.name)
-        theta = _read_task(ckpt, p.name, bundle, task, p.shape)
-        tau = theta.astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
-        _, _, r = _delta_codes(spec, p.shape, tau, lowrank.get(p.name))
-        with np.errstate(over="ignore", invalid="ignore"):
-            student[p.name] = rebuild(base, None, r, np.empty(p.shape, base.dtype))
-        teacher[p.name] = np.asarray(theta)
-    refit = Refit(bundle, task, spec, lowrank)
+        teacher[p.name] = np.asarray(_read_task(ckpt, p.name, bundle, task, p.shape))
+        student[p.name] = hats[p.name].reshape(p.shape)
     given = repair(task, teacher, student, refit)
     for name, values in given.items():  # what the callback returns is stored as the codec stores it
         if bundle.resolve(name) not in refit.targets or not np.array_equal(refit.targets[bundle.resolve(name)], values):
             refit(name, values)
-    return refit.stored
 
 
 def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: CodecSpec, election: _Election | None = None,
@@ -520,12 +535,23 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
         lowrank = dict(zip((p.name for p in bundle.merged), lowrank_task(taus, spec)))
         del taus
     refits: dict[str, tuple[np.ndarray, np.ndarray | None, Recipe]] = {}
+    fixing = ckpt is not None and spec.repair != "none" and spec.name != "delta"  # re-fit values as correction entries
     if ckpt is not None and spec.repair != "none":
         if repair is None:
             raise ConfigError(f"task {task!r}: codec {spec.label()} re-fits its norm layers on calibration inputs: pass "
                               "repair= (edgemerge.repair.norm_repair(build, inputs)); the CLI has no model to run")
-        refits = _repair_task(bundle, task, ckpt, spec, repair, lowrank)  # lowrank: the re-fit small params' records updated
-    out.repaired = len(refits)
+        if spec.name == "delta":  # the re-fit values replace the params' codes: known before the loop stores them
+            hats = {}
+            for p in bundle.merged:
+                base = bundle.base(p.name)
+                tau = _read_task(ckpt, p.name, bundle, task, p.shape).astype(np.float32).reshape(-1) - base.astype(np.float32).reshape(-1)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    hats[p.name] = rebuild(base, None, _delta_codes(spec, p.shape, tau, lowrank.get(p.name))[2],
+                                           np.empty(p.shape, base.dtype))
+            refit = Refit(bundle, task, spec, lowrank)
+            _repair_task(bundle, task, ckpt, repair, refit, hats)  # lowrank: the re-fit small params' records updated
+            refits = refit.stored
+            out.repaired = len(refit.targets)
     for p in bundle.merged:
         base = bundle.base(p.name)
         d: dict[str, np.ndarray] = {}
@@ -576,7 +602,7 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
             raise CheckpointError(f"task {task!r}, tensor {p.name!r}: codec {spec.label()} rebuilds non-finite values; "
                                   "choose another (delta:dtype=BF16 or F32 keeps the range)")
         err = theta.astype(np.float32).reshape(-1) - hat.astype(np.float32).reshape(-1)
-        if k_fix:
+        if k_fix or fixing:
             errors.append(err)
             rebuilt.append(hat.reshape(-1))
         else:
@@ -584,23 +610,31 @@ def _encode_task(bundle: Bundle, task: str, ckpt: Checkpoint | None, spec: Codec
         out.sq_ref += float(np.dot(tau.astype(np.float64), tau))
     total_kept = {"tswitch": kept, "emr": kept, "delta": total}.get(spec.name)
     out.density = None if total_kept is None or not total else total_kept / total
+    picks: list[np.ndarray] = []
+    values: list[np.ndarray] = []
     if k_fix:
         allerr = np.abs(np.concatenate(errors))
         pick = np.sort(np.argpartition(allerr, allerr.size - k_fix)[allerr.size - k_fix :])
         start = 0
-        for i, (err, hat) in enumerate(zip(errors, rebuilt)):
-            n = err.size
-            idx = pick[(pick >= start) & (pick < start + n)] - start
-            fix = np.zeros(n, bool)
-            fix[idx] = True
-            value = err[idx].astype(np.float16)
-            out.planes[i]["fix"] = fix
-            out.fixes.append(value)
-            corrected = hat.copy()
-            corrected[idx] = (hat[idx].astype(np.float32) + value.astype(np.float32)).astype(hat.dtype)
-            e2 = errors[i] + hat.astype(np.float32) - corrected.astype(np.float32)
-            out.sq_err += float(np.dot(e2.astype(np.float64), e2))
-            start += n
+        for err in errors:
+            picks.append(pick[(pick >= start) & (pick < start + err.size)] - start)
+            start += err.size
+        values = [err[idx].astype(np.float16) for err, idx in zip(errors, picks)]
+    elif fixing:  # the repair's values, as its refit stored them: the codec's θ̂_t + correction entries there
+        refit = Refit(bundle, task, spec, lowrank, {p.name: hat for p, hat in zip(bundle.merged, rebuilt)})
+        _repair_task(bundle, task, ckpt, repair, refit, refit.hats)
+        none = (np.zeros(0, np.int64), np.zeros(0, np.float16))
+        picks, values = zip(*(refit.fixes.get(p.name, none) for p in bundle.merged)) if bundle.merged else ((), ())
+        out.repaired = len(refit.targets)
+        out.codec = replace(out.codec, correction=sum(v.size for v in values))
+    for i, (err, hat, idx, value) in enumerate(zip(errors, rebuilt, picks, values)):
+        fix = np.zeros(err.size, bool)
+        fix[idx] = True
+        out.planes[i]["fix"] = fix
+        out.fixes.append(value)
+        corrected = _corrected(hat, idx, value)
+        e2 = err + hat.astype(np.float32) - corrected.astype(np.float32)
+        out.sq_err += float(np.dot(e2.astype(np.float64), e2))
     return out
 
 
@@ -628,7 +662,7 @@ def encode_bundle(bundle: str | Bundle, tasks: Mapping[str, str], codecs: Mappin
     for t, s in specs.items():
         if s.name == "tall" and b.mask_policy != "tall" and s.planes == "xz":
             raise ConfigError(f"task {t!r}: {b.path} has no TALL masks to compress (merged with --masks none)")
-    need = [t for t, s in specs.items() if s.name != "tall" or s.correction or s.scale != "none"]
+    need = [t for t, s in specs.items() if s.name != "tall" or s.correction or s.scale != "none" or s.repair != "none"]
     missing = [t for t in need if t not in tasks]
     if missing:
         raise ConfigError(f"task(s) {', '.join(missing)} need their checkpoint for codec {specs[missing[0]].name}: "

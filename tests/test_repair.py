@@ -1,5 +1,6 @@
 """repair=norm: the norm layers' affine params re-fit on calibration inputs (edgemerge/repair.py),
-stored by the task's delta codec as every runtime rebuilds it."""
+stored by the task's codec as every runtime rebuilds it (a delta in its codes; tall, tswitch and
+emr as correction entries)."""
 
 import os
 
@@ -118,12 +119,14 @@ def encode_pair(path, tasks, d, spec, repair=None):
     return plain, fixed, m
 
 
-def test_repair_matches_each_norm_layer_to_theta_t(convnet):
-    """Through the file, with the norm params stored finely (step 0.05): every norm layer's output
-    statistics on the calibration inputs are θ_t's to within that rounding, a twentieth of the plain
-    codec's drift over all of them; only the norm layers' params move."""
+@pytest.mark.parametrize("spec", ["delta:dtype=I8,codes=lowrank,bits=1.5,step=0.05", "tswitch:density=0.3"])
+def test_repair_matches_each_norm_layer_to_theta_t(convnet, spec):
+    """Through the file, with the norm params stored finely (a delta at step 0.05; tswitch: F16
+    correction entries): every norm layer's output statistics on the calibration inputs are θ_t's
+    to within that rounding, a twentieth of the plain codec's drift over all of them; only the norm
+    layers' params move."""
     path, tasks, d = convnet
-    plain, fixed, m = encode_pair(path, tasks, d, "delta:dtype=I8,codes=lowrank,bits=1.5,step=0.05")
+    plain, fixed, m = encode_pair(path, tasks, d, spec)
     with open_bundle(plain) as a, open_bundle(fixed) as b:
         for e in m["tasks"]:
             t = e["name"]
@@ -163,11 +166,12 @@ def test_repair_stores_the_formula_rounded_by_the_codec(convnet):
                 assert not np.array_equal(got, w0[f"bn1.{key}"].astype(np.float32))
 
 
-def test_repair_improves_the_rebuilt_model_on_other_inputs(convnet):
+@pytest.mark.parametrize("spec", [SPEC, "tswitch:density=0.3"])
+def test_repair_improves_the_rebuilt_model_on_other_inputs(convnet, spec):
     """What the repair is for: on inputs it was not fit on, the repaired θ̂_t's logits are closer
     to θ_t's than the plain codec's, for every task."""
     path, tasks, d = convnet
-    plain, fixed, _ = encode_pair(path, tasks, d, SPEC)
+    plain, fixed, _ = encode_pair(path, tasks, d, spec)
     x = torch.from_numpy(calib(200, seed=7)[0][0])
     with open_bundle(plain) as a, open_bundle(fixed) as b:
         for t, p in tasks.items():
@@ -179,11 +183,13 @@ def test_repair_improves_the_rebuilt_model_on_other_inputs(convnet):
 
 
 @pytest.mark.parametrize("spec", [SPEC, "delta:dtype=I8", "delta:dtype=I8,fit=step,step=2,codes=xz", "delta:dtype=I4,qmax=2",
-                                  "delta:dtype=F16", "delta:dtype=BF16"])
+                                  "delta:dtype=F16", "delta:dtype=BF16", "tswitch:density=0.3", "tall:planes=raw",
+                                  "tall:planes=xz,scale=ls", "emr:planes=xz"])
 def test_what_the_repair_measured_is_what_every_reader_rebuilds(convnet, spec):
-    """Each delta codec: the values refit returned to the repair (what its later layers were fit
-    on) are the file's values bit for bit, through the Bundle reader and the numpy reference rule;
-    the params it did not re-fit are the plain codec's."""
+    """Each codec: the values refit returned to the repair (what its later layers were fit on)
+    are the file's values bit for bit, through the Bundle reader and the numpy reference rule; the
+    params it did not re-fit are the plain codec's (tall / tswitch / emr: correction entries at the
+    re-fit params only, as many as the codec declares)."""
     from edgemerge.runtime.codecs import rebuild_reference
 
     path, tasks, d = convnet
@@ -199,8 +205,13 @@ def test_what_the_repair_measured_is_what_every_reader_rebuilds(convnet, spec):
         for t in tasks:
             assert sorted(seen[t]) == sorted(f"{n}.{k}" for n in NORMS for k in ("weight", "bias"))
             w, w0 = b.task_weights(t), a.task_weights(t)
+            c = b.codecs[t]
+            if c.name != "delta":
+                fixes = {p.name: b.recipe(t, p.name).fix_index.size for p in b.merged}
+                assert c.correction == sum(fixes.values()) > 0 and {k for k, n in fixes.items() if n} <= set(seen[t]), (t, fixes)
             for p in b.merged:
-                ref = rebuild_reference(b.base(p.name), None, b.recipe(t, p.name)).reshape(p.shape)
+                vector = b.vector(p.name) if c.shared else b.elected_vector(p.name) if c.name == "emr" else None
+                ref = rebuild_reference(b.base(p.name), vector, b.recipe(t, p.name)).reshape(p.shape)
                 assert w[p.name].tobytes() == ref.tobytes(), (t, p.name)
                 if p.name in seen[t]:
                     assert w[p.name].tobytes() == seen[t][p.name].tobytes(), (t, p.name)
@@ -214,8 +225,8 @@ def test_repair_bad_input_is_refused_before_any_file(convnet):
     lowrank = {t: parse_codec(SPEC + ",repair=norm") for t in tasks}
     with pytest.raises(ConfigError, match="pass repair="):
         encode_bundle(path, tasks, lowrank, out)
-    with pytest.raises(ConfigError, match="has no parameter 'repair'"):
-        parse_codec("tswitch:density=0.1,repair=norm")
+    with pytest.raises(ConfigError, match="repair and correction do not combine"):
+        parse_codec("tswitch:density=0.1,repair=norm,correction=0.01")
     with pytest.raises(ConfigError, match="repair and correction do not combine"):
         parse_codec("delta:dtype=I8,repair=norm,correction=0.01")
     with pytest.raises(ConfigError, match="repair must be one of none, norm"):
