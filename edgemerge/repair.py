@@ -5,8 +5,9 @@ layer. A norm layer's affine params (γ, β) can undo the drift at its output: a
 each channel of θ̂_t's model is shifted and scaled so that its mean and variance on calibration
 inputs are θ_t's, ``γ' = γ·r`` and ``β' = (β − μ̂)·r + μ`` with ``r = σ / σ̂``. That is REPAIR
 (Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation Repair", ICLR 2023)
-folded into the params a delta codec stores anyway: the file and every runtime's rebuild rule
-stay as they are, only the stored values of those params change. Layers are fit in the order
+folded into the params the codec stores: the file and every runtime's rebuild rule stay as they
+are, only the stored values of those params change (a delta's codes; for tall, tswitch and emr,
+which store no norm param element by element, F16 correction entries where the re-fit moves one). Layers are fit in the order
 the forward pass reaches them, each on the model whose earlier layers are already fit and stored
 (``refit`` rounds each one as the codec stores it), so the later ones correct what the rounding left.
 
@@ -14,7 +15,7 @@ Needs torch, a model and inputs: the encoder's side, never the device's::
 
     from edgemerge.repair import norm_repair
     repair = norm_repair(build=lambda task, weights: my_model(weights), inputs=lambda task: my_batches)
-    encode_bundle(v1, ckpts, {t: parse_codec("delta:dtype=I8,codes=lowrank,bits=0.5,repair=norm") for t in ckpts},
+    encode_bundle(v1, ckpts, {t: parse_codec("tswitch:density=0.3,repair=norm") for t in ckpts},
                   "out.safetensors", repair=repair)
 
 Calibration inputs need no labels; a few hundred items of the task's training inputs are enough
